@@ -1,0 +1,55 @@
+"""vae-toolkit: load Stable Diffusion VAEs, turn images into [-1, 1] tensors and back, manage devices.
+
+``import vae_toolkit`` imports torch, numpy and nothing heavier; diffusers is imported on the first load.
+"""
+
+__version__ = "0.2.0"
+__author__ = "Yus314"
+__email__ = "shizhaoyoujie@gmail.com"
+
+from .device_manager import DeviceManager, auto_select_device
+from .image_utils import (
+    DEFAULT_PROCESSOR,
+    SD_PROCESSOR,
+    ImageProcessingError,
+    ImageProcessor,
+    load_and_preprocess_image,
+    load_images,
+    pil_to_tensor,
+    tensor_to_pil,
+)
+from .model_config import (
+    add_model_config,
+    get_all_model_configs,
+    get_default_token,
+    get_model_config,
+    list_available_models,
+)
+from .vae_loader import VAELoader, VAELoadError
+
+__all__ = [
+    "__version__",
+    "__author__",
+    "__email__",
+    # images
+    "load_and_preprocess_image",
+    "tensor_to_pil",
+    "pil_to_tensor",
+    "ImageProcessor",
+    "ImageProcessingError",
+    "DEFAULT_PROCESSOR",
+    "SD_PROCESSOR",
+    # loading
+    "VAELoader",
+    # model registry
+    "get_model_config",
+    "get_all_model_configs",
+    "list_available_models",
+    "add_model_config",
+    "get_default_token",
+    # new in 0.2.0
+    "DeviceManager",
+    "auto_select_device",
+    "load_images",
+    "VAELoadError",
+]

@@ -1,0 +1,268 @@
+"""Load Stable Diffusion VAEs from the hub or a local folder, on the right device, with a cache.
+
+diffusers is imported on the first load, not when this module is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .device_manager import DeviceManager, auto_select_device, resolve_device
+from .model_config import get_default_token, get_model_config
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+__all__ = ["VAELoader", "VAELoadError"]
+
+logger = logging.getLogger(__name__)
+
+_CacheKey = tuple[str, str, "torch.dtype | None"]
+
+
+class VAELoadError(OSError):
+    """A VAE could not be loaded; the message names the model, the repo and what to do."""
+
+
+class VAELoader:
+    """Loads VAEs by short name (see ``list_available_models()``) and caches them per loader.
+
+    Args:
+        device_manager: When given, ``device="auto"`` means the manager's device and its memory
+            summary is logged after each load.
+
+    Example:
+        >>> loader = VAELoader(device_manager=DeviceManager())  # doctest: +SKIP
+        >>> vae, device = loader.load_sd_vae("sd15")
+    """
+
+    def __init__(self, device_manager: DeviceManager | None = None) -> None:
+        self.device_manager = device_manager
+        self._model_cache: dict[_CacheKey, AutoencoderKL] = {}
+        self._lock = threading.Lock()
+        self._key_locks: dict[_CacheKey, threading.Lock] = {}
+        self._auto_device: torch.device | None = None
+
+    def __repr__(self) -> str:
+        return f"VAELoader(device_manager={self.device_manager!r}, cached={len(self._model_cache)})"
+
+    @staticmethod
+    def get_optimal_device(preferred_device: str | torch.device = "auto") -> torch.device:
+        """Resolve a device request.
+
+        ``"auto"`` → :meth:`DeviceManager.auto_select_device` (``cuda:N`` with the most free
+        memory, else ``mps``, else ``cpu``); other requests are validated and fall back with a
+        warning when unavailable (see :class:`DeviceManager`).
+
+        Raises:
+            TypeError, ValueError: for a request that is not one of the accepted forms.
+        """
+        if isinstance(preferred_device, str) and preferred_device == "auto":
+            device = torch.device(DeviceManager.auto_select_device())
+        else:
+            device = torch.device(resolve_device(preferred_device))
+        logger.info("Selected device: %s", device)
+        return device
+
+    def _resolve(self, device: str | torch.device) -> torch.device:
+        if self.device_manager is not None:
+            return self.device_manager.get_optimal_device(device)
+        if isinstance(device, str) and device == "auto":
+            # Decided once per loader, so that the cache key does not move with free memory.
+            if self._auto_device is None:
+                self._auto_device = torch.device(auto_select_device())
+            return self._auto_device
+        return torch.device(resolve_device(device))
+
+    def load_sd_vae(
+        self,
+        model_name: str = "sd14",
+        device: str | torch.device = "auto",
+        token: str | None = None,
+        use_cache: bool = True,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[AutoencoderKL, torch.device]:
+        """Load a VAE by short name.
+
+        Args:
+            model_name: A registered name (``sd14``, ``sd15``, ``sdxl``, ...).
+            device: ``"auto"``, ``"cpu"``, ``"mps"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+            token: Hugging Face token; default ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``.
+            use_cache: Return the model this loader already loaded for the same name, device and dtype.
+            dtype: Weights dtype (e.g. ``torch.float16``); default: as stored.
+
+        Returns:
+            ``(vae, device)``.
+
+        Raises:
+            ValueError: unknown model name.
+            VAELoadError: (an ``OSError``) the model could not be loaded; the message says what to do.
+
+        Example:
+            >>> vae, device = VAELoader().load_sd_vae("sd14", "cuda")  # doctest: +SKIP
+        """
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        target = self._resolve(device)
+        key: _CacheKey = (model_name, str(target), dtype)
+        if use_cache:
+            cached = self._model_cache.get(key)
+            if cached is not None:
+                logger.debug("Using cached VAE %s on %s", model_name, target)
+                return cached, target
+        config = get_model_config(model_name)
+        if token is None:
+            token = get_default_token()
+        if not use_cache:
+            return self._load(model_name, config, target, token, dtype), target
+
+        with self._lock:
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            cached = self._model_cache.get(key)
+            if cached is None:
+                cached = self._load(model_name, config, target, token, dtype)
+                with self._lock:
+                    self._model_cache[key] = cached
+        return cached, target
+
+    def _load(
+        self,
+        model_name: str,
+        config: dict[str, Any],
+        device: torch.device,
+        token: str | None,
+        dtype: torch.dtype | None,
+    ) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
+
+        repo_id = config["repo_id"]
+        subfolder = config.get("subfolder")
+        use_safetensors = config.get("use_safetensors", True)
+        if use_safetensors is False:
+            logger.warning(
+                "Model %r allows pickle (.bin) weights (use_safetensors=False): unpickling runs code from the file; "
+                "load only files you trust.",
+                model_name,
+            )
+        kwargs: dict[str, Any] = {"subfolder": subfolder, "token": token, "use_safetensors": use_safetensors}
+        if config.get("revision") is not None:
+            kwargs["revision"] = config["revision"]
+        if dtype is not None:
+            kwargs["torch_dtype"] = dtype
+        logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
+        try:
+            vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
+        except Exception as err:
+            raise _load_error(model_name, config, token, err) from err
+        vae = vae.to(device)
+        logger.info("VAE %s loaded on %s", model_name, device)
+        if self.device_manager is not None:
+            summary = self.device_manager.get_memory_summary()
+            if summary:
+                logger.info("Memory after loading %s: %s", model_name, summary)
+        return vae
+
+    @classmethod
+    def load_sd_vae_simple(
+        cls,
+        model_name: str = "sd14",
+        device: str | torch.device = "auto",
+        token: str | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[AutoencoderKL, torch.device]:
+        """Load a VAE once, without a cache (see :meth:`load_sd_vae`)."""
+        return cls().load_sd_vae(model_name, device, token, use_cache=False, dtype=dtype)
+
+    def clear_cache(self) -> None:
+        """Forget every model this loader cached."""
+        with self._lock:
+            self._model_cache.clear()
+        logger.info("Model cache cleared")
+
+
+# --- error messages -----------------------------------------------------------------------------
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = err
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _is_offline() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if hasattr(constants, "is_offline_mode"):
+            return bool(constants.is_offline_mode())
+        return bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover
+        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
+
+
+def _load_error(model_name: str, config: dict[str, Any], token: str | None, err: Exception) -> VAELoadError:
+    """Turn a diffusers / huggingface_hub failure into a VAELoadError that says what to do."""
+    from huggingface_hub import errors as hf_errors
+
+    repo_id = config["repo_id"]
+    subfolder = config.get("subfolder")
+    where = f"{model_name!r} ({repo_id}{'/' + subfolder if subfolder else ''})"
+    names = {type(e).__name__ for e in _chain(err)}
+    chain = _chain(err)
+    text = " ".join(str(e) for e in chain)
+    include = f" --include '{subfolder}/*'" if subfolder else ""
+    looks_local = repo_id.startswith((os.sep, ".", "~")) or (os.sep in repo_id and repo_id.count("/") > 1)
+
+    if looks_local and not os.path.isdir(os.path.expanduser(repo_id)):
+        hint = f"the local folder {repo_id} does not exist; check the path registered with add_model_config"
+    elif any(isinstance(e, hf_errors.GatedRepoError) for e in chain) or "gated" in text.lower():
+        hint = (
+            f"the repo is gated: accept the license at https://huggingface.co/{repo_id} and set HF_TOKEN "
+            "(or pass token=...)"
+        )
+    elif "use_safetensors" in config and config["use_safetensors"] is False:
+        hint = f"{type(err).__name__}: {err}"
+    elif ".safetensors" in text and ("no file named" in text.lower() or "EntryNotFoundError" in names):
+        hint = (
+            "no safetensors weights were found. Only safetensors are loaded by default, because pickle (.bin) "
+            "weights can run arbitrary code when loaded; convert the weights, or opt in for a trusted model with "
+            f"add_model_config({model_name!r}, {{..., 'use_safetensors': False}})"
+        )
+    elif any(isinstance(e, hf_errors.RepositoryNotFoundError) for e in chain) or "is not a valid model identifier" in text:
+        hint = (
+            f"repo {repo_id} was not found on the hub; check the repo id, or, for a private repo, set HF_TOKEN "
+            "(or pass token=...)"
+        )
+    elif _is_offline() or any(isinstance(e, hf_errors.LocalEntryNotFoundError) for e in chain) or (
+        "OfflineModeIsEnabled" in names
+    ):
+        if _is_offline():
+            hint = (
+                "offline mode is on (HF_HUB_OFFLINE=1) and the model is not in the local cache; set HF_HUB_OFFLINE=0 "
+                f"or pre-download with `hf download {repo_id}{include}`"
+            )
+        else:
+            hint = (
+                "the hub could not be reached and the model is not in the local cache; check the network, or "
+                f"pre-download with `hf download {repo_id}{include}` and set HF_HUB_OFFLINE=1"
+            )
+    elif any(isinstance(e, hf_errors.HfHubHTTPError) for e in chain):
+        hint = f"the hub answered with an error ({_redact(str(err).splitlines()[0], token)}); try again later"
+    else:
+        hint = f"{type(err).__name__}: {err}"
+    return VAELoadError(_redact(f"Failed to load VAE {where}: {hint}", token))
