@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import reprlib
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -19,8 +20,9 @@ __all__ = ["DeviceManager", "auto_select_device", "ACCEPTED_DEVICES"]
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_DEVICES = "'auto', 'cpu', 'mps', 'cuda', 'cuda:N' (N = 0, 1, ...) or a torch.device of those types"
-_DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda)(?::(\d+))?")
+ACCEPTED_DEVICES = "'auto', 'cpu', 'mps', 'cuda', 'cuda:N' (N = 0, 1, ...) or a torch.device of type cpu, mps or cuda"
+# ASCII digits only: ``\d`` would also accept e.g. Arabic-Indic digits, which torch rejects.
+_DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda)(?::(0|[1-9][0-9]*))?", re.ASCII)
 _GB = 1024**3
 
 
@@ -40,22 +42,59 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def _visible_nvml_ids(count: int) -> list[int | str]:
-    """NVML ids of the CUDA devices 0..count-1: physical indices or UUIDs from ``CUDA_VISIBLE_DEVICES``."""
+def _cuda_uuid(index: int) -> str | None:
+    """NVML-style UUID (``GPU-...``) of CUDA device ``index`` from its properties; ``None`` if torch has none.
+
+    Reading the properties does not create a CUDA context on the device.
+    """
+    try:
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    except Exception:
+        return None
+    text = "" if uuid is None else str(uuid)
+    if not text:
+        return None
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
+def _visible_devices() -> list[int | str] | None:
+    """``CUDA_VISIBLE_DEVICES`` as a list of physical indices or UUIDs; ``None`` when unset or empty."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not visible.strip():
-        return list(range(count))
+        return None
     ids: list[int | str] = []
     for item in visible.split(","):
         item = item.strip()
         if not item:
             break
-        ids.append(int(item) if item.isdigit() else item)
-    return ids[:count]
+        ids.append(int(item) if item.isascii() and item.isdigit() else item)
+    return ids
+
+
+def _nvml_ids(count: int) -> list[int | str | None]:
+    """The NVML id (UUID or physical index) of each CUDA device 0..count-1; ``None`` where unknown.
+
+    NVML numbers GPUs by PCI bus, while CUDA orders them fastest first unless
+    ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (and ``CUDA_VISIBLE_DEVICES`` indices follow CUDA's order).
+    The UUID torch reports for each device identifies it whatever the order, so it is used
+    when available; otherwise the physical index comes through ``CUDA_VISIBLE_DEVICES``,
+    which is exact with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or identical GPUs.
+    """
+    visible = _visible_devices()
+    ids: list[int | str | None] = []
+    for index in range(count):
+        uuid = _cuda_uuid(index)
+        if uuid is not None:
+            ids.append(uuid)
+        elif visible is None:
+            ids.append(index)
+        else:
+            ids.append(visible[index] if index < len(visible) else None)
+    return ids
 
 
 def _nvml_memory(count: int) -> list[tuple[int, int] | None] | None:
-    """(free, total) bytes per visible CUDA device from NVML, without creating CUDA contexts.
+    """(free, total) bytes per CUDA device 0..count-1 from NVML, without creating CUDA contexts.
 
     Returns ``None`` when NVML is not installed or does not initialise; an entry is ``None``
     when that one device could not be queried.
@@ -71,8 +110,10 @@ def _nvml_memory(count: int) -> list[tuple[int, int] | None] | None:
         return None
     try:
         result: list[tuple[int, int] | None] = []
-        for nvml_id in _visible_nvml_ids(count):
+        for index, nvml_id in enumerate(_nvml_ids(count)):
             try:
+                if nvml_id is None:
+                    raise LookupError("not listed in CUDA_VISIBLE_DEVICES")
                 if isinstance(nvml_id, int):
                     handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_id)
                 else:
@@ -80,11 +121,8 @@ def _nvml_memory(count: int) -> list[tuple[int, int] | None] | None:
                 info = pynvml.nvmlDeviceGetMemoryInfo(handle)
                 result.append((int(info.free), int(info.total)))
             except Exception as err:
-                logger.debug("NVML could not query device %r: %s", nvml_id, err)
+                logger.debug("NVML could not query cuda:%d (NVML id %r): %s", index, nvml_id, err)
                 result.append(None)
-        if len(result) != count:
-            logger.debug("NVML sees %d of %d CUDA devices; using torch.cuda.mem_get_info", len(result), count)
-            return None
         return result
     finally:
         try:
@@ -102,12 +140,20 @@ def _free_memory(index: int) -> tuple[int, int]:
 def _distributed_local_rank() -> int | None:
     """``LOCAL_RANK`` when running under a distributed launcher with ``WORLD_SIZE`` > 1."""
     rank, world = os.environ.get("LOCAL_RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world is None:
+        return None
     try:
-        if rank is not None and world is not None and int(world) > 1:
-            return int(rank)
+        local_rank, world_size = int(rank), int(world)
+        if local_rank < 0:
+            raise ValueError("negative LOCAL_RANK")
     except ValueError:
-        logger.warning("Ignoring LOCAL_RANK=%r / WORLD_SIZE=%r: not integers", rank, world)
-    return None
+        warnings.warn(
+            f"Ignoring LOCAL_RANK={rank!r} / WORLD_SIZE={world!r}: expected non-negative integers.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return local_rank if world_size > 1 else None
 
 
 # --- selection ----------------------------------------------------------------------------------
@@ -166,8 +212,8 @@ def auto_select_device() -> str:
 def resolve_device(request: str | torch.device) -> str:
     """Validate a device request and return a concrete device string (``'cpu'``, ``'mps'``, ``'cuda:N'``).
 
-    Falls back with a warning: CUDA missing → ``'cpu'``; ``cuda:N`` out of range → ``'cuda:0'``;
-    MPS missing → ``'cpu'``.
+    ``'cpu:0'`` / ``'mps:0'`` mean ``'cpu'`` / ``'mps'``. Falls back with a warning: CUDA missing →
+    ``'cpu'``; ``cuda:N`` out of range → ``'cuda:0'``; MPS missing → ``'cpu'``.
 
     Raises:
         TypeError: if ``request`` is neither a string nor a ``torch.device``.
@@ -175,15 +221,18 @@ def resolve_device(request: str | torch.device) -> str:
     """
     if isinstance(request, torch.device):
         kind, index = request.type, request.index
-        if kind not in ("cpu", "mps", "cuda"):
+        if kind not in ("cpu", "mps", "cuda") or (kind != "cuda" and index not in (None, 0)):
             raise ValueError(f"Unsupported device {request!r}. Accepted: {ACCEPTED_DEVICES}.")
     elif isinstance(request, str):
         match = _DEVICE_RE.fullmatch(request)
-        if match is None or (match.group(1) in ("auto", "cpu", "mps") and match.group(2) is not None):
-            raise ValueError(f"Invalid device {request!r}. Accepted: {ACCEPTED_DEVICES}.")
-        kind, index = match.group(1), None if match.group(2) is None else int(match.group(2))
+        # 'cpu:0' / 'mps:0' are torch's spellings of 'cpu' / 'mps'; other indices exist only on CUDA.
+        kind, number = (match.group(1), match.group(2)) if match else ("", None)
+        if match is None or (number is not None and (kind == "auto" or (kind != "cuda" and number != "0"))):
+            raise ValueError(f"Invalid device {reprlib.repr(request)}. Accepted: {ACCEPTED_DEVICES}.")
+        index = None if number is None else int(number)
     else:
-        raise TypeError(f"device must be a str or torch.device, got {type(request).__name__} ({request!r}). "
+        raise TypeError(f"device must be a str or torch.device, got {type(request).__name__} "
+                        f"({reprlib.repr(request)}). "
                         f"Accepted: {ACCEPTED_DEVICES}.")
 
     if kind == "auto":
@@ -260,23 +309,48 @@ class DeviceManager:
         return torch.device(resolve_device(preferred))
 
     def move_to_device(self, tensor: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
-        """Return ``tensor`` on this device (the same object when it is already there)."""
+        """Return ``tensor`` on this device (the same object when it is already there).
+
+        A ``torch.nn.Module`` is accepted too and, as ``Module.to`` does, moved in place.
+
+        Raises:
+            TypeError: if ``tensor`` is neither a ``torch.Tensor`` nor a ``torch.nn.Module``.
+        """
+        if not isinstance(tensor, torch.nn.Module):
+            _check_tensor(tensor, "move_to_device")
         return tensor.to(self.device, non_blocking=non_blocking)
 
     def move_batch_to_device(self, batch: Iterable[Any]) -> Any:
-        """Move every tensor of a list/tuple (or the values of a mapping) to this device.
+        """Move every tensor of a batch to this device, through nested lists, tuples and mappings.
 
-        Non-tensor items are kept as they are. Lists and tuples come back as lists.
+        Lists stay lists, tuples (and named tuples) stay tuples, mappings become dicts, other
+        iterables become lists; non-tensor items are kept as they are. The input is not modified.
         """
-        if isinstance(batch, Mapping):
-            return {k: self.move_to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        if isinstance(batch, torch.Tensor):
-            return self.move_to_device(batch)
-        return [self.move_to_device(t) if isinstance(t, torch.Tensor) else t for t in batch]
+        if isinstance(batch, (torch.Tensor, Mapping, list, tuple, str, bytes)):
+            return self._move_nested(batch)
+        return [self._move_nested(item) for item in batch]
+
+    def _move_nested(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return obj.to(self.device)
+        if isinstance(obj, Mapping):
+            return {key: self._move_nested(value) for key, value in obj.items()}
+        if isinstance(obj, list):
+            return [self._move_nested(item) for item in obj]
+        if isinstance(obj, tuple):
+            items = [self._move_nested(item) for item in obj]
+            return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+        return obj
 
     def ensure_same_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Return the tensors on this device; those already there are returned as they are."""
+        """Return the tensors on this device; those already there are returned as they are.
+
+        Raises:
+            TypeError: if an argument is not a ``torch.Tensor``.
+        """
         target = self.torch_device
+        for tensor in tensors:
+            _check_tensor(tensor, "ensure_same_device")
         return [t if _same_device(t.device, target) else t.to(target) for t in tensors]
 
     def synchronize(self) -> None:
@@ -336,3 +410,8 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
         return False
     return (a.index or 0) == (b.index or 0)
 
+
+def _check_tensor(obj: object, method: str) -> None:
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f"{method} expects torch.Tensor arguments, got {type(obj).__name__}; "
+                        "use move_batch_to_device for lists, tuples and dicts.")

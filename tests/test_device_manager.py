@@ -1,0 +1,640 @@
+"""DeviceManager and auto_select_device (SPEC §4), against a faked torch.cuda and a fake NVML.
+
+The ``fake_cuda`` / ``cpu_only`` / ``mps_only`` fixtures come from conftest.py. Real NVML is kept out
+of every test but the ``gpu`` ones, so results never depend on the machine running them.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+import torch
+
+import vae_toolkit
+from vae_toolkit import DeviceManager, VAELoader, auto_select_device
+from vae_toolkit import device_manager as dm_module
+
+GB = 1024**3
+LOGGER = "vae_toolkit.device_manager"
+ACCEPTED = r"Accepted: 'auto', 'cpu', 'mps', 'cuda', 'cuda:N'"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(request, monkeypatch):
+    """No real NVML (``import pynvml`` raises ImportError) and no launcher variables, except in gpu tests."""
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(var, raising=False)
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setitem(sys.modules, "pynvml", None)
+
+
+# --- a fake NVML ---------------------------------------------------------------------------------
+
+
+def nvml_uuid(physical: int) -> str:
+    return f"GPU-{physical:08x}-1111-2222-3333-444455556666"
+
+
+class NVMLError(Exception):
+    pass
+
+
+class FakeNvml(types.ModuleType):
+    """``pynvml`` with GPUs numbered by PCI bus: ``gpus[physical] = (free, total)``."""
+
+    def __init__(self, gpus, init_error: Exception | None = None, failing=()):
+        super().__init__("pynvml")
+        self.gpus = list(gpus)
+        self.init_error = init_error
+        self.failing = set(failing)
+        self.inits = 0
+        self.shutdowns = 0
+        self.handles: list[int | str] = []
+
+    def nvmlInit(self):
+        self.inits += 1
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.handles.append(index)
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.handles.append(uuid)
+        for physical in range(len(self.gpus)):
+            if nvml_uuid(physical) == uuid:
+                return physical
+        raise NVMLError("Not Found")
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        if handle in self.failing:
+            raise NVMLError("GPU is lost")
+        free, total = self.gpus[handle]
+        return SimpleNamespace(free=free, total=total, used=total - free)
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """Factory: ``fake_nvml([(free, total), ...], init_error=None, failing=())`` installed as ``pynvml``."""
+
+    def make(gpus, init_error=None, failing=()):
+        nvml = FakeNvml(gpus, init_error, failing)
+        monkeypatch.setitem(sys.modules, "pynvml", nvml)
+        return nvml
+
+    return make
+
+
+class CudaUUID:
+    """Stands in for torch's ``_CUuuid``: ``str()`` gives the UUID without the ``GPU-`` prefix."""
+
+    def __init__(self, physical: int):
+        self.text = nvml_uuid(physical).removeprefix("GPU-")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def g(*free_total):
+    """``g((2, 8), (6, 8))`` → ``[(2 GB, 8 GB), (6 GB, 8 GB)]``."""
+    return [(int(free * GB), int(total * GB)) for free, total in free_total]
+
+
+# --- auto selection ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gpus", "expected"),
+    [
+        pytest.param(g((2, 8), (6, 8), (4, 8)), "cuda:1", id="most-free-wins"),
+        pytest.param(g((10, 80), (12, 24)), "cuda:1", id="larger-but-busier-loses"),
+        pytest.param(g((1, 8), (1, 8), (1, 8), (7, 8)), "cuda:3", id="last-index"),
+        pytest.param(g((5, 8), (5, 8)), "cuda:0", id="tie-lowest-index"),
+        pytest.param(g((3, 8), (5, 8), (5, 8)), "cuda:1", id="tie-among-best"),
+    ],
+)
+def test_auto_picks_the_gpu_with_most_free_memory(fake_cuda, gpus, expected):
+    cuda = fake_cuda(gpus)
+    assert auto_select_device() == expected
+    assert DeviceManager.auto_select_device() == expected
+    assert DeviceManager().device == expected
+    assert DeviceManager("auto").device == expected
+    assert sorted(set(cuda.mem_get_info_calls)) == list(range(len(gpus)))
+
+
+def test_single_gpu_is_cuda_0_without_probing(fake_cuda):
+    cuda = fake_cuda(g((1, 8)))
+    assert DeviceManager().device == "cuda:0"
+    assert cuda.mem_get_info_calls == []
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "world_size", "expected"),
+    [
+        pytest.param("1", "4", "cuda:1", id="rank-1"),
+        pytest.param("0", "2", "cuda:0", id="rank-0"),
+        pytest.param("5", "8", "cuda:1", id="rank-modulo-count"),
+        pytest.param("2", "1", "cuda:3", id="world-1-ignored"),
+        pytest.param("2", None, "cuda:3", id="no-world-size-ignored"),
+        pytest.param(None, "4", "cuda:3", id="no-local-rank-ignored"),
+    ],
+)
+def test_distributed_rank_takes_its_own_gpu(fake_cuda, monkeypatch, local_rank, world_size, expected):
+    cuda = fake_cuda(g((1, 8), (2, 8), (3, 8), (7, 8)))
+    for var, value in (("LOCAL_RANK", local_rank), ("WORLD_SIZE", world_size)):
+        if value is not None:
+            monkeypatch.setenv(var, value)
+    assert auto_select_device() == expected
+    assert DeviceManager().device == expected
+    if expected != "cuda:3":  # a rank's own GPU is chosen without probing every GPU
+        assert cuda.mem_get_info_calls == []
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "world_size"),
+    [("x", "4"), ("1", "four"), ("-1", "4"), ("", "2"), ("1.0", "2")],
+)
+def test_malformed_launcher_variables_warn_and_are_ignored(fake_cuda, monkeypatch, local_rank, world_size):
+    fake_cuda(g((1, 8), (2, 8), (7, 8)))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.warns(RuntimeWarning, match=r"Ignoring LOCAL_RANK=.*expected non-negative integers"):
+        assert auto_select_device() == "cuda:2"
+
+
+def test_mps_only_selects_mps(mps_only):
+    assert auto_select_device() == "mps"
+    assert DeviceManager().device == "mps"
+
+
+def test_cpu_only_selects_cpu(cpu_only):
+    assert auto_select_device() == "cpu"
+    assert DeviceManager().device == "cpu"
+
+
+def test_gpu_failing_its_probe_is_skipped_with_a_warning(fake_cuda):
+    fake_cuda(g((8, 16), (2, 16), (4, 16)), failing=(0,))
+    with pytest.warns(RuntimeWarning, match=r"Skipping cuda:0 .*memory failed \(CUDA error: device 0 unavailable\)"):
+        assert auto_select_device() == "cuda:2"
+
+
+def test_all_probes_failing_warns_and_uses_cuda_0(fake_cuda):
+    fake_cuda(g((8, 16), (2, 16)), failing=(0, 1))
+    with pytest.warns(RuntimeWarning) as record:
+        assert auto_select_device() == "cuda:0"
+    messages = [str(w.message) for w in record]
+    assert any(m.startswith("Skipping cuda:1") for m in messages)
+    assert any("No CUDA device answered a memory query; using cuda:0" in m for m in messages)
+
+
+# --- NVML ----------------------------------------------------------------------------------------
+
+
+def test_nvml_is_used_instead_of_creating_a_cuda_context_per_gpu(fake_cuda, fake_nvml):
+    cuda = fake_cuda(g((9, 16), (1, 16), (1, 16)))  # torch alone would pick cuda:0
+    nvml = fake_nvml(g((1, 16), (1, 16), (9, 16)))
+    assert auto_select_device() == "cuda:2"
+    assert cuda.mem_get_info_calls == []
+    assert nvml.handles == [0, 1, 2]
+    assert (nvml.inits, nvml.shutdowns) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected_handles"),
+    [
+        pytest.param("2,0", [2, 0], id="indices"),
+        pytest.param(" 2 , 0 ", [2, 0], id="indices-with-spaces"),
+        pytest.param(f"{nvml_uuid(2)},{nvml_uuid(0)}", [nvml_uuid(2), nvml_uuid(0)], id="uuids"),
+        pytest.param(f"2,{nvml_uuid(0)}", [2, nvml_uuid(0)], id="mixed"),
+    ],
+)
+def test_nvml_indices_are_mapped_through_cuda_visible_devices(fake_cuda, fake_nvml, monkeypatch, visible,
+                                                              expected_handles):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    cuda = fake_cuda(g((1, 16), (1, 16)))
+    # Physical GPU 1 is the freest but not visible; cuda:0 is physical 2 (8 GB) and cuda:1 physical 0 (2 GB).
+    nvml = fake_nvml(g((2, 16), (20, 16), (8, 16)))
+    assert auto_select_device() == "cuda:0"
+    assert nvml.handles == expected_handles
+    assert cuda.mem_get_info_calls == []
+
+
+def test_nvml_matches_devices_by_the_uuid_torch_reports(fake_cuda, fake_nvml, monkeypatch):
+    """CUDA orders GPUs fastest first, NVML by PCI bus: the UUID ties each CUDA index to its GPU."""
+    cuda = fake_cuda(g((1, 16), (1, 16)))
+    # CUDA's order is the reverse of NVML's: cuda:0 is physical 1, cuda:1 is physical 0.
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name=f"Fake GPU {i}", total_memory=16 * GB, uuid=CudaUUID(1 - i)))
+    nvml = fake_nvml(g((3, 16), (9, 16)))
+    assert auto_select_device() == "cuda:0"  # by index alone it would be cuda:1
+    assert nvml.handles == [nvml_uuid(1), nvml_uuid(0)]
+    assert cuda.mem_get_info_calls == []
+
+
+def test_nvml_failing_to_initialise_falls_back_to_torch_with_a_debug_log(fake_cuda, fake_nvml, caplog):
+    cuda = fake_cuda(g((2, 16), (5, 16)))
+    nvml = fake_nvml(g((9, 16), (1, 16)), init_error=NVMLError("Driver Not Loaded"))
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert auto_select_device() == "cuda:1"
+    assert sorted(cuda.mem_get_info_calls) == [0, 1]
+    assert nvml.shutdowns == 0
+    assert any(r.name == LOGGER and r.levelno == logging.DEBUG and "NVML present but did not initialise" in
+               r.getMessage() and "Driver Not Loaded" in r.getMessage() for r in caplog.records)
+
+
+def test_a_device_nvml_cannot_query_falls_back_to_torch_for_that_device(fake_cuda, fake_nvml, caplog):
+    cuda = fake_cuda(g((1, 16), (12, 16), (1, 16)))
+    nvml = fake_nvml(g((4, 16), (1, 16), (6, 16)), failing=(1,))
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert auto_select_device() == "cuda:1"  # torch's 12 GB for cuda:1 beats NVML's 6 GB for cuda:2
+    assert cuda.mem_get_info_calls == [1]
+    assert nvml.shutdowns == 1
+    assert any("NVML could not query cuda:1" in r.getMessage() for r in caplog.records)
+
+
+def test_a_device_missing_from_cuda_visible_devices_falls_back_to_torch(fake_cuda, fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # shorter than what CUDA reports (faked)
+    cuda = fake_cuda(g((1, 16), (12, 16)))
+    fake_nvml(g((4, 16), (3, 16)))
+    assert auto_select_device() == "cuda:1"
+    assert cuda.mem_get_info_calls == [1]
+
+
+def test_nvml_is_not_touched_on_a_single_gpu(fake_cuda, fake_nvml):
+    fake_cuda(g((1, 16)))
+    nvml = fake_nvml(g((1, 16)))
+    assert auto_select_device() == "cuda:0"
+    assert nvml.inits == 0
+
+
+# --- device requests -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "expected"),
+    [
+        ("cpu", "cpu"),
+        ("cpu:0", "cpu"),
+        (torch.device("cpu"), "cpu"),
+        (torch.device("cpu", 0), "cpu"),
+        ("cuda", "cuda:1"),  # the current device
+        (torch.device("cuda"), "cuda:1"),
+        ("cuda:0", "cuda:0"),
+        ("cuda:2", "cuda:2"),
+        (torch.device("cuda", 0), "cuda:0"),
+        (torch.device("cuda:2"), "cuda:2"),
+        ("auto", "cuda:2"),
+    ],
+    ids=repr,
+)
+def test_device_requests_on_cuda(fake_cuda, request_, expected):
+    fake_cuda(g((1, 8), (2, 8), (5, 8)), current=1)
+    dm = DeviceManager(request_)
+    assert dm.device == expected
+    assert isinstance(dm.device, str)
+    assert VAELoader.get_optimal_device(request_) == torch.device(expected)
+    managers_own = "cpu" if request_ == "auto" else expected  # 'auto' means the manager's device
+    assert DeviceManager("cpu").get_optimal_device(request_) == torch.device(managers_own)
+
+
+def test_default_request_is_auto(fake_cuda):
+    fake_cuda(g((1, 8), (5, 8)))
+    assert DeviceManager().device == "cuda:1"
+    assert VAELoader.get_optimal_device() == torch.device("cuda:1")
+    assert VAELoader().get_optimal_device() == torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("request_", ["mps", "mps:0", torch.device("mps")], ids=repr)
+def test_mps_request(mps_only, request_):
+    assert DeviceManager(request_).device == "mps"
+    assert VAELoader.get_optimal_device(request_) == torch.device("mps")
+
+
+@pytest.mark.parametrize("request_", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"), torch.device("cuda", 1)],
+                         ids=repr)
+def test_cuda_requested_without_cuda_warns_and_uses_cpu(cpu_only, request_):
+    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU") as record:
+        assert DeviceManager(request_).device == "cpu"
+    assert record[0].filename == __file__  # the warning points at the caller
+    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU"):
+        assert VAELoader.get_optimal_device(request_) == torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU"):
+        assert DeviceManager("cpu").get_optimal_device(request_) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("request_", ["cuda:2", "cuda:99999999999999999999", torch.device("cuda", 7)], ids=repr)
+def test_cuda_index_out_of_range_warns_and_uses_cuda_0(fake_cuda, request_):
+    fake_cuda(g((1, 8), (5, 8)), current=1)
+    with pytest.warns(RuntimeWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
+        assert DeviceManager(request_).device == "cuda:0"
+    with pytest.warns(RuntimeWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
+        assert VAELoader.get_optimal_device(request_) == torch.device("cuda:0")
+
+
+@pytest.mark.parametrize("request_", ["mps", torch.device("mps")], ids=repr)
+def test_mps_requested_without_mps_warns_and_uses_cpu(cpu_only, request_):
+    with pytest.warns(RuntimeWarning, match=r"MPS was requested but is not available; using CPU"):
+        assert DeviceManager(request_).device == "cpu"
+
+
+MALFORMED = [
+    "gpu", "cuda:x", "", "CUDA", "Cpu", " cuda ", "cuda ", "cuda:-1", "cuda:+1", "cuda:01", "cuda:0:1",
+    "cuda:", ":0", "cuda 0", "cuda:1\n", "cuda:\u0663", "auto:1", "auto:0", "cpu:1", "mps:1", "xpu", "meta",
+    "cuda,cpu", torch.device("meta"), torch.device("xpu"), torch.device("cpu", 1), torch.device("mps", 1),
+]
+WRONG_TYPES = [None, 3, 0, 1.5, True, b"cuda", ["cuda"], ("cuda",), {"device": "cuda"}, torch.zeros(1)]
+ENTRY_POINTS = {
+    "DeviceManager": DeviceManager,
+    "VAELoader.get_optimal_device": VAELoader.get_optimal_device,
+    "DeviceManager.get_optimal_device": lambda d: DeviceManager("cpu").get_optimal_device(d),
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+@pytest.mark.parametrize("request_", MALFORMED, ids=repr)
+def test_malformed_device_raises_value_error_naming_the_accepted_forms(fake_cuda, entry, request_):
+    fake_cuda(g((1, 8), (5, 8)))
+    with pytest.raises(ValueError, match=rf"device .*{ACCEPTED}") as excinfo:
+        entry(request_)
+    assert repr(request_)[:20] in str(excinfo.value) or str(request_)[:20] in str(excinfo.value)
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+@pytest.mark.parametrize("request_", WRONG_TYPES, ids=repr)
+def test_wrong_type_raises_type_error_naming_the_accepted_forms(cpu_only, entry, request_):
+    with pytest.raises(TypeError, match=rf"device must be a str or torch.device, got {type(request_).__name__} "
+                                        rf".*{ACCEPTED}"):
+        entry(request_)
+
+
+def test_long_bad_request_is_abbreviated_in_the_message(cpu_only):
+    with pytest.raises(TypeError) as excinfo:
+        DeviceManager(list(range(100_000)))
+    assert len(str(excinfo.value)) < 400
+    with pytest.raises(ValueError) as excinfo:
+        DeviceManager("x" * 100_000)
+    assert len(str(excinfo.value)) < 400
+
+
+def test_get_optimal_device_auto_is_the_managers_device(fake_cuda):
+    cuda = fake_cuda(g((1, 8), (5, 8)))
+    dm = DeviceManager("cuda:0")
+    cuda.gpus = g((1, 8), (7, 8))  # cuda:1 has more free memory, but the manager keeps its choice
+    assert dm.get_optimal_device() == torch.device("cuda:0")
+    assert dm.get_optimal_device("auto") == torch.device("cuda:0")
+    assert dm.torch_device == torch.device("cuda:0")
+    assert VAELoader.get_optimal_device("auto") == torch.device("cuda:1")
+
+
+# --- info and memory summary ---------------------------------------------------------------------
+
+
+def test_device_info_on_cuda_reports_the_drivers_numbers(fake_cuda):
+    fake_cuda(g((3, 16), (5, 24)))
+    info = DeviceManager("cuda:1").get_device_info()
+    assert info["device"] == "cuda:1"
+    assert info["cuda_available"] is True
+    assert info["cuda_device_count"] == 2
+    assert info["device_name"] == "Fake GPU 1"
+    assert info["total_memory"] == 24 * GB
+    assert info["memory_allocated"] == 1 * GB
+    assert info["memory_reserved"] == 2 * GB
+    assert info["free_memory"] == 5 * GB
+    assert info["system_memory_total"] == psutil.virtual_memory().total
+    assert 0 < info["system_memory_available"] <= info["system_memory_total"]
+    json.dumps(info)  # plain values, ready to log or paste
+
+
+CUDA_KEYS = ("device_name", "total_memory", "memory_allocated", "memory_reserved", "free_memory")
+
+
+@pytest.mark.parametrize(("fixture", "device"), [("cpu_only", "cpu"), ("mps_only", "mps")])
+def test_device_info_off_cuda_has_no_cuda_keys(request, fixture, device):
+    request.getfixturevalue(fixture)
+    info = DeviceManager().get_device_info()
+    assert (info["device"], info["cuda_available"], info["cuda_device_count"]) == (device, False, 0)
+    assert not set(CUDA_KEYS) & set(info)
+    assert info["system_memory_total"] == psutil.virtual_memory().total
+
+
+def test_memory_summary_on_cuda_is_one_line_in_gb(fake_cuda):
+    fake_cuda(g((3, 16), (5.5, 24)))
+    summary = DeviceManager("cuda:1").get_memory_summary()
+    assert summary == ("cuda:1 (Fake GPU 1): 1.00 GB allocated, 2.00 GB reserved, 5.50 GB free, "
+                       "24.00 GB total")
+
+
+def test_memory_summary_without_free_memory_when_the_query_fails(fake_cuda):
+    fake_cuda(g((3, 16), (5, 24)), failing=(1,))
+    dm = DeviceManager("cuda:1")
+    assert dm.get_device_info()["free_memory"] is None
+    assert dm.get_memory_summary() == "cuda:1 (Fake GPU 1): 1.00 GB allocated, 2.00 GB reserved, 24.00 GB total"
+
+
+@pytest.mark.parametrize("fixture", ["cpu_only", "mps_only"])
+def test_memory_summary_is_none_off_cuda(request, fixture):
+    request.getfixturevalue(fixture)
+    assert DeviceManager().get_memory_summary() is None
+
+
+# --- moving tensors ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def meta_manager(cpu_only):
+    """A manager pointed at the meta device, so that a CPU-only test sees tensors really move."""
+    dm = DeviceManager("cpu")
+    dm.device = "meta"
+    return dm
+
+
+def test_move_to_device_returns_the_same_tensor_when_already_there(cpu_only):
+    t = torch.arange(4.0)
+    assert DeviceManager("cpu").move_to_device(t) is t
+
+
+def test_move_to_device_moves_without_touching_the_input(meta_manager):
+    t = torch.arange(4.0)
+    moved = meta_manager.move_to_device(t)
+    assert moved.device == torch.device("meta") and moved.shape == t.shape and moved.dtype == t.dtype
+    assert t.device == torch.device("cpu") and torch.equal(t, torch.arange(4.0))
+
+
+def test_move_to_device_accepts_a_module(cpu_only):
+    module = torch.nn.Linear(2, 2)
+    assert DeviceManager("cpu").move_to_device(module) is module
+
+
+@pytest.mark.parametrize("obj", [[torch.zeros(1)], 3, "x", None, {"a": torch.zeros(1)}], ids=repr)
+def test_move_to_device_rejects_non_tensors(cpu_only, obj):
+    with pytest.raises(TypeError, match=r"move_to_device expects torch.Tensor arguments, got .*move_batch_to_device"):
+        DeviceManager("cpu").move_to_device(obj)
+
+
+Pair = collections.namedtuple("Pair", "image label")
+
+
+def test_move_batch_to_device_keeps_containers_and_non_tensor_items(meta_manager):
+    x, y = torch.ones(2), torch.zeros(3)
+    batch = {"image": x, "label": 7, "name": "a.png", "extra": [y, (x, "k")], "pair": Pair(x, 1)}
+    snapshot = repr(batch)
+    out = meta_manager.move_batch_to_device(batch)
+    assert type(out) is dict and set(out) == set(batch)
+    assert out["image"].device.type == "meta"
+    assert (out["label"], out["name"]) == (7, "a.png")
+    assert type(out["extra"]) is list and out["extra"][0].device.type == "meta"
+    assert type(out["extra"][1]) is tuple and out["extra"][1][0].device.type == "meta" and out["extra"][1][1] == "k"
+    assert type(out["pair"]) is Pair and out["pair"].image.device.type == "meta" and out["pair"].label == 1
+    assert repr(batch) == snapshot and batch["image"] is x and batch["extra"][0] is y  # input untouched
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (lambda t: [t, "keep", 3], list),
+        (lambda t: (t, "keep", 3), tuple),
+        (lambda t: (x for x in [t, "keep", 3]), list),
+    ],
+    ids=["list", "tuple", "generator"],
+)
+def test_move_batch_to_device_sequences(meta_manager, make, kind):
+    t = torch.ones(2)
+    out = meta_manager.move_batch_to_device(make(t))
+    assert type(out) is kind
+    assert out[0].device.type == "meta" and list(out[1:]) == ["keep", 3]
+    assert t.device.type == "cpu"
+
+
+def test_move_batch_to_device_on_the_same_device_keeps_tensor_objects(cpu_only):
+    t = torch.ones(2)
+    batch = [t, {"k": t}]
+    out = DeviceManager("cpu").move_batch_to_device(batch)
+    assert out is not batch and out[0] is t and out[1]["k"] is t
+
+
+def test_ensure_same_device_returns_tensors_already_there_as_they_are(meta_manager):
+    on_cpu, on_meta = torch.ones(2), torch.empty(3, device="meta")
+    out = meta_manager.ensure_same_device(on_cpu, on_meta)
+    assert isinstance(out, list) and len(out) == 2
+    assert out[0].device.type == "meta" and on_cpu.device.type == "cpu"
+    assert out[1] is on_meta
+
+
+def test_ensure_same_device_on_cpu(cpu_only):
+    a, b = torch.ones(1), torch.zeros(2)
+    out = DeviceManager("cpu").ensure_same_device(a, b)
+    assert out[0] is a and out[1] is b
+    assert DeviceManager("cpu").ensure_same_device() == []
+
+
+def test_ensure_same_device_rejects_non_tensors(cpu_only):
+    with pytest.raises(TypeError, match=r"ensure_same_device expects torch.Tensor arguments, got list"):
+        DeviceManager("cpu").ensure_same_device(torch.ones(1), [1, 2])
+
+
+def test_synchronize_is_a_no_op_off_cuda(cpu_only, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
+    DeviceManager("cpu").synchronize()
+    assert calls == []
+
+
+def test_synchronize_waits_on_the_managers_cuda_device(fake_cuda):
+    cuda = fake_cuda(g((1, 8), (5, 8)))
+    DeviceManager("cuda:1").synchronize()
+    assert cuda.synchronized == ["cuda:1"]
+
+
+# --- API surface, logging, weight ---------------------------------------------------------------
+
+
+def test_public_names_and_repr(cpu_only):
+    assert vae_toolkit.DeviceManager is DeviceManager
+    assert vae_toolkit.auto_select_device is dm_module.auto_select_device
+    assert isinstance(DeviceManager.__dict__["auto_select_device"], staticmethod)
+    assert repr(DeviceManager("cpu")) == "DeviceManager(device='cpu')"
+
+
+def test_logs_through_the_module_logger_and_never_prints(fake_cuda, caplog, capsys):
+    fake_cuda(g((1, 8), (5, 8)))
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        dm = DeviceManager()
+        dm.get_device_info()
+        dm.get_memory_summary()
+        dm.synchronize()
+    assert any(r.name == LOGGER and "Selected cuda:1 (5.00 GB free)" in r.getMessage() for r in caplog.records)
+    assert any(r.name == LOGGER and "DeviceManager using cuda:1" in r.getMessage() for r in caplog.records)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_library_code_has_no_print_call():
+    tree = ast.parse(Path(dm_module.__file__).read_text(encoding="utf-8"))
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"]
+    assert calls == []
+
+
+def test_manager_and_device_info_are_light():
+    """DeviceManager() + get_device_info() add < 1 MB RSS and import nothing heavy (fresh interpreter)."""
+    code = (
+        "import gc, sys, psutil, vae_toolkit\n"
+        "from vae_toolkit import DeviceManager\n"
+        "gc.collect(); p = psutil.Process(); before = p.memory_info().rss; mods = set(sys.modules)\n"
+        "DeviceManager().get_device_info()\n"
+        "gc.collect(); print(p.memory_info().rss - before, sorted(set(sys.modules) - mods))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                          check=True)
+    growth, new_modules = done.stdout.split(" ", 1)
+    assert int(growth) < 1024**2
+    heavy = {"diffusers", "huggingface_hub", "transformers"}
+    assert not heavy & {m.split(".")[0] for m in ast.literal_eval(new_modules)}
+
+
+# --- a real GPU ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+class TestRealGPU:
+    def test_auto_picks_a_cuda_device(self):
+        dm = DeviceManager()
+        assert dm.device.startswith("cuda:") and int(dm.device.split(":")[1]) < torch.cuda.device_count()
+
+    def test_memory_summary_is_a_string(self):
+        summary = DeviceManager().get_memory_summary()
+        assert isinstance(summary, str) and " GB " in summary and "\n" not in summary
+
+    def test_move_to_device(self):
+        dm = DeviceManager()
+        t = dm.move_to_device(torch.ones(3))
+        assert t.device == dm.torch_device
+        assert dm.ensure_same_device(t)[0] is t
+        dm.synchronize()
+
+    def test_nvml_and_torch_agree_on_free_memory(self):
+        pytest.importorskip("pynvml")
+        count = torch.cuda.device_count()
+        torch_free = [dm_module._free_memory(i)[0] for i in range(count)]
+        nvml = dm_module._nvml_memory(count)
+        if nvml is None:
+            pytest.skip("NVML does not initialise here")
+        for index, (free, entry) in enumerate(zip(torch_free, nvml, strict=True)):
+            assert entry is not None, f"NVML could not query cuda:{index}"
+            assert abs(entry[0] - free) <= 0.05 * free, (index, entry, free)
