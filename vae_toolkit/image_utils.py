@@ -7,6 +7,7 @@ path) exactly, computed with PIL, numpy and torch alone.
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -44,6 +45,10 @@ class _InputTypeError(ImageProcessingError, TypeError):
     """Wrong input type: a ``TypeError`` that is still an ``ImageProcessingError`` (as in 0.1.0)."""
 
 
+class _InputValueError(ImageProcessingError, ValueError):
+    """Wrong input value: a ``ValueError`` that is still an ``ImageProcessingError`` (as in 0.1.0)."""
+
+
 # --- uint8 -> float lookup tables ---------------------------------------------------------------
 
 
@@ -59,25 +64,71 @@ def _lut(mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarra
 
 _LUT_UNIT = _lut(None, None)
 _LUT_SD = _lut((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_F32_1, _F32_127_5, _F32_128, _F32_255 = np.float32(1.0), np.float32(127.5), np.float32(128.0), np.float32(255.0)
 
 
 def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """RGB PIL image → contiguous float32 ``[3, H, W]`` through ``lut`` (one pass per channel)."""
-    arr = np.asarray(rgb)  # [H, W, 3] uint8, read-only; only read from
+    """RGB PIL image → contiguous float32 ``[3, H, W]`` holding ``lut[c, v]`` for each pixel value ``v``.
+
+    PIL packs each band straight into a planar uint8 buffer (no interleaved copy, no index arrays).
+    For the two built-in tables the values are then computed in place, which gives the table's values
+    bit for bit (float32 IEEE division/subtraction): ``v / 127.5 - 1`` for ``_LUT_SD`` and ``v / 255``
+    for ``_LUT_UNIT``. Other tables are gathered per channel. numpy releases the GIL in these loops.
+    """
+    w, h = rgb.size
     if out is None:
-        out = torch.empty((3, arr.shape[0], arr.shape[1]), dtype=torch.float32)
+        out = torch.empty((3, h, w), dtype=torch.float32)
     dst = out.numpy()
-    for c in range(3):
-        np.take(lut[c], arr[:, :, c], out=dst[c])
+    builtin = lut is _LUT_SD or lut is _LUT_UNIT
+    for c, band in enumerate("RGB"):
+        plane = np.frombuffer(rgb.tobytes("raw", band), dtype=np.uint8).reshape(h, w)
+        if builtin:
+            np.copyto(dst[c], plane, casting="unsafe")
+        else:
+            np.take(lut[c], plane, out=dst[c])
+    if lut is _LUT_SD:
+        np.divide(dst, _F32_127_5, out=dst)
+        np.subtract(dst, _F32_1, out=dst)
+    elif lut is _LUT_UNIT:
+        np.divide(dst, _F32_255, out=dst)
     return out
 
 
+_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _warn_if_clipped(img: Image.Image, source: object) -> None:
+    """Warn when converting a 16/32-bit image to RGB will saturate values outside [0, 255]."""
+    if img.mode not in _WIDE_MODES:
+        return
+    lo, hi = img.getextrema()
+    if lo < 0 or hi > 255:
+        warnings.warn(
+            f"{source}: {img.mode} image with values in [{lo}, {hi}] is converted to 8-bit RGB by clipping to "
+            "[0, 255] (PIL's convert('RGB'), as in vae-toolkit 0.1.0), so its range is lost. Scale it to 8 bits "
+            "first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _open_rgb(path: PathLike) -> Image.Image:
-    """Open ``path`` and return a loaded RGB copy; the file is closed on return."""
+    """Open ``path`` and return a loaded RGB copy; the file is closed on return.
+
+    The conversion is PIL's ``convert("RGB")``, exactly as in 0.1.0: EXIF orientation is not applied
+    (pixels come as stored), alpha is dropped (not composited), palette / grayscale / CMYK are expanded,
+    and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    if not isinstance(path, (str, bytes, os.PathLike)) and not hasattr(path, "read"):
+        raise _InputTypeError(
+            f"image_path must be a str or pathlib.Path (or an open binary file), got {type(path).__name__}: "
+            f"{path!r}"
+        )
     try:
         with Image.open(path) as img:
+            _warn_if_clipped(img, path)
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise ImageProcessingError(f"Image file not found: {path}") from err
@@ -87,7 +138,8 @@ def _open_rgb(path: PathLike) -> Image.Image:
         raise ImageProcessingError(
             f"Failed to load image {path}: not an image PIL can read (empty, corrupt or unsupported format)"
         ) from err
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # The warning only arrives here when warnings are turned into errors.
         raise ImageProcessingError(
             f"Failed to load image {path}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
         ) from err
@@ -96,6 +148,7 @@ def _open_rgb(path: PathLike) -> Image.Image:
 
 
 def _check_size(rgb: Image.Image, target_size: int, path: PathLike) -> None:
+    target_size = _check_target_size(target_size)
     if rgb.size != (target_size, target_size):
         raise ImageProcessingError(
             f"Image size {rgb.size} of {path} does not match required size ({target_size}, {target_size}). "
@@ -107,7 +160,9 @@ def _check_size(rgb: Image.Image, target_size: int, path: PathLike) -> None:
 def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) -> tuple[torch.Tensor, Image.Image]:
     """Load an image file as a VAE input tensor.
 
-    The image must already be ``target_size x target_size`` (it is never resized here).
+    The image must already be ``target_size x target_size`` (it is never resized here). Any mode is
+    converted with PIL's ``convert("RGB")``, as in 0.1.0: EXIF orientation is not applied, alpha is
+    dropped, and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
 
     Args:
         image_path: Path of the image file.
@@ -144,23 +199,33 @@ def load_images(
         target_size: Required width and height.
         num_workers: Decoding threads; default ``min(len(paths), os.cpu_count())``.
 
+    Returns:
+        Contiguous float32 ``[N, 3, target_size, target_size]`` in ``[-1, 1]`` (``N = 0`` for no paths).
+
     Raises:
-        ImageProcessingError: for the first path (in order) that fails.
+        ImageProcessingError: for the first path (in order) that fails; the message names it.
+        TypeError: for a single path instead of a sequence (also an ``ImageProcessingError``), or a
+            non-integer ``num_workers``.
         ValueError: if ``num_workers`` < 1.
 
     Example:
         >>> batch = load_images(sorted(Path("data").glob("*.png")))  # doctest: +SKIP
     """
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, bytes, os.PathLike)):
         raise _InputTypeError(f"paths must be a sequence of paths, got a single path {paths!r}; wrap it in a list")
     paths = list(paths)
-    out = torch.empty((len(paths), 3, target_size, target_size), dtype=torch.float32)
-    if not paths:
-        return out
+    target_size = _check_target_size(target_size)
     if num_workers is None:
         num_workers = min(len(paths), os.cpu_count() or 1)
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    elif isinstance(num_workers, bool) or not isinstance(num_workers, int):
+        raise TypeError(f"num_workers must be an int >= 1 or None, got {type(num_workers).__name__}: {num_workers!r}")
+    elif num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1 (or None for one per CPU), got {num_workers}")
+    # numpy asks the kernel for huge pages on large buffers: first-touch page faults of a fresh
+    # 64 x 3 MB batch cost several times less than with torch.empty (the tensor shares the memory).
+    out = torch.from_numpy(np.empty((len(paths), 3, target_size, target_size), dtype=np.float32))
+    if not paths:
+        return out
 
     def work(i: int) -> None:
         rgb = _open_rgb(paths[i])
@@ -170,10 +235,17 @@ def load_images(
     if num_workers == 1:
         for i in range(len(paths)):
             work(i)
-    else:
-        with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vae_toolkit_load") as pool:
-            for _ in pool.map(work, range(len(paths))):  # re-raises the first failure in order
-                pass
+        return out
+    # PIL releases the GIL while decoding and numpy while converting, so threads run in parallel.
+    with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="vae_toolkit_load") as pool:
+        futures = [pool.submit(work, i) for i in range(len(paths))]
+        try:
+            for future in futures:  # in order: the first failing path is the one reported
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     return out
 
 
@@ -195,29 +267,50 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     from PIL import Image
 
     if not isinstance(tensor, torch.Tensor):
-        raise _InputTypeError(f"tensor_to_pil expects a torch.Tensor, got {type(tensor).__name__}")
+        raise _InputTypeError(
+            f"tensor_to_pil expects a torch.Tensor, got {type(tensor).__name__}; "
+            "wrap arrays with torch.from_numpy(...)"
+        )
+    if tensor.layout != torch.strided:
+        raise _InputTypeError(f"tensor_to_pil expects a dense tensor, got layout {tensor.layout}; call .to_dense()")
     if not (tensor.is_floating_point()):
         raise _InputTypeError(
             f"tensor_to_pil expects a floating-point tensor in [-1, 1], got dtype {tensor.dtype}; "
             "convert with t.float() / 127.5 - 1 for uint8 images"
         )
+    if tensor.device.type == "meta":
+        raise ImageProcessingError(
+            f"tensor_to_pil got a tensor on the 'meta' device (shape {tuple(tensor.shape)}), which holds no values; "
+            "pass a tensor with data (CPU, CUDA or MPS)"
+        )
     t = tensor.detach()
     if t.dim() == 4:
         if t.shape[0] != 1:
-            raise ImageProcessingError(f"Batch size must be 1, got {t.shape[0]} (shape {tuple(t.shape)})")
+            raise ImageProcessingError(
+                f"Batch size must be 1, got {t.shape[0]} (shape {tuple(t.shape)}); "
+                "convert one image at a time: [tensor_to_pil(x) for x in batch]"
+            )
         t = t[0]
     elif t.dim() != 3:
-        raise ImageProcessingError(f"Expected tensor dimension 3 or 4, got {t.dim()} (shape {tuple(t.shape)})")
+        raise ImageProcessingError(
+            f"Expected tensor dimension 3 or 4, got {t.dim()} (shape {tuple(t.shape)}); "
+            "pass one image as [3, H, W] or [1, 3, H, W]"
+        )
     if t.shape[0] != 3:
-        raise ImageProcessingError(f"Expected 3 channels, got {t.shape[0]} (shape {tuple(t.shape)})")
+        raise ImageProcessingError(
+            f"Expected 3 channels, got {t.shape[0]} (shape {tuple(t.shape)}); pass RGB as [3, H, W] "
+            "(channels first; use x.permute(2, 0, 1) for [H, W, 3])"
+        )
     if t.shape[1] == 0 or t.shape[2] == 0:
-        raise ImageProcessingError(f"Cannot make an image of size 0 (shape {tuple(t.shape)})")
+        raise ImageProcessingError(f"Cannot make an image of size 0 (shape {tuple(t.shape)}); H and W must be >= 1")
 
     t = t.to(device="cpu", dtype=torch.float32)
-    # x in [-1, 1] -> x * 127.5 + 127.5, +0.5 so that the truncating cast rounds to nearest.
-    scaled = t.mul(127.5).add_(128.0)
-    total = float(scaled.sum())
-    if total != total or total in (float("inf"), float("-inf")):
+    # x in [-1, 1] -> x * 127.5 + 127.5, +0.5 so that the truncating cast rounds to nearest: two float32
+    # roundings (multiply, then add) as in every release. The passes run in numpy: single-threaded loops
+    # that release the GIL and, unlike OpenMP-parallel torch ops, do not stall when the cores are busy.
+    scaled = np.multiply(t.numpy(), _F32_127_5, order="C")
+    np.add(scaled, _F32_128, out=scaled)
+    if not np.isfinite(scaled.sum()):  # one cheap reduction; a finite total rules out NaN/inf
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             warnings.warn(
@@ -227,11 +320,13 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            scaled = torch.nan_to_num_(scaled, nan=0.0)
-    scaled.clamp_(0.0, 255.0)
-    hwc = torch.empty((t.shape[1], t.shape[2], 3), dtype=torch.uint8)
-    hwc.copy_(scaled.permute(1, 2, 0))
-    return Image.fromarray(hwc.numpy())
+            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    # In [0, 255] numpy's float32 -> uint8 cast truncates exactly like torch's, several times faster;
+    # PIL interleaves the three planes into RGB (a strided CHW -> HWC copy in torch costs ~10x more).
+    planes = scaled.astype(np.uint8)
+    size = (planes.shape[2], planes.shape[1])
+    return Image.merge("RGB", [Image.frombuffer("L", size, plane, "raw", "L", 0, 1) for plane in planes])
 
 
 def _resize_center_crop(rgb: Image.Image, size: int) -> Image.Image:
@@ -251,44 +346,86 @@ def _resize_center_crop(rgb: Image.Image, size: int) -> Image.Image:
     return rgb
 
 
-def _as_rgb(pil_image: Image.Image, caller: str) -> Image.Image:
+def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None) -> Image.Image:
+    """Decode (if lazily opened) and convert to RGB; errors become ``ImageProcessingError`` naming the file."""
     from PIL import Image
 
     if not isinstance(pil_image, Image.Image):
-        raise _InputTypeError(f"{caller} expects a PIL.Image.Image, got {type(pil_image).__name__}")
+        raise _InputTypeError(
+            f"{caller} expects a PIL.Image.Image, got {type(pil_image).__name__}; "
+            "open files with PIL.Image.open(path) or use load_and_preprocess_image(path)"
+        )
+    source = getattr(pil_image, "filename", None) or f"{pil_image.mode} image of size {pil_image.size}"
     try:
-        return pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ImageProcessingError(f"{caller}: cannot convert mode {pil_image.mode!r} to RGB: {err}") from err
+        pil_image.load()  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
+        _warn_if_clipped(pil_image, source)
+        rgb = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, MemoryError) as err:
+        raise ImageProcessingError(
+            f"{caller}: cannot read {source} (mode {pil_image.mode!r}) as RGB: {type(err).__name__}: {err}"
+        ) from err
+    if target_size is not None and 0 in rgb.size:
+        raise _InputValueError(
+            f"{caller}: cannot resize an image of size {rgb.size} to {target_size}x{target_size}; "
+            "width and height must be >= 1"
+        )
+    return rgb
 
 
-def _check_target_size(target_size: object) -> None:
-    if isinstance(target_size, bool) or not isinstance(target_size, int):
-        raise _InputTypeError(f"target_size must be an int, got {type(target_size).__name__}")
+def _check_target_size(target_size: object) -> int:
+    """Return ``target_size`` as an int >= 1; else TypeError/ValueError (both also ``ImageProcessingError``)."""
+    if isinstance(target_size, bool) or not isinstance(target_size, numbers.Integral):
+        raise _InputTypeError(
+            f"target_size must be an int (side of the square output in pixels, e.g. 512), "
+            f"got {type(target_size).__name__}: {target_size!r}"
+        )
     if target_size < 1:
-        raise ValueError(f"target_size must be >= 1, got {target_size}")
+        raise _InputValueError(
+            f"target_size must be >= 1 (side of the square output in pixels, e.g. 512), got {target_size}"
+        )
+    return int(target_size)
+
+
+def _check_channels(name: str, value: object) -> tuple[float, float, float]:
+    """Per-channel normalisation values: 3 numbers, or 1 number broadcast to the 3 channels (as in 0.1.0)."""
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be 3 numbers (one per RGB channel) or one number, got {value!r}")
+    try:
+        arr = np.asarray(value, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be 3 numbers (one per RGB channel) or one number, got {value!r}") from err
+    if arr.size == 1:
+        arr = np.repeat(arr, 3)
+    if arr.size != 3:
+        raise ValueError(f"{name} needs 3 values (one per RGB channel) or 1, got {arr.size}: {value!r}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite numbers, got {value!r}")
+    return (float(arr[0]), float(arr[1]), float(arr[2]))
 
 
 def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normalize: bool = True) -> torch.Tensor:
     """Convert a PIL image to a float32 ``[3, H, W]`` tensor.
 
     Args:
-        pil_image: Any mode; converted to RGB (the input is not modified).
+        pil_image: Any mode; converted to RGB as ``load_and_preprocess_image`` does (the input is not
+            modified). A lazily opened image is decoded here; a corrupt file raises ``ImageProcessingError``.
         target_size: When given, resize the shorter side to it (bilinear, antialiased) and
             center-crop a ``target_size x target_size`` square.
         normalize: ``[-1, 1]`` when True, ``[0, 1]`` otherwise.
 
     Raises:
-        TypeError: (also an ``ImageProcessingError``) for a non-image input.
-        ImageProcessingError: when the image cannot be converted.
+        TypeError: (also an ``ImageProcessingError``) for a non-image input or a non-int ``target_size``.
+        ValueError: (also an ``ImageProcessingError``) for ``target_size`` < 1, or resizing an empty image.
+        ImageProcessingError: when the image cannot be decoded or converted (the cause is chained).
 
     Example:
         >>> pil_to_tensor(Image.open("photo.jpg"), target_size=512).shape  # doctest: +SKIP
         torch.Size([3, 512, 512])
     """
-    rgb = _as_rgb(pil_image, "pil_to_tensor")
     if target_size is not None:
-        _check_target_size(target_size)
+        target_size = _check_target_size(target_size)
+    rgb = _as_rgb(pil_image, "pil_to_tensor", target_size)
+    if target_size is not None:
         rgb = _resize_center_crop(rgb, target_size)
     return _rgb_to_tensor(rgb, _LUT_SD if normalize else _LUT_UNIT)
 
@@ -303,11 +440,13 @@ class _Transform:
         self._lut = _LUT_SD if (self.mean, self.std) == ((0.5,) * 3, (0.5,) * 3) else _lut(self.mean, self.std)
 
     def __call__(self, pil_image: Image.Image) -> torch.Tensor:
-        rgb = _as_rgb(pil_image, "ImageProcessor.transform")
+        rgb = _as_rgb(pil_image, "ImageProcessor.transform", self.target_size)
         return _rgb_to_tensor(_resize_center_crop(rgb, self.target_size), self._lut)
 
     def __repr__(self) -> str:
-        return f"Transform(resize={self.target_size}, center_crop={self.target_size}, mean={self.mean}, std={self.std})"
+        return (
+            f"Transform(resize={self.target_size}, center_crop={self.target_size}, mean={self.mean}, std={self.std})"
+        )
 
 
 class ImageProcessor:
@@ -330,15 +469,15 @@ class ImageProcessor:
         normalize_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         normalize_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
     ) -> None:
-        _check_target_size(target_size)
-        if len(normalize_mean) != 3 or len(normalize_std) != 3:
-            raise ValueError(f"normalize_mean and normalize_std need 3 values, got {normalize_mean}, {normalize_std}")
-        if any(s == 0 for s in normalize_std):
-            raise ValueError(f"normalize_std must not contain 0, got {normalize_std}")
+        target_size = _check_target_size(target_size)
+        mean = _check_channels("normalize_mean", normalize_mean)
+        std = _check_channels("normalize_std", normalize_std)
+        if 0.0 in std:
+            raise ValueError(f"normalize_std must not contain 0 (values are divided by it), got {normalize_std!r}")
         self.target_size = target_size
         self.normalize_mean = normalize_mean
         self.normalize_std = normalize_std
-        self.transform = _Transform(target_size, normalize_mean, normalize_std)
+        self.transform = _Transform(target_size, mean, std)
 
     def __repr__(self) -> str:
         return (
