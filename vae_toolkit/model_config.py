@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
@@ -133,31 +135,51 @@ def list_available_models() -> list[str]:
     return list(MODEL_CONFIGS)
 
 
-def add_model_config(model_name: str, config: dict[str, Any]) -> None:
+def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
     """Register (or replace) a model configuration.
 
     Args:
         model_name: Short name used with ``VAELoader.load_sd_vae``.
         config: Must hold a string ``repo_id`` (hub id or local folder); see
-            ``ACCEPTED_CONFIG_KEYS`` for the others.
+            ``ACCEPTED_CONFIG_KEYS`` for the others. Unknown keys are kept, with a warning.
 
     Raises:
-        ValueError: if ``model_name`` is not a non-empty string or ``config`` has no string ``repo_id``.
+        TypeError: if ``model_name`` is not a string or ``config`` is not a dict.
+        ValueError: if ``model_name`` is empty, ``config`` has no non-empty string ``repo_id``, or
+            ``subfolder`` / ``revision`` / ``use_safetensors`` have the wrong type.
 
     Example:
         >>> add_model_config("my-vae", {"repo_id": "/data/my_vae", "subfolder": None})
     """
-    if not isinstance(model_name, str) or not model_name:
-        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-    repo_id = config.get("repo_id") if isinstance(config, dict) else None
-    if not isinstance(repo_id, str) or not repo_id:
-        accepted = ", ".join(f"{k} ({v})" for k, v in ACCEPTED_CONFIG_KEYS.items())
-        raise ValueError(
-            f"Model config for {model_name!r} needs a string 'repo_id', got {config!r}. Accepted keys: {accepted}."
+    accepted = ", ".join(f"{k} ({v})" for k, v in ACCEPTED_CONFIG_KEYS.items())
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be a string, got {type(model_name).__name__} ({model_name!r})")
+    if not model_name:
+        raise ValueError("model_name must be a non-empty string")
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"Model config for {model_name!r} must be a dict, got {type(config).__name__} ({config!r}). "
+            f"Accepted keys: {accepted}."
         )
-    subfolder = config.get("subfolder")
-    if subfolder is not None and not isinstance(subfolder, str):
-        raise ValueError(f"'subfolder' must be a string or None, got {subfolder!r}")
+    repo_id = config.get("repo_id")
+    if not isinstance(repo_id, str) or not repo_id:
+        raise ValueError(
+            f"Model config for {model_name!r} needs a non-empty string 'repo_id', got {config!r}. "
+            f"Accepted keys: {accepted}."
+        )
+    for key, kind, expected in (("subfolder", str, "a string or None"), ("revision", str, "a string or None"),
+                                ("use_safetensors", bool, "True or False")):
+        value = config.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(f"Model config for {model_name!r}: {key!r} must be {expected}, got {value!r}")
+    unknown = [key for key in config if key not in ACCEPTED_CONFIG_KEYS]
+    if unknown:
+        warnings.warn(
+            f"Model config for {model_name!r} has unknown keys {unknown} (kept, not used for loading). "
+            f"Accepted keys: {', '.join(ACCEPTED_CONFIG_KEYS)}.",
+            UserWarning,
+            stacklevel=2,
+        )
     MODEL_CONFIGS[model_name] = dict(config)
 
 

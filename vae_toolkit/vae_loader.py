@@ -5,14 +5,17 @@ diffusers is imported on the first load, not when this module is imported.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import os
+import re
 import threading
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .device_manager import DeviceManager, auto_select_device, resolve_device
+from .device_manager import DeviceManager, resolve_device
 from .model_config import get_default_token, get_model_config
 
 if TYPE_CHECKING:
@@ -72,12 +75,13 @@ class VAELoader:
     def _resolve(self, device: str | torch.device) -> torch.device:
         if self.device_manager is not None:
             return self.device_manager.get_optimal_device(device)
+        # Through self.get_optimal_device, as in 0.1.0, so that subclasses overriding it are honoured.
         if isinstance(device, str) and device == "auto":
             # Decided once per loader, so that the cache key does not move with free memory.
             if self._auto_device is None:
-                self._auto_device = torch.device(auto_select_device())
+                self._auto_device = self.get_optimal_device("auto")
             return self._auto_device
-        return torch.device(resolve_device(device))
+        return self.get_optimal_device(device)
 
     def load_sd_vae(
         self,
@@ -101,7 +105,8 @@ class VAELoader:
             ``(vae, device)``.
 
         Raises:
-            ValueError: unknown model name.
+            ValueError: unknown model name, or a malformed ``device`` string.
+            TypeError: ``dtype`` is not a ``torch.dtype``, or ``device`` is neither a string nor a ``torch.device``.
             VAELoadError: (an ``OSError``) the model could not be loaded; the message says what to do.
 
         Example:
@@ -156,6 +161,9 @@ class VAELoader:
             kwargs["revision"] = config["revision"]
         if dtype is not None:
             kwargs["torch_dtype"] = dtype
+        if not _accelerate_installed():
+            # What diffusers falls back to anyway, minus its log line on every load.
+            kwargs["low_cpu_mem_usage"] = False
         logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
         try:
             vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
@@ -188,7 +196,12 @@ class VAELoader:
         logger.info("Model cache cleared")
 
 
-# --- error messages -----------------------------------------------------------------------------
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _accelerate_installed() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def _chain(err: BaseException) -> list[BaseException]:
@@ -201,68 +214,77 @@ def _chain(err: BaseException) -> list[BaseException]:
 
 
 def _is_offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
-        if hasattr(constants, "is_offline_mode"):
-            return bool(constants.is_offline_mode())
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover
-        return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    if hasattr(constants, "is_offline_mode"):
+        return bool(constants.is_offline_mode())
+    return bool(constants.HF_HUB_OFFLINE)  # pragma: no cover - older huggingface_hub
 
 
-def _redact(text: str, token: str | None) -> str:
-    return text.replace(token, "***") if token else text
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_error(model_name: str, config: dict[str, Any], token: str | None, err: Exception) -> VAELoadError:
     """Turn a diffusers / huggingface_hub failure into a VAELoadError that says what to do."""
-    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import constants
+    from huggingface_hub import utils as hf  # exports the error classes in every supported version
 
-    repo_id = config["repo_id"]
+    repo_id: str = config["repo_id"]
     subfolder = config.get("subfolder")
-    where = f"{model_name!r} ({repo_id}{'/' + subfolder if subfolder else ''})"
-    names = {type(e).__name__ for e in _chain(err)}
     chain = _chain(err)
-    text = " ".join(str(e) for e in chain)
-    include = f" --include '{subfolder}/*'" if subfolder else ""
-    looks_local = repo_id.startswith((os.sep, ".", "~")) or (os.sep in repo_id and repo_id.count("/") > 1)
 
-    if looks_local and not os.path.isdir(os.path.expanduser(repo_id)):
+    def has(*types: type[BaseException]) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    http_err = next((e for e in chain if isinstance(e, hf.HfHubHTTPError)), None)
+    response = getattr(http_err, "response", None)
+    status = getattr(response, "status_code", None)
+    missing = re.search(r"file named ([\w.-]+)", " ".join(str(e) for e in chain))
+    missing_file = missing.group(1).rstrip(".") if missing else None
+    folder = os.path.expanduser(repo_id)
+    include = f" --include '{subfolder}/*'" if subfolder else ""
+    download = f"`hf download {repo_id}{include}`"
+    url = f"{constants.ENDPOINT}/{repo_id}"
+    auth = "check that the token can read it" if token else "set HF_TOKEN (or pass token=...)"
+
+    if not os.path.isdir(folder) and (has(hf.HFValidationError) or os.path.isabs(folder) or repo_id.startswith(".")):
         hint = f"the local folder {repo_id} does not exist; check the path registered with add_model_config"
-    elif any(isinstance(e, hf_errors.GatedRepoError) for e in chain) or "gated" in text.lower():
+    elif missing_file and missing_file.endswith(".safetensors") and not has(hf.LocalEntryNotFoundError):
         hint = (
-            f"the repo is gated: accept the license at https://huggingface.co/{repo_id} and set HF_TOKEN "
-            "(or pass token=...)"
+            f"no {missing_file} found. Only safetensors weights are loaded by default, because pickle (.bin) "
+            "weights can run arbitrary code when loaded; convert the weights to safetensors, or, for a model you "
+            f"trust, opt in with add_model_config({model_name!r}, {{..., 'use_safetensors': False}})"
         )
-    elif "use_safetensors" in config and config["use_safetensors"] is False:
-        hint = f"{type(err).__name__}: {err}"
-    elif ".safetensors" in text and ("no file named" in text.lower() or "EntryNotFoundError" in names):
+    elif os.path.isdir(folder):
+        hint = f"the local folder does not hold a diffusers AutoencoderKL ({_first_line(err)})"
+    elif has(hf.GatedRepoError):
+        hint = f"the repo is gated: accept the license at {url} and " + (
+            "check that this token's account has been granted access" if token else "set HF_TOKEN (or pass token=...)"
+        )
+    elif has(hf.RepositoryNotFoundError):
+        hint = f"the repo was not found on the hub (HTTP {status}); check the repo id, or, if it is private or gated, "
+        hint += auth
+    elif status == 401:
+        hint = "the hub rejected the token (HTTP 401); check HF_TOKEN or the token= argument"
+    elif status == 403:
+        hint = "the hub refused access (HTTP 403); check that the token has read permission for this repo"
+    elif status is not None and status >= 500:
+        hint = f"the hub answered HTTP {status}, a server error; try again later"
+    elif status is not None:
+        hint = f"the hub answered HTTP {status} ({_first_line(http_err)})"
+    elif has(hf.OfflineModeIsEnabled) or _is_offline():
+        what = f"{missing_file} is" if missing_file else "the model is"
+        hint = f"offline mode is on and {what} not in the local cache; set HF_HUB_OFFLINE=0 or pre-download with "
+        hint += download
+    elif has(hf.LocalEntryNotFoundError, ConnectionError, TimeoutError):
         hint = (
-            "no safetensors weights were found. Only safetensors are loaded by default, because pickle (.bin) "
-            "weights can run arbitrary code when loaded; convert the weights, or opt in for a trusted model with "
-            f"add_model_config({model_name!r}, {{..., 'use_safetensors': False}})"
+            f"the hub ({constants.ENDPOINT}) could not be reached and the model is not in the local cache; check the "
+            f"network or proxy, or pre-download with {download} and set HF_HUB_OFFLINE=1"
         )
-    elif any(isinstance(e, hf_errors.RepositoryNotFoundError) for e in chain) or "is not a valid model identifier" in text:
-        hint = (
-            f"repo {repo_id} was not found on the hub; check the repo id, or, for a private repo, set HF_TOKEN "
-            "(or pass token=...)"
-        )
-    elif _is_offline() or any(isinstance(e, hf_errors.LocalEntryNotFoundError) for e in chain) or (
-        "OfflineModeIsEnabled" in names
-    ):
-        if _is_offline():
-            hint = (
-                "offline mode is on (HF_HUB_OFFLINE=1) and the model is not in the local cache; set HF_HUB_OFFLINE=0 "
-                f"or pre-download with `hf download {repo_id}{include}`"
-            )
-        else:
-            hint = (
-                "the hub could not be reached and the model is not in the local cache; check the network, or "
-                f"pre-download with `hf download {repo_id}{include}` and set HF_HUB_OFFLINE=1"
-            )
-    elif any(isinstance(e, hf_errors.HfHubHTTPError) for e in chain):
-        hint = f"the hub answered with an error ({_redact(str(err).splitlines()[0], token)}); try again later"
     else:
-        hint = f"{type(err).__name__}: {err}"
-    return VAELoadError(_redact(f"Failed to load VAE {where}: {hint}", token))
+        hint = f"{type(err).__name__}: {_first_line(err)}"
+    where = f"{repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    message = f"Could not load VAE {model_name!r} from {where}: {hint}."
+    return VAELoadError(message.replace(token, "***") if token else message)
