@@ -8,6 +8,7 @@ __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from .device_manager import DeviceManager, auto_select_device
+from . import latents
 from .image_utils import (
     DEFAULT_PROCESSOR,
     SD_PROCESSOR,
@@ -52,4 +53,5 @@ __all__ = [
     "auto_select_device",
     "load_images",
     "VAELoadError",
+    "latents",
 ]

@@ -1,0 +1,270 @@
+"""``python -m vae_toolkit``: env, models and roundtrip end to end (subprocesses against a tiny offline model),
+argument errors and report details in-process through ``main([...])``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_hub_model
+from PIL import Image
+
+import vae_toolkit
+from vae_toolkit import __main__ as cli
+from vae_toolkit import list_available_models
+
+GB = 1024**3
+
+
+def _write_image(path: Path, width: int, height: int, seed: int = 0) -> Path:
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+# --- end to end, in subprocesses (few, started together: each pays 2-6 s of imports) ----------------
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run every CLI invocation of this section at once; map a label to (returncode, stdout, stderr, tmp)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    hf_home = tmp / "hf"
+    write_hub_model(hf_home, "CompVis/stable-diffusion-v1-4", "vae")
+    folder = tmp / "folder"
+    folder.mkdir()
+    _write_image(folder / "a.png", 32, 32, seed=1)
+    _write_image(folder / "b.jpg", 37, 33, seed=2)  # cropped to 32x32
+    (folder / "notes.txt").write_text("not an image")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default",
+           "OMP_NUM_THREADS": "1"}  # one thread each: the processes run side by side
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CUDA_VISIBLE_DEVICES"):
+        env.pop(var, None)
+    commands = {
+        "env": [],  # the default command
+        "roundtrip-dir": ["roundtrip", "folder", "--model", "sd14", "--device", "cpu", "-o", "recs"],
+    }
+    procs = {
+        label: subprocess.Popen(
+            [sys.executable, "-m", "vae_toolkit", *args], cwd=tmp, env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for label, args in commands.items()
+    }
+    results = {}
+    for label, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        results[label] = (proc.returncode, out, err, tmp)
+    return results
+
+
+def test_env_text(runs):
+    code, out, err, tmp = runs["env"]
+    assert code == 0, err
+    assert f"vae-toolkit {vae_toolkit.__version__}" in out
+    for name, version in [("torch", torch.__version__), ("Python", sys.version.split()[0]), ("numpy", np.__version__)]:
+        assert name in out and version in out
+    for label in ("diffusers", "huggingface_hub", "Pillow", "platform", "CUDA available", "MPS available",
+                  "auto device", "system RAM", "HF cache", "HF offline mode"):
+        assert label in out
+    assert str(tmp / "hf") in out
+    assert "HF offline mode: on" in " ".join(out.split())
+
+
+def test_roundtrip_directory(runs):
+    code, out, err, tmp = runs["roundtrip-dir"]
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp / "recs").iterdir()) == ["a.png", "b.png"]
+    with Image.open(tmp / "recs" / "b.png") as img:
+        assert img.size == (32, 32)
+    assert [line.split()[0] for line in out.splitlines() if "PSNR" in line] == ["folder/a.png", "folder/b.jpg", "2"]
+    assert "2 image(s) written to recs: mean PSNR" in out
+    assert err == ""
+
+
+# --- in-process ---------------------------------------------------------------------------------
+
+
+def test_env_json(capsys, hf_home):
+    assert cli.main(["--json"]) == 0  # env is the default command
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) >= {"versions", "platform", "cuda", "mps_available", "gpus", "auto_device", "system_memory",
+                         "huggingface"}
+    assert info["versions"]["vae-toolkit"] == vae_toolkit.__version__
+    assert info["versions"]["torch"] == torch.__version__
+    assert info["auto_device"]["device"] in {"cpu", "mps"} or info["auto_device"]["device"].startswith("cuda:")
+    assert info["auto_device"]["reason"]
+    assert info["huggingface"]["offline"] is True
+    assert info["huggingface"]["cache"].startswith(str(hf_home))
+    assert info["system_memory"]["total"] > 0
+
+
+def test_models_lists_the_registry(capsys):
+    assert cli.main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:6] == ["name", "repo", "subfolder", "channels", "scaling", "shift"]
+    assert [line.split()[0] for line in lines[1:]] == list_available_models()
+    flux = next(line for line in lines if line.startswith("flux-schnell")).split()
+    assert flux[:6] == ["flux-schnell", "black-forest-labs/FLUX.1-schnell", "vae", "16", "0.3611", "0.1159"]
+
+
+def test_roundtrip_one_image(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "photo.png", 48, 40)
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(tmp_path / "out" / "rec.png")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    with Image.open(tmp_path / "out" / "rec.png") as img:
+        assert img.size == (48, 40) and img.mode == "RGB"
+    model_line, line = captured.out.splitlines()
+    assert model_line.startswith("model sd14 on cpu (float32): loaded in")
+    assert "PSNR" in line and " dB" in line
+    for step in ("load", "encode", "decode", "save"):
+        assert f"{step} " in line
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["roundtrip", "--model", "sd14"], "the following arguments are required: IMAGE"),
+        (["roundtrip", "x.png"], "required: --model"),
+        (["roundtrip", "x.png", "--model", "sd14", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+        (["roundtrip", "x.png", "--model", "nope"], "invalid choice: 'nope'"),
+        (["roundtrip", "x.png", "--model", "sd14", "--device", "gpu"], "argument --device: Invalid device 'gpu'"),
+        (["roundtrip", "x.png", "--model", "sd14", "--size", "30"], "multiple of 8"),
+        (["models", "--bogus"], "unrecognized arguments: --bogus"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(capsys, argv, match):
+    assert cli.main(argv) == 2
+    line = _one_line_error(capsys)
+    assert "error:" in line and match in line
+
+
+def test_unknown_model_lists_the_known_ones(capsys):
+    assert cli.main(["roundtrip", "x.png", "--model", "sd99"]) == 2
+    line = _one_line_error(capsys)
+    assert all(name in line for name in list_available_models())
+
+
+def test_missing_image_exits_1(capsys, tmp_path):
+    assert cli.main(["roundtrip", str(tmp_path / "missing.png"), "--model", "sd14"]) == 1
+    assert "image file not found" in _one_line_error(capsys)
+
+
+def test_corrupt_image_exits_1_before_loading_the_model(capsys, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
+    assert cli.main(["roundtrip", str(bad), "--model", "sd14"]) == 1
+    assert f"cannot read image {bad}" in _one_line_error(capsys)
+
+
+def test_empty_directory_exits_1(capsys, tmp_path):
+    assert cli.main(["roundtrip", str(tmp_path), "--model", "sd14"]) == 1
+    assert "no image files found" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(("output", "match"), [("out.xyz", "use a suffix like .png"), ("in.png", "overwrite")])
+def test_bad_output_exits_2(capsys, tmp_path, output, match):
+    src = _write_image(tmp_path / "in.png", 16, 16)
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(tmp_path / output)]) == 2
+    assert match in _one_line_error(capsys)
+
+
+def test_model_missing_offline_exits_1(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "in.png", 16, 16)
+    assert cli.main(["roundtrip", str(src), "--model", "sdxl"]) == 1
+    line = _one_line_error(capsys)
+    assert "stabilityai/sdxl-vae" in line and "offline" in line.lower()
+
+
+def test_roundtrip_in_process_default_output_and_size(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "big.png", 60, 44)
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    dst = tmp_path / "big-roundtrip.png"
+    with Image.open(dst) as img:
+        assert img.size == (32, 32)
+    assert f"-> {dst}" in out and "(32x32)" in out
+
+
+def test_roundtrip_directory_reports_failures(capsys, tmp_path, hf_home):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _write_image(folder / "good.png", 16, 16)
+    (folder / "bad.jpg").write_bytes(b"broken")
+    assert cli.main(["roundtrip", str(folder), "--model", "sd14"]) == 1
+    captured = capsys.readouterr()
+    assert (tmp_path / "imgs-roundtrip" / "good.png").is_file()
+    assert "skipped" in captured.err and "bad.jpg" in captured.err
+    assert "1 of 2 image(s) failed" in captured.err
+    assert captured.out.count("PSNR") == 2  # the image line and the summary
+
+
+def test_models_json(capsys):
+    assert cli.main(["models", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data) == list_available_models()
+    assert data["sd14"]["scaling_factor"] == 0.18215
+    assert data["flux-schnell"]["shift_factor"] == 0.1159
+    assert data["sd14"]["input_size"] == [512, 512]
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"vae-toolkit {vae_toolkit.__version__}"
+
+
+def test_env_reports_every_gpu_and_the_pick(monkeypatch, fake_cuda):
+    fake_cuda([(3 * GB, 8 * GB), (6 * GB, 8 * GB)])
+    monkeypatch.setattr("vae_toolkit.device_manager._nvml_memory", lambda count: None)
+    monkeypatch.setattr(cli, "_nvml_memory", lambda count: None)
+    info = cli.collect_env()
+    assert [g["device"] for g in info["gpus"]] == ["cuda:0", "cuda:1"]
+    assert [g["free_memory"] for g in info["gpus"]] == [3 * GB, 6 * GB]
+    assert {g["memory_source"] for g in info["gpus"]} == {"torch"}
+    assert info["gpus"][1]["name"] == "Fake GPU 1"
+    assert info["auto_device"]["device"] == "cuda:1"
+    assert "most free memory" in info["auto_device"]["reason"]
+    text = cli.format_env(info)
+    assert "GPU cuda:1:" in text and "6.0 GB free" in text
+    json.dumps(info)
+
+
+def test_env_prefers_nvml_memory(monkeypatch, fake_cuda):
+    fake_cuda([(3 * GB, 8 * GB)])
+    monkeypatch.setattr(cli, "_nvml_memory", lambda count: [(5 * GB, 16 * GB)])
+    info = cli.collect_env()
+    assert info["gpus"][0]["free_memory"] == 5 * GB
+    assert info["gpus"][0]["memory_source"] == "nvml"
+    assert info["auto_device"] == {"device": "cuda:0", "reason": "the only visible CUDA device", "warnings": []}
+
+
+def test_env_on_cpu_explains_the_pick(cpu_only):
+    info = cli.collect_env()
+    assert info["gpus"] == []
+    assert info["auto_device"]["device"] == "cpu"
+    assert "no CUDA or MPS" in info["auto_device"]["reason"]
+
+
+def test_env_never_shows_the_token(capsys, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secretvalue123")
+    assert cli.main(["env", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_secretvalue123" not in out
+    assert json.loads(out)["huggingface"]["token"] == "set (HF_TOKEN)"

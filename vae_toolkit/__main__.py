@@ -1,0 +1,572 @@
+"""Command line: ``python -m vae_toolkit`` (or ``vae-toolkit``).
+
+Commands::
+
+    vae-toolkit [env] [--json]      versions, devices, GPU memory, HF cache: a report to paste into a bug
+    vae-toolkit models [--json]     the registered VAEs
+    vae-toolkit roundtrip IMAGE|DIR --model NAME [--device auto] [--dtype float32] [--size N] [-o OUT]
+                                    encode and decode images, save the reconstructions, print PSNR and timings
+
+``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
+(``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
+reconstruction with that (cropped) input. Reconstructions are written as PNG by default: next to the
+image as ``NAME-roundtrip.png``, or for a directory into ``DIR-roundtrip/``.
+
+Exit status: 0 on success, 1 when an image or model could not be processed, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+
+import torch
+
+from . import __version__
+from .device_manager import (
+    _cuda_device_count,
+    _distributed_local_rank,
+    _free_memory,
+    _mps_available,
+    _nvml_memory,
+    auto_select_device,
+    resolve_device,
+)
+from .image_utils import ImageProcessingError
+from .model_config import get_all_model_configs, list_available_models
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["main", "collect_env", "format_env", "format_models"]
+
+_GB = 1024**3
+_DISTRIBUTIONS = ("torch", "diffusers", "huggingface_hub", "numpy", "Pillow", "psutil", "tqdm", "nvidia-ml-py")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MULTIPLE = 8  # spatial downsampling of the SD / SDXL / FLUX VAEs
+
+
+class _CliError(Exception):
+    """A failure reported as one line with exit status 1."""
+
+
+class _UsageError(_CliError):
+    """A bad combination of arguments found after parsing: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see 'PROG --help')``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- env ------------------------------------------------------------------------------------------
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _gpus(count: int) -> list[dict[str, Any]]:
+    nvml = _nvml_memory(count) if count else None
+    gpus = []
+    for index in range(count):
+        gpu: dict[str, Any] = {"device": f"cuda:{index}", "name": None, "total_memory": None,
+                               "free_memory": None, "memory_source": None}
+        try:
+            props = torch.cuda.get_device_properties(index)
+            gpu["name"], gpu["total_memory"] = props.name, int(props.total_memory)
+        except Exception as err:
+            gpu["error"] = f"{type(err).__name__}: {err}"
+        memory = nvml[index] if nvml is not None else None
+        if memory is not None:
+            gpu["free_memory"], gpu["total_memory"], gpu["memory_source"] = memory[0], memory[1], "nvml"
+        else:
+            try:
+                gpu["free_memory"], gpu["total_memory"] = _free_memory(index)
+                gpu["memory_source"] = "torch"
+            except Exception as err:
+                gpu.setdefault("error", f"{type(err).__name__}: {err}")
+        gpus.append(gpu)
+    return gpus
+
+
+def _auto_device(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        device = auto_select_device()
+    if device.startswith("cuda"):
+        rank = _distributed_local_rank()
+        if rank is not None:
+            reason = f"distributed run: LOCAL_RANK={rank}, WORLD_SIZE={os.environ.get('WORLD_SIZE')}"
+        elif len(gpus) == 1:
+            reason = "the only visible CUDA device"
+        else:
+            free = next((g["free_memory"] for g in gpus if g["device"] == device), None)
+            amount = f", {free / _GB:.1f} GB" if free is not None else ""
+            reason = f"most free memory of {len(gpus)} CUDA devices{amount}"
+    elif device == "mps":
+        reason = "no CUDA device; Apple MPS is available"
+    else:
+        reason = "no CUDA or MPS device"
+        if torch.version.cuda is None:
+            reason += " (this torch build has no CUDA support)"
+    return {"device": device, "reason": reason, "warnings": [str(w.message) for w in caught]}
+
+
+def _system_memory() -> dict[str, int] | None:
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return {"total": int(vm.total), "available": int(vm.available)}
+    except Exception:  # psutil is a dependency; keep the report going without it
+        return None
+
+
+def _hf() -> dict[str, Any]:
+    from huggingface_hub import constants
+
+    from .vae_loader import _is_offline
+
+    if os.environ.get("HF_TOKEN"):
+        token = "set (HF_TOKEN)"
+    elif os.environ.get("HUGGING_FACE_HUB_TOKEN"):
+        token = "set (HUGGING_FACE_HUB_TOKEN)"
+    elif Path(constants.HF_TOKEN_PATH).is_file():
+        token = f"stored login ({constants.HF_TOKEN_PATH})"
+    else:
+        token = None
+    return {"home": constants.HF_HOME, "cache": constants.HF_HUB_CACHE, "offline": _is_offline(), "token": token}
+
+
+def collect_env() -> dict[str, Any]:
+    """Gather the environment report as a JSON-serialisable dict (memory in bytes; no token values)."""
+    versions = {"vae-toolkit": __version__, "python": platform.python_version()}
+    versions.update({name: _version(name) for name in _DISTRIBUTIONS})
+    try:
+        count = _cuda_device_count()
+    except Exception:  # a broken driver must not stop the report
+        count = 0
+    gpus = _gpus(count)
+    return {
+        "versions": versions,
+        "python": {"implementation": platform.python_implementation(), "executable": sys.executable},
+        "platform": platform.platform(),
+        "cuda": {
+            "available": count > 0,
+            "torch_cuda_version": torch.version.cuda,
+            "device_count": count,
+            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        },
+        "mps_available": _mps_available(),
+        "gpus": gpus,
+        "auto_device": _auto_device(gpus),
+        "system_memory": _system_memory(),
+        "huggingface": _hf(),
+    }
+
+
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / _GB:.1f} GB"
+
+
+def format_env(info: dict[str, Any]) -> str:
+    """Render :func:`collect_env` as aligned text."""
+    rows: list[tuple[str, str]] = []
+    for name, version in info["versions"].items():
+        label = "Python" if name == "python" else name
+        text = version or "not installed"
+        if name == "python":
+            text += f" ({info['python']['implementation']})"
+        rows.append((label, text))
+    rows.append(("platform", info["platform"]))
+    cuda = info["cuda"]
+    if cuda["available"]:
+        text = f"yes, {cuda['device_count']} device(s), CUDA {cuda['torch_cuda_version']}"
+    elif cuda["torch_cuda_version"] is None:
+        text = "no (torch built without CUDA)"
+    else:
+        text = f"no (torch built for CUDA {cuda['torch_cuda_version']}; no device or driver found)"
+    if cuda["CUDA_VISIBLE_DEVICES"] is not None:
+        text += f"; CUDA_VISIBLE_DEVICES={cuda['CUDA_VISIBLE_DEVICES']}"
+    rows.append(("CUDA available", text))
+    rows.append(("MPS available", "yes" if info["mps_available"] else "no"))
+    if not info["gpus"]:
+        rows.append(("GPUs", "none"))
+    for gpu in info["gpus"]:
+        text = f"{gpu['name'] or '?'}: {_gb(gpu['total_memory'])} total, {_gb(gpu['free_memory'])} free"
+        if gpu["memory_source"]:
+            text += f" ({gpu['memory_source']})"
+        if gpu.get("error"):
+            text += f"; {gpu['error']}"
+        rows.append((f"GPU {gpu['device']}", text))
+    auto = info["auto_device"]
+    rows.append(("auto device", f"{auto['device']}: {auto['reason']}"))
+    rows.extend(("  warning", w) for w in auto["warnings"])
+    ram = info["system_memory"]
+    rows.append(("system RAM", f"{_gb(ram['total'])} total, {_gb(ram['available'])} available" if ram else "?"))
+    hf = info["huggingface"]
+    rows.append(("HF cache", hf["cache"]))
+    rows.append(("HF offline mode", "on" if hf["offline"] else "off"))
+    rows.append(("HF token", hf["token"] or "not set"))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"vae-toolkit {__version__} environment", ""]
+    lines += [f"- {label + ':':<{width}}{text}" for label, text in rows]
+    return "\n".join(lines)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def _models_json() -> dict[str, dict[str, Any]]:
+    configs = get_all_model_configs()
+    return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()} for name, cfg in configs.items()}
+
+
+def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
+    """Render the model registry as a text table."""
+    configs = get_all_model_configs() if configs is None else configs
+    header = ("name", "repo", "subfolder", "channels", "scaling", "shift", "notes")
+
+    def cell(value: Any) -> str:
+        return "-" if value is None or value == "" else str(value)
+
+    rows = [header] + [
+        (name, cfg.get("repo_id"), cfg.get("subfolder"), cfg.get("latent_channels"), cfg.get("scaling_factor"),
+         cfg.get("shift_factor"), cfg.get("notes"))
+        for name, cfg in configs.items()
+    ]
+    cells = [[cell(v) if i else str(v) for i, v in enumerate(row)] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header) - 1)]
+    return "\n".join(
+        ("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=False)) + "  " + r[-1]).rstrip() for r in cells
+    )
+
+
+# --- roundtrip ------------------------------------------------------------------------------------
+
+
+def _image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _plan(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
+    """Pair every input image with the file its reconstruction goes to."""
+    if source.is_dir():
+        extensions = _image_extensions()
+        inputs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in extensions)
+        if not inputs:
+            raise _CliError(f"no image files found in directory {source}")
+        out_dir = output if output is not None else source.with_name(source.name + "-roundtrip")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise _UsageError(f"argument -o/--output: {out_dir} is a file; IMAGE is a directory, so pass -o DIR")
+        used: set[str] = set()
+        pairs = []
+        for src in inputs:
+            name = f"{src.stem}.png" if f"{src.stem}.png" not in used else f"{src.name}.png"
+            used.add(name)
+            pairs.append((src, out_dir / name))
+        return pairs
+    if not source.exists():
+        raise _CliError(f"image file not found: {source}")
+    if output is None:
+        dst = source.with_name(f"{source.stem}-roundtrip.png")
+    elif output.is_dir():
+        dst = output / f"{source.stem}-roundtrip.png"
+    else:
+        dst = output
+        if dst.suffix.lower() not in _image_extensions():
+            raise _UsageError(f"argument -o/--output: cannot tell the image format of {dst}; use a suffix like .png")
+    if dst.resolve() == source.resolve():
+        raise _UsageError(f"argument -o/--output: refusing to overwrite the input image {source}")
+    return [(source, dst)]
+
+
+def _open_image(path: Path) -> Image.Image:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise _CliError(f"cannot read image {path}: {err}") from err
+
+
+def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
+    from .image_utils import pil_to_tensor, tensor_to_pil
+
+    if size is not None:
+        return tensor_to_pil(pil_to_tensor(rgb, target_size=size))
+    w, h = rgb.size
+    cw, ch = w - w % _MULTIPLE, h - h % _MULTIPLE
+    if cw == 0 or ch == 0:
+        raise _CliError(f"image is {w}x{h}; it needs at least {_MULTIPLE}x{_MULTIPLE} pixels")
+    if (cw, ch) != (w, h):
+        left, top = (w - cw) // 2, (h - ch) // 2
+        rgb = rgb.crop((left, top, left + cw, top + ch))
+    return rgb
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def _load_image(src: Path, size: int | None) -> tuple[Image.Image, torch.Tensor, float]:
+    """``(rgb, [1, 3, H, W] tensor, seconds taken)`` for one input image."""
+    from .image_utils import pil_to_tensor
+
+    start = time.perf_counter()
+    rgb = _prepare(_open_image(src), size)
+    x = pil_to_tensor(rgb).unsqueeze(0)
+    return rgb, x, time.perf_counter() - start
+
+
+def _roundtrip_one(
+    vae: Any, device: torch.device, src: Path, image: tuple[Image.Image, torch.Tensor, float], dst: Path
+) -> dict[str, Any]:
+    from . import latents
+    from .image_utils import tensor_to_pil
+
+    rgb, x, load_time = image
+    times = {"load": load_time}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        z = latents.encode(vae, x)
+        _sync(device)
+        times["encode"] = time.perf_counter() - start
+        start = time.perf_counter()
+        y = latents.decode(vae, z)
+        _sync(device)
+        times["decode"] = time.perf_counter() - start
+    start = time.perf_counter()
+    recon = tensor_to_pil(y[0])
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        recon.save(dst)
+    except (OSError, ValueError) as err:
+        raise _CliError(f"cannot write {dst}: {err}") from err
+    times["save"] = time.perf_counter() - start
+    return {"input": src, "output": dst, "size": rgb.size, "psnr": _psnr(rgb, recon), "times": times}
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _describe(result: dict[str, Any]) -> str:
+    w, h = result["size"]
+    timings = ", ".join(f"{step} {_ms(t)}" for step, t in result["times"].items())
+    return f"{result['input']} ({w}x{h}) -> {result['output']}  PSNR {result['psnr']:.2f} dB  ({timings})"
+
+
+def _roundtrip(args: argparse.Namespace) -> int:
+    from .vae_loader import VAELoader
+
+    pairs = _plan(args.image, args.output)
+    single = not args.image.is_dir()
+    if single:  # read the image before the (slower) model load, so that a bad file fails fast
+        image = _load_image(args.image, args.size)
+    start = time.perf_counter()
+    with _quiet_dependencies(args.verbose):
+        vae, device = VAELoader().load_sd_vae(args.model, args.device, dtype=_DTYPES[args.dtype])
+    print(f"model {args.model} on {device} ({args.dtype}): loaded in {_ms(time.perf_counter() - start)}")
+
+    if single:
+        print(_describe(_roundtrip_one(vae, device, args.image, image, pairs[0][1])))
+        return 0
+
+    from tqdm import tqdm
+
+    results, failed = [], 0
+    for src, dst in tqdm(pairs, desc="roundtrip", unit="image", disable=None):
+        try:
+            result = _roundtrip_one(vae, device, src, _load_image(src, args.size), dst)
+        except _CliError as err:
+            failed += 1
+            tqdm.write(f"{args.prog}: skipped {src}: {err}", file=sys.stderr)
+            continue
+        results.append(result)
+        tqdm.write(_describe(result), file=sys.stdout)
+    if results:
+        finite = [r["psnr"] for r in results if r["psnr"] != float("inf")]
+        mean = f"{sum(finite) / len(finite):.2f} dB" if finite else "inf"
+        totals = {step: sum(r["times"][step] for r in results) for step in results[0]["times"]}
+        timing = ", ".join(f"{step} {_ms(t)}" for step, t in totals.items())
+        print(f"{len(results)} image(s) written to {pairs[0][1].parent}: mean PSNR {mean}; total {timing}")
+    if failed:
+        print(f"{args.prog}: error: {failed} of {len(pairs)} image(s) failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- parser and entry point -----------------------------------------------------------------------
+
+
+def _device_arg(value: str) -> str:
+    try:
+        return resolve_device(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _size_arg(value: str) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}: expected a positive integer") from None
+    if size <= 0 or size % _MULTIPLE:
+        raise argparse.ArgumentTypeError(f"invalid size {size}: expected a positive multiple of {_MULTIPLE}")
+    return size
+
+
+def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
+    """The argument parser of ``python -m vae_toolkit``."""
+    parser = _Parser(prog=prog, description="Stable Diffusion VAE toolkit: environment report, models, round trips.")
+    parser.add_argument("--version", action="version", version=f"vae-toolkit {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    env = commands.add_parser("env", parents=[common], help="versions, devices and memory (the default)",
+                              description="Report versions, devices, GPU memory and the Hugging Face cache.")
+    env.add_argument("--json", action="store_true", help="machine-readable output")
+
+    models = commands.add_parser("models", parents=[common], help="list the registered VAEs",
+                                 description="List the registered VAEs.")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
+
+    names = list_available_models()
+    rt = commands.add_parser(
+        "roundtrip", parents=[common], help="encode and decode images, print PSNR and timings",
+        description="Encode and decode an image (or every image in a directory), save the reconstruction and "
+        "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of 8 pixels "
+        "(or, with --size N, resized and center-cropped to N x N).",
+    )
+    rt.add_argument("image", type=Path, metavar="IMAGE", help="an image file or a directory of images")
+    rt.add_argument("--model", "-m", required=True, choices=names, metavar="NAME",
+                    help=f"registered model: {', '.join(names)}")
+    rt.add_argument("--device", default="auto", type=_device_arg,
+                    help="auto (default), cpu, mps, cuda or cuda:N")
+    rt.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
+    rt.add_argument("--size", type=_size_arg, metavar="N",
+                    help="resize the shorter side to N and center-crop N x N (N a multiple of 8)")
+    rt.add_argument("-o", "--output", type=Path, metavar="OUT",
+                    help="output file (or directory); default IMAGE-roundtrip.png, or DIR-roundtrip/")
+    return parser
+
+
+def _prog() -> str:
+    return "python -m vae_toolkit" if os.path.basename(sys.argv[0]) == "__main__.py" else "vae-toolkit"
+
+
+def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
+    """Print warnings as one line each; without ``--verbose`` only this library's and RuntimeWarnings."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+
+    def show(
+        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        ours = os.path.abspath(filename).startswith(package_dir) or issubclass(category, RuntimeWarning)
+        if verbose or ours:
+            print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+
+    return show
+
+
+@contextmanager
+def _quiet_dependencies(verbose: bool) -> Iterator[None]:
+    """Hide the INFO/WARNING chatter of diffusers and huggingface_hub (e.g. "Could not reach the Hub" in
+    offline mode) unless ``--verbose`` or ``DIFFUSERS_VERBOSITY`` / ``HF_HUB_VERBOSITY`` ask for it."""
+    import diffusers.utils.logging  # noqa: F401 - configures the "diffusers" logger; imported to load anyway
+    import huggingface_hub.utils.logging  # noqa: F401 - configures the "huggingface_hub" logger
+
+    names = [n for n, var in (("diffusers", "DIFFUSERS_VERBOSITY"), ("huggingface_hub", "HF_HUB_VERBOSITY"))
+             if not verbose and not os.environ.get(var)]
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 failure, 2 bad arguments).
+
+    Example:
+        >>> main(["models"])  # doctest: +SKIP
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")):
+        args_list.insert(0, "env")
+    prog = _prog()
+    parser = build_parser(prog)
+    verbose = any(a in ("-v", "--verbose") for a in args_list)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(prog, verbose)
+        try:
+            args = parser.parse_args(args_list)
+        except SystemExit as exit_:
+            return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 2
+        args.prog = prog
+        if args.verbose:
+            logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+            logging.getLogger("vae_toolkit").setLevel(logging.INFO)
+        try:
+            if args.command == "env":
+                info = collect_env()
+                print(json.dumps(info, indent=2) if args.json else format_env(info))
+                return 0
+            if args.command == "models":
+                print(json.dumps(_models_json(), indent=2) if args.json else format_models())
+                return 0
+            return _roundtrip(args)
+        except BrokenPipeError:  # e.g. `vae-toolkit env | head`
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except _UsageError as err:
+            print(f"{prog} {args.command}: error: {err} (see '{prog} {args.command} --help')", file=sys.stderr)
+            return 2
+        except (_CliError, ImageProcessingError, OSError) as err:  # VAELoadError is an OSError
+            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
