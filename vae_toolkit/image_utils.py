@@ -79,18 +79,18 @@ def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None =
     if out is None:
         out = torch.empty((3, h, w), dtype=torch.float32)
     dst = out.numpy()
-    builtin = lut is _LUT_SD or lut is _LUT_UNIT
     for c, band in enumerate("RGB"):
         plane = np.frombuffer(rgb.tobytes("raw", band), dtype=np.uint8).reshape(h, w)
-        if builtin:
-            np.copyto(dst[c], plane, casting="unsafe")
+        d = dst[c]  # one channel at a time: its 1 MB (at 512²) stays in cache across the passes
+        if lut is _LUT_SD:
+            np.copyto(d, plane, casting="unsafe")
+            np.divide(d, _F32_127_5, out=d)
+            np.subtract(d, _F32_1, out=d)
+        elif lut is _LUT_UNIT:
+            np.copyto(d, plane, casting="unsafe")
+            np.divide(d, _F32_255, out=d)
         else:
-            np.take(lut[c], plane, out=dst[c])
-    if lut is _LUT_SD:
-        np.divide(dst, _F32_127_5, out=dst)
-        np.subtract(dst, _F32_1, out=dst)
-    elif lut is _LUT_UNIT:
-        np.divide(dst, _F32_255, out=dst)
+            np.take(lut[c], plane, out=d)
     return out
 
 
@@ -308,9 +308,11 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     # x in [-1, 1] -> x * 127.5 + 127.5, +0.5 so that the truncating cast rounds to nearest: two float32
     # roundings (multiply, then add) as in every release. The passes run in numpy: single-threaded loops
     # that release the GIL and, unlike OpenMP-parallel torch ops, do not stall when the cores are busy.
-    scaled = np.multiply(t.numpy(), _F32_127_5, order="C")
-    np.add(scaled, _F32_128, out=scaled)
-    if not np.isfinite(scaled.sum()):  # one cheap reduction; a finite total rules out NaN/inf
+    with np.errstate(all="ignore"):  # overflow to ±inf is handled below, as in torch
+        scaled = np.multiply(t.numpy(), _F32_127_5, order="C")
+        np.add(scaled, _F32_128, out=scaled)
+        total = scaled.sum()
+    if not np.isfinite(total):  # one cheap reduction; a finite total rules out NaN/inf
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             warnings.warn(
