@@ -7,8 +7,8 @@ __version__ = "0.2.0"
 __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
-from .device_manager import DeviceManager, auto_select_device
 from . import latents
+from .device_manager import DeviceManager, auto_select_device
 from .image_utils import (
     DEFAULT_PROCESSOR,
     SD_PROCESSOR,

@@ -7,6 +7,7 @@ path) exactly, computed with PIL, numpy and torch alone.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import warnings
@@ -64,7 +65,8 @@ def _lut(mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarra
 
 _LUT_UNIT = _lut(None, None)
 _LUT_SD = _lut((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-_F32_1, _F32_127_5, _F32_128, _F32_255 = np.float32(1.0), np.float32(127.5), np.float32(128.0), np.float32(255.0)
+_F32_1, _F32_127_5, _F32_255 = np.float32(1.0), np.float32(127.5), np.float32(255.0)
+_T_128 = torch.tensor(128.0)
 
 
 def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,14 +307,10 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
         raise ImageProcessingError(f"Cannot make an image of size 0 (shape {tuple(t.shape)}); H and W must be >= 1")
 
     t = t.to(device="cpu", dtype=torch.float32)
-    # x in [-1, 1] -> x * 127.5 + 127.5, +0.5 so that the truncating cast rounds to nearest: two float32
-    # roundings (multiply, then add) as in every release. The passes run in numpy: single-threaded loops
-    # that release the GIL and, unlike OpenMP-parallel torch ops, do not stall when the cores are busy.
-    with np.errstate(all="ignore"):  # overflow to ±inf is handled below, as in torch
-        scaled = np.multiply(t.numpy(), _F32_127_5, order="C")
-        np.add(scaled, _F32_128, out=scaled)
-        total = scaled.sum()
-    if not np.isfinite(total):  # one cheap reduction; a finite total rules out NaN/inf
+    # x in [-1, 1] -> 127.5 * x + 128 in one fused pass (+0.5 over 127.5 so that the truncating cast below
+    # rounds to nearest), a sum that is finite unless some value is NaN/inf, then clamp in place.
+    scaled_t = torch.add(_T_128, t, alpha=127.5, out=torch.empty(t.shape, dtype=torch.float32))
+    if not math.isfinite(scaled_t.sum()):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
             warnings.warn(
@@ -322,8 +320,8 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            np.nan_to_num(scaled, copy=False, nan=0.0, posinf=255.0, neginf=0.0)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
+            torch.nan_to_num_(scaled_t, nan=0.0, posinf=255.0, neginf=0.0)
+    scaled = scaled_t.clamp_(0.0, 255.0).numpy()
     # In [0, 255] numpy's float32 -> uint8 cast truncates exactly like torch's, several times faster;
     # PIL interleaves the three planes into RGB (a strided CHW -> HWC copy in torch costs ~10x more).
     planes = scaled.astype(np.uint8)

@@ -169,7 +169,8 @@ class VAELoader:
             vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
         except Exception as err:
             raise _load_error(model_name, config, token, err) from err
-        vae = vae.to(device)
+        if vae.device != device:  # .to() walks every module even when nothing moves
+            vae = vae.to(device)
         logger.info("VAE %s loaded on %s", model_name, device)
         if self.device_manager is not None:
             summary = self.device_manager.get_memory_summary()
