@@ -54,7 +54,8 @@ def main(out):
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     rec["png_bytes"] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
-    import tempfile, os
+    import os
+    import tempfile
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "x.png")
         open(p, "wb").write(buf.getvalue())
