@@ -309,7 +309,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     t = t.to(device="cpu", dtype=torch.float32)
     # x in [-1, 1] -> 127.5 * x + 128 in one fused pass (+0.5 over 127.5 so that the truncating cast below
     # rounds to nearest), a sum that is finite unless some value is NaN/inf, then clamp in place.
-    scaled_t = torch.add(_T_128, t, alpha=127.5, out=torch.empty(t.shape, dtype=torch.float32))
+    scaled_t = torch.add(_T_128, t, alpha=127.5, out=torch.from_numpy(np.empty(t.shape, dtype=np.float32)))
     if not math.isfinite(scaled_t.sum()):
         bad = int((~torch.isfinite(t)).sum())
         if bad:
