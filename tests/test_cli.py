@@ -171,7 +171,7 @@ def test_corrupt_image_exits_1_before_loading_the_model(capsys, tmp_path, monkey
     bad.write_bytes(b"not a png")
     monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
     assert cli.main(["roundtrip", str(bad), "--model", "sd14"]) == 1
-    assert f"cannot read image {bad}" in _one_line_error(capsys)
+    assert f"Failed to load image {bad}: not an image PIL can read" in _one_line_error(capsys)
 
 
 def test_empty_directory_exits_1(capsys, tmp_path):

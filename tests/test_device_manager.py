@@ -150,7 +150,6 @@ def test_single_gpu_is_cuda_0_without_probing(fake_cuda):
     [
         pytest.param("1", "4", "cuda:1", id="rank-1"),
         pytest.param("0", "2", "cuda:0", id="rank-0"),
-        pytest.param("5", "8", "cuda:1", id="rank-modulo-count"),
         pytest.param("2", "1", "cuda:3", id="world-1-ignored"),
         pytest.param("2", None, "cuda:3", id="no-world-size-ignored"),
         pytest.param(None, "4", "cuda:3", id="no-local-rank-ignored"),
@@ -165,6 +164,14 @@ def test_distributed_rank_takes_its_own_gpu(fake_cuda, monkeypatch, local_rank, 
     assert DeviceManager().device == expected
     if expected != "cuda:3":  # a rank's own GPU is chosen without probing every GPU
         assert cuda.mem_get_info_calls == []
+
+
+def test_rank_beyond_the_visible_gpus_wraps_with_a_warning(fake_cuda, monkeypatch):
+    fake_cuda(g((1, 8), (2, 8), (3, 8), (7, 8)))
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.warns(RuntimeWarning, match=r"LOCAL_RANK=5 but only 4 CUDA device\(s\) are visible; using cuda:1"):
+        assert auto_select_device() == "cuda:1"
 
 
 @pytest.mark.parametrize(

@@ -237,6 +237,16 @@ def test_local_folder_registered_with_add_model_config_loads(hf_home, registry, 
     _roundtrip(vae)
 
 
+def test_local_folder_under_the_home_directory_loads(hf_home, registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_tiny_vae().save_pretrained(tmp_path / "myvae", safe_serialization=True)
+    add_model_config("home", {"repo_id": "~/myvae", "subfolder": None})
+
+    vae, _ = VAELoader().load_sd_vae("home", "cpu")
+
+    _roundtrip(vae)
+
+
 # --- devices --------------------------------------------------------------------------------------------
 
 

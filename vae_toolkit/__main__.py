@@ -35,6 +35,7 @@ import torch
 
 from . import __version__
 from .device_manager import (
+    DeviceManager,
     _cuda_device_count,
     _distributed_local_rank,
     _free_memory,
@@ -301,13 +302,12 @@ def _plan(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
 
 
 def _open_image(path: Path) -> Image.Image:
-    from PIL import Image
+    from .image_utils import _open_rgb
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise _CliError(f"cannot read image {path}: {err}") from err
+        return _open_rgb(path)
+    except ImageProcessingError as err:
+        raise _CliError(str(err)) from err
 
 
 def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
@@ -332,13 +332,6 @@ def _psnr(a: Image.Image, b: Image.Image) -> float:
     return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def _load_image(src: Path, size: int | None) -> tuple[Image.Image, torch.Tensor, float]:
     """``(rgb, [1, 3, H, W] tensor, seconds taken)`` for one input image."""
     from .image_utils import pil_to_tensor
@@ -356,15 +349,16 @@ def _roundtrip_one(
     from .image_utils import tensor_to_pil
 
     rgb, x, load_time = image
+    sync = DeviceManager(device).synchronize
     times = {"load": load_time}
     with torch.inference_mode():
         start = time.perf_counter()
         z = latents.encode(vae, x)
-        _sync(device)
+        sync()
         times["encode"] = time.perf_counter() - start
         start = time.perf_counter()
         y = latents.decode(vae, z)
-        _sync(device)
+        sync()
         times["decode"] = time.perf_counter() - start
     start = time.perf_counter()
     recon = tensor_to_pil(y[0])

@@ -193,6 +193,14 @@ def auto_select_device() -> str:
         rank = _distributed_local_rank()
         if rank is not None:
             index = rank % count
+            if rank >= count:
+                warnings.warn(
+                    f"LOCAL_RANK={rank} but only {count} CUDA device(s) are visible; using cuda:{index}, which "
+                    "another rank also uses. Launch at most one process per GPU, or set CUDA_VISIBLE_DEVICES "
+                    "per rank.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             logger.info("Distributed run (LOCAL_RANK=%d): using cuda:%d", rank, index)
             return f"cuda:{index}"
         if count == 1:

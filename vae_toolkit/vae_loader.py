@@ -148,6 +148,8 @@ class VAELoader:
         from diffusers import AutoencoderKL
 
         repo_id = config["repo_id"]
+        if repo_id.startswith("~"):  # a local folder under the home directory
+            repo_id = os.path.expanduser(repo_id)
         subfolder = config.get("subfolder")
         use_safetensors = config.get("use_safetensors", True)
         if use_safetensors is False:
