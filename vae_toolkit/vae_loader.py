@@ -147,9 +147,7 @@ class VAELoader:
     ) -> AutoencoderKL:
         from diffusers import AutoencoderKL
 
-        repo_id = config["repo_id"]
-        if repo_id.startswith("~"):  # a local folder under the home directory
-            repo_id = os.path.expanduser(repo_id)
+        repo_id = os.path.expanduser(config["repo_id"])  # "~/..." folders; hub ids pass unchanged
         subfolder = config.get("subfolder")
         use_safetensors = config.get("use_safetensors", True)
         if use_safetensors is False:
