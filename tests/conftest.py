@@ -98,8 +98,11 @@ class FakeCuda:
         mp.setattr(torch.cuda, "device_count", lambda: len(self.gpus))
         mp.setattr(torch.cuda, "current_device", lambda: self.current)
         mp.setattr(torch.cuda, "mem_get_info", self.mem_get_info)
-        mp.setattr(torch.cuda, "get_device_properties", lambda i: FakeProps(f"Fake GPU {self._index(i)}",
-                                                                            self.gpus[self._index(i)][1]))
+        mp.setattr(
+            torch.cuda,
+            "get_device_properties",
+            lambda i: FakeProps(f"Fake GPU {self._index(i)}", self.gpus[self._index(i)][1]),
+        )
         mp.setattr(torch.cuda, "memory_allocated", lambda i=None: 1 * self.GB)
         mp.setattr(torch.cuda, "memory_reserved", lambda i=None: 2 * self.GB)
         mp.setattr(torch.cuda, "synchronize", lambda d=None: self.synchronized.append(d))

@@ -42,8 +42,13 @@ def runs(tmp_path_factory):
     _write_image(folder / "a.png", 32, 32, seed=1)
     _write_image(folder / "b.jpg", 37, 33, seed=2)  # cropped to 32x32
     (folder / "notes.txt").write_text("not an image")
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "default",
-           "OMP_NUM_THREADS": "1"}  # one thread each: the processes run side by side
+    env = {
+        **os.environ,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "default",
+        "OMP_NUM_THREADS": "1",
+    }  # one thread each: the processes run side by side
     for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CUDA_VISIBLE_DEVICES"):
         env.pop(var, None)
     commands = {
@@ -52,8 +57,12 @@ def runs(tmp_path_factory):
     }
     procs = {
         label: subprocess.Popen(
-            [sys.executable, "-m", "vae_toolkit", *args], cwd=tmp, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, "-m", "vae_toolkit", *args],
+            cwd=tmp,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for label, args in commands.items()
     }
@@ -70,8 +79,18 @@ def test_env_text(runs):
     assert f"vae-toolkit {vae_toolkit.__version__}" in out
     for name, version in [("torch", torch.__version__), ("Python", sys.version.split()[0]), ("numpy", np.__version__)]:
         assert name in out and version in out
-    for label in ("diffusers", "huggingface_hub", "Pillow", "platform", "CUDA available", "MPS available",
-                  "auto device", "system RAM", "HF cache", "HF offline mode"):
+    for label in (
+        "diffusers",
+        "huggingface_hub",
+        "Pillow",
+        "platform",
+        "CUDA available",
+        "MPS available",
+        "auto device",
+        "system RAM",
+        "HF cache",
+        "HF offline mode",
+    ):
         assert label in out
     assert str(tmp / "hf") in out
     assert "HF offline mode: on" in " ".join(out.split())
@@ -94,8 +113,16 @@ def test_roundtrip_directory(runs):
 def test_env_json(capsys, hf_home):
     assert cli.main(["--json"]) == 0  # env is the default command
     info = json.loads(capsys.readouterr().out)
-    assert set(info) >= {"versions", "platform", "cuda", "mps_available", "gpus", "auto_device", "system_memory",
-                         "huggingface"}
+    assert set(info) >= {
+        "versions",
+        "platform",
+        "cuda",
+        "mps_available",
+        "gpus",
+        "auto_device",
+        "system_memory",
+        "huggingface",
+    }
     assert info["versions"]["vae-toolkit"] == vae_toolkit.__version__
     assert info["versions"]["torch"] == torch.__version__
     assert info["auto_device"]["device"] in {"cpu", "mps"} or info["auto_device"]["device"].startswith("cuda:")

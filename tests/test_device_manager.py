@@ -232,8 +232,9 @@ def test_nvml_is_used_instead_of_creating_a_cuda_context_per_gpu(fake_cuda, fake
         pytest.param(f"2,{nvml_uuid(0)}", [2, nvml_uuid(0)], id="mixed"),
     ],
 )
-def test_nvml_indices_are_mapped_through_cuda_visible_devices(fake_cuda, fake_nvml, monkeypatch, visible,
-                                                              expected_handles):
+def test_nvml_indices_are_mapped_through_cuda_visible_devices(
+    fake_cuda, fake_nvml, monkeypatch, visible, expected_handles
+):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     cuda = fake_cuda(g((1, 16), (1, 16)))
     # Physical GPU 1 is the freest but not visible; cuda:0 is physical 2 (8 GB) and cuda:1 physical 0 (2 GB).
@@ -247,8 +248,11 @@ def test_nvml_matches_devices_by_the_uuid_torch_reports(fake_cuda, fake_nvml, mo
     """CUDA orders GPUs fastest first, NVML by PCI bus: the UUID ties each CUDA index to its GPU."""
     cuda = fake_cuda(g((1, 16), (1, 16)))
     # CUDA's order is the reverse of NVML's: cuda:0 is physical 1, cuda:1 is physical 0.
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: SimpleNamespace(name=f"Fake GPU {i}", total_memory=16 * GB, uuid=CudaUUID(1 - i)))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(name=f"Fake GPU {i}", total_memory=16 * GB, uuid=CudaUUID(1 - i)),
+    )
     nvml = fake_nvml(g((3, 16), (9, 16)))
     assert auto_select_device() == "cuda:0"  # by index alone it would be cuda:1
     assert nvml.handles == [nvml_uuid(1), nvml_uuid(0)]
@@ -262,8 +266,13 @@ def test_nvml_failing_to_initialise_falls_back_to_torch_with_a_debug_log(fake_cu
         assert auto_select_device() == "cuda:1"
     assert sorted(cuda.mem_get_info_calls) == [0, 1]
     assert nvml.shutdowns == 0
-    assert any(r.name == LOGGER and r.levelno == logging.DEBUG and "NVML present but did not initialise" in
-               r.getMessage() and "Driver Not Loaded" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.name == LOGGER
+        and r.levelno == logging.DEBUG
+        and "NVML present but did not initialise" in r.getMessage()
+        and "Driver Not Loaded" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 def test_a_device_nvml_cannot_query_falls_back_to_torch_for_that_device(fake_cuda, fake_nvml, caplog):
@@ -334,8 +343,9 @@ def test_mps_request(mps_only, request_):
     assert VAELoader.get_optimal_device(request_) == torch.device("mps")
 
 
-@pytest.mark.parametrize("request_", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"), torch.device("cuda", 1)],
-                         ids=repr)
+@pytest.mark.parametrize(
+    "request_", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"), torch.device("cuda", 1)], ids=repr
+)
 def test_cuda_requested_without_cuda_warns_and_uses_cpu(cpu_only, request_):
     with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU") as record:
         assert DeviceManager(request_).device == "cpu"
@@ -362,9 +372,33 @@ def test_mps_requested_without_mps_warns_and_uses_cpu(cpu_only, request_):
 
 
 MALFORMED = [
-    "gpu", "cuda:x", "", "CUDA", "Cpu", " cuda ", "cuda ", "cuda:-1", "cuda:+1", "cuda:01", "cuda:0:1",
-    "cuda:", ":0", "cuda 0", "cuda:1\n", "cuda:\u0663", "auto:1", "auto:0", "cpu:1", "mps:1", "xpu", "meta",
-    "cuda,cpu", torch.device("meta"), torch.device("xpu"), torch.device("cpu", 1), torch.device("mps", 1),
+    "gpu",
+    "cuda:x",
+    "",
+    "CUDA",
+    "Cpu",
+    " cuda ",
+    "cuda ",
+    "cuda:-1",
+    "cuda:+1",
+    "cuda:01",
+    "cuda:0:1",
+    "cuda:",
+    ":0",
+    "cuda 0",
+    "cuda:1\n",
+    "cuda:\u0663",
+    "auto:1",
+    "auto:0",
+    "cpu:1",
+    "mps:1",
+    "xpu",
+    "meta",
+    "cuda,cpu",
+    torch.device("meta"),
+    torch.device("xpu"),
+    torch.device("cpu", 1),
+    torch.device("mps", 1),
 ]
 WRONG_TYPES = [None, 3, 0, 1.5, True, b"cuda", ["cuda"], ("cuda",), {"device": "cuda"}, torch.zeros(1)]
 ENTRY_POINTS = {
@@ -386,8 +420,11 @@ def test_malformed_device_raises_value_error_naming_the_accepted_forms(fake_cuda
 @pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
 @pytest.mark.parametrize("request_", WRONG_TYPES, ids=repr)
 def test_wrong_type_raises_type_error_naming_the_accepted_forms(cpu_only, entry, request_):
-    with pytest.raises(TypeError, match=rf"device must be a str or torch.device, got {type(request_).__name__} "
-                                        rf".*{ACCEPTED}"):
+    with pytest.raises(
+        TypeError,
+        match=rf"device must be a str or torch.device, got {type(request_).__name__} "
+        rf".*{ACCEPTED}",
+    ):
         entry(request_)
 
 
@@ -444,8 +481,7 @@ def test_device_info_off_cuda_has_no_cuda_keys(request, fixture, device):
 def test_memory_summary_on_cuda_is_one_line_in_gb(fake_cuda):
     fake_cuda(g((3, 16), (5.5, 24)))
     summary = DeviceManager("cuda:1").get_memory_summary()
-    assert summary == ("cuda:1 (Fake GPU 1): 1.00 GB allocated, 2.00 GB reserved, 5.50 GB free, "
-                       "24.00 GB total")
+    assert summary == ("cuda:1 (Fake GPU 1): 1.00 GB allocated, 2.00 GB reserved, 5.50 GB free, 24.00 GB total")
 
 
 def test_memory_summary_without_free_memory_when_the_query_fails(fake_cuda):
@@ -607,8 +643,9 @@ def test_manager_and_device_info_are_light():
         "gc.collect(); print(p.memory_info().rss - before, sorted(set(sys.modules) - mods))\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, check=True
+    )
     growth, new_modules = done.stdout.split(" ", 1)
     assert int(growth) < 1024**2
     heavy = {"diffusers", "huggingface_hub", "transformers"}

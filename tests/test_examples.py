@@ -20,9 +20,25 @@ def test_latent_optimization(tmp_path):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
     out_png = tmp_path / "final.png"
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "latent_optimization.py"), "--model", "sd14", "--steps", "3",
-         "--size", "32", "--device", "cpu", "-o", str(out_png)],
-        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120,
+        [
+            sys.executable,
+            str(EXAMPLES / "latent_optimization.py"),
+            "--model",
+            "sd14",
+            "--steps",
+            "3",
+            "--size",
+            "32",
+            "--device",
+            "cpu",
+            "-o",
+            str(out_png),
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     losses = [float(x) for x in re.findall(r"^step +\d+/3 +loss ([\d.eE+-]+)$", proc.stdout, flags=re.M)]

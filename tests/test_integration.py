@@ -75,8 +75,15 @@ def test_own_model_in_a_local_folder_reproduces_its_outputs(hf_home, registry, t
         for p in model.parameters():
             p.mul_(1.1)
     model.save_pretrained(tmp_path / "my_vae" / "vae")
-    add_model_config("my-vae", {"repo_id": str(tmp_path / "my_vae"), "subfolder": "vae",
-                                "description": "my fine-tuned VAE", "scaling_factor": 0.5})
+    add_model_config(
+        "my-vae",
+        {
+            "repo_id": str(tmp_path / "my_vae"),
+            "subfolder": "vae",
+            "description": "my fine-tuned VAE",
+            "scaling_factor": 0.5,
+        },
+    )
 
     vae, device = VAELoader().load_sd_vae("my-vae", "cpu")
 

@@ -27,14 +27,26 @@ TOKEN = "hf_SECRETfaketoken123"
 
 # repo name -> (status, headers, JSON body), shaped as huggingface_hub's hf_raise_for_status expects them.
 HUB_ANSWERS = {
-    "gated-vae": (403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model org/gated-vae is restricted"},
-                  {"error": "Access to model org/gated-vae is restricted"}),
-    "missing-vae": (404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
-                    {"error": "Repository not found"}),
-    "private-vae": (401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Invalid username or password."},
-                    {"error": "Invalid username or password."}),
-    "token-vae": (401, {"X-Error-Message": "Invalid credentials in Authorization header"},
-                  {"error": "Invalid credentials in Authorization header"}),
+    "gated-vae": (
+        403,
+        {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access to model org/gated-vae is restricted"},
+        {"error": "Access to model org/gated-vae is restricted"},
+    ),
+    "missing-vae": (
+        404,
+        {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"},
+        {"error": "Repository not found"},
+    ),
+    "private-vae": (
+        401,
+        {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Invalid username or password."},
+        {"error": "Invalid username or password."},
+    ),
+    "token-vae": (
+        401,
+        {"X-Error-Message": "Invalid credentials in Authorization header"},
+        {"error": "Invalid credentials in Authorization header"},
+    ),
     "broken-vae": (500, {}, {"error": "Internal Error"}),
 }
 
@@ -144,16 +156,29 @@ def child_results(fake_hub, tmp_path_factory):
     for kind, endpoint in endpoints.items():
         attempts = [(name, repo, token) for name, (repo, token, where) in ATTEMPTS.items() if where == kind]
         env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-        env.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path_factory.mktemp(f"hf_{kind}")),
-                   HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DOWNLOAD_TIMEOUT="3", HF_HUB_DISABLE_TELEMETRY="1")
-        children.append(subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(attempts)], env=env,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env.update(
+            HF_ENDPOINT=endpoint,
+            HF_HUB_OFFLINE="0",
+            HF_HOME=str(tmp_path_factory.mktemp(f"hf_{kind}")),
+            HF_HUB_ETAG_TIMEOUT="3",
+            HF_HUB_DOWNLOAD_TIMEOUT="3",
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, json.dumps(attempts)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = {}
     for child in children:
         out, err = child.communicate(timeout=120)
         lines = [line for line in out.splitlines() if line.startswith("RESULTS ")]
         assert child.returncode == 0 and lines, f"child failed:\n{out}\n{err}"
-        results.update(json.loads(lines[-1][len("RESULTS "):]))
+        results.update(json.loads(lines[-1][len("RESULTS ") :]))
         results.setdefault("_stderr", "")
         results["_stderr"] += err
     return results
@@ -162,24 +187,24 @@ def child_results(fake_hub, tmp_path_factory):
 # Each message names the model and the repo, then says what happened and what to do.
 EXPECTED = {
     "gated": r"Could not load VAE 'gated' from org/gated-vae \(subfolder 'vae'\): the repo is gated: accept the "
-             r"license at http://127\.0\.0\.1:\d+/org/gated-vae and set HF_TOKEN \(or pass token=\.\.\.\)\.$",
+    r"license at http://127\.0\.0\.1:\d+/org/gated-vae and set HF_TOKEN \(or pass token=\.\.\.\)\.$",
     "gated-with-token": r"Could not load VAE 'gated-with-token' from org/gated-vae \(subfolder 'vae'\): the repo is "
-                        r"gated: accept the license at http://127\.0\.0\.1:\d+/org/gated-vae and check that this "
-                        r"token's account has been granted access\.$",
+    r"gated: accept the license at http://127\.0\.0\.1:\d+/org/gated-vae and check that this "
+    r"token's account has been granted access\.$",
     "missing": r"Could not load VAE 'missing' from org/missing-vae \(subfolder 'vae'\): the repo was not found on "
-               r"the hub \(HTTP 404\); check the repo id, or, if it is private or gated, check that the token can "
-               r"read it\.$",
+    r"the hub \(HTTP 404\); check the repo id, or, if it is private or gated, check that the token can "
+    r"read it\.$",
     "private": r"Could not load VAE 'private' from org/private-vae \(subfolder 'vae'\): the repo was not found on "
-               r"the hub \(HTTP 401\); check the repo id, or, if it is private or gated, set HF_TOKEN \(or pass "
-               r"token=\.\.\.\)\.$",
+    r"the hub \(HTTP 401\); check the repo id, or, if it is private or gated, set HF_TOKEN \(or pass "
+    r"token=\.\.\.\)\.$",
     "bad-token": r"Could not load VAE 'bad-token' from org/token-vae \(subfolder 'vae'\): the hub rejected the "
-                 r"token \(HTTP 401\); check HF_TOKEN or the token= argument\.$",
+    r"token \(HTTP 401\); check HF_TOKEN or the token= argument\.$",
     "server-error": r"Could not load VAE 'server-error' from org/broken-vae \(subfolder 'vae'\): the hub answered "
-                    r"HTTP 500, a server error; try again later\.$",
+    r"HTTP 500, a server error; try again later\.$",
     "no-network": r"Could not load VAE 'no-network' from org/any-vae \(subfolder 'vae'\): the hub "
-                  r"\(http://127\.0\.0\.1:\d+\) could not be reached and the model is not in the local cache; check "
-                  r"the network or proxy, or pre-download with `hf download org/any-vae --include 'vae/\*'` and set "
-                  r"HF_HUB_OFFLINE=1\.$",
+    r"\(http://127\.0\.0\.1:\d+\) could not be reached and the model is not in the local cache; check "
+    r"the network or proxy, or pre-download with `hf download org/any-vae --include 'vae/\*'` and set "
+    r"HF_HUB_OFFLINE=1\.$",
 }
 
 
@@ -248,10 +273,13 @@ def test_offline_with_nothing_cached(hf_home, registry, all_logs):
     loader = VAELoader()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(VAELoadError, match=r"^Could not load VAE 'uncached' from org/not-cached \(subfolder "
-                                               r"'vae'\): offline mode is on and config\.json is not in the local "
-                                               r"cache; set HF_HUB_OFFLINE=0 or pre-download with `hf download "
-                                               r"org/not-cached --include 'vae/\*'`\.$") as info:
+        with pytest.raises(
+            VAELoadError,
+            match=r"^Could not load VAE 'uncached' from org/not-cached \(subfolder "
+            r"'vae'\): offline mode is on and config\.json is not in the local "
+            r"cache; set HF_HUB_OFFLINE=0 or pre-download with `hf download "
+            r"org/not-cached --include 'vae/\*'`\.$",
+        ) as info:
             loader.load_sd_vae("uncached", "cpu", token=TOKEN)
     assert isinstance(info.value, OSError)
     texts = _texts(info.value) + all_logs + [str(w.message) for w in caught] + [repr(loader)]
@@ -260,24 +288,33 @@ def test_offline_with_nothing_cached(hf_home, registry, all_logs):
 
 def test_offline_repo_without_subfolder(hf_home, registry):
     add_model_config("uncached", {"repo_id": "org/not-cached"})
-    with pytest.raises(VAELoadError, match=r"^Could not load VAE 'uncached' from org/not-cached: offline mode is on "
-                                           r"and config\.json is not in the local cache; set HF_HUB_OFFLINE=0 or "
-                                           r"pre-download with `hf download org/not-cached`\.$"):
+    with pytest.raises(
+        VAELoadError,
+        match=r"^Could not load VAE 'uncached' from org/not-cached: offline mode is on "
+        r"and config\.json is not in the local cache; set HF_HUB_OFFLINE=0 or "
+        r"pre-download with `hf download org/not-cached`\.$",
+    ):
         VAELoader.load_sd_vae_simple("uncached", "cpu")
 
 
 @pytest.mark.parametrize("path", ["/nonexistent/vae-folder", "./no/such/folder", "no/such/folder"])
 def test_missing_local_folder(hf_home, registry, path):
     add_model_config("mine", {"repo_id": path, "subfolder": None})
-    with pytest.raises(VAELoadError, match=rf"^Could not load VAE 'mine' from {path}: the local folder {path} does "
-                                           r"not exist; check the path registered with add_model_config\.$"):
+    with pytest.raises(
+        VAELoadError,
+        match=rf"^Could not load VAE 'mine' from {path}: the local folder {path} does "
+        r"not exist; check the path registered with add_model_config\.$",
+    ):
         VAELoader().load_sd_vae("mine", "cpu")
 
 
 def test_local_folder_without_a_model(hf_home, registry, tmp_path):
     add_model_config("mine", {"repo_id": str(tmp_path), "subfolder": "vae"})
-    with pytest.raises(VAELoadError, match=r"^Could not load VAE 'mine' from .* \(subfolder 'vae'\): the local folder "
-                                           r"does not hold a diffusers AutoencoderKL \(.*config\.json.*\)\.$"):
+    with pytest.raises(
+        VAELoadError,
+        match=r"^Could not load VAE 'mine' from .* \(subfolder 'vae'\): the local folder "
+        r"does not hold a diffusers AutoencoderKL \(.*config\.json.*\)\.$",
+    ):
         VAELoader().load_sd_vae("mine", "cpu")
 
 

@@ -47,7 +47,11 @@ def test_registry_entries(name):
 def test_sd1_entries_keep_the_010_keys(name, repo_id):
     config = get_model_config(name)
     assert {k: config[k] for k in ("repo_id", "subfolder", "input_size", "latent_channels")} == {
-        "repo_id": repo_id, "subfolder": "vae", "input_size": (512, 512), "latent_channels": 4}
+        "repo_id": repo_id,
+        "subfolder": "vae",
+        "input_size": (512, 512),
+        "latent_channels": 4,
+    }
     assert "Stable Diffusion" in config["description"]
 
 
@@ -85,8 +89,11 @@ def test_get_all_model_configs_returns_a_deep_copy():
 
 
 def test_unknown_name_lists_the_known_names():
-    with pytest.raises(ValueError, match=r"^Unknown model: 'sd3'\. Available models: \['sd14', 'sd15', "
-                                         r".*'flux-schnell'.*add_model_config"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Unknown model: 'sd3'\. Available models: \['sd14', 'sd15', "
+        r".*'flux-schnell'.*add_model_config",
+    ):
         get_model_config("sd3")
 
 
@@ -117,13 +124,21 @@ ACCEPTED_LISTED = r"Accepted keys: repo_id \(.*\), subfolder \(.*\), revision \(
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {"subfolder": "vae"}, {"repo_id": None}, {"repo_id": ""}, {"repo_id": 3}, {"repo_id": ["org/name"]},
-     {"repo": "org/name"}],
+    [
+        {},
+        {"subfolder": "vae"},
+        {"repo_id": None},
+        {"repo_id": ""},
+        {"repo_id": 3},
+        {"repo_id": ["org/name"]},
+        {"repo": "org/name"},
+    ],
     ids=["empty", "no-repo_id", "None", "empty-string", "int", "list", "misspelt"],
 )
 def test_add_model_config_needs_a_string_repo_id(registry, config):
-    with pytest.raises(ValueError, match=r"^Model config for 'mine' needs a non-empty string 'repo_id', got .*\. "
-                                         + ACCEPTED_LISTED):
+    with pytest.raises(
+        ValueError, match=r"^Model config for 'mine' needs a non-empty string 'repo_id', got .*\. " + ACCEPTED_LISTED
+    ):
         add_model_config("mine", config)
     assert "mine" not in list_available_models()
 
@@ -137,8 +152,12 @@ def test_add_model_config_needs_a_dict(registry, config):
 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
-    [("subfolder", 3, "a string or None"), ("revision", 1, "a string or None"),
-     ("use_safetensors", "no", "True or False"), ("use_safetensors", 0, "True or False")],
+    [
+        ("subfolder", 3, "a string or None"),
+        ("revision", 1, "a string or None"),
+        ("use_safetensors", "no", "True or False"),
+        ("use_safetensors", 0, "True or False"),
+    ],
 )
 def test_add_model_config_checks_the_types_of_loading_keys(registry, key, value, expected):
     with pytest.raises(ValueError, match=rf"^Model config for 'mine': '{key}' must be {expected}, got {value!r}$"):
@@ -153,8 +172,11 @@ def test_add_model_config_needs_a_name(registry, name, error):
 
 
 def test_add_model_config_warns_about_unknown_keys(registry):
-    with pytest.warns(UserWarning, match=r"^Model config for 'mine' has unknown keys \['subfoler'\] \(kept, not used "
-                                         r"for loading\)\. Accepted keys: repo_id, subfolder, revision"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^Model config for 'mine' has unknown keys \['subfoler'\] \(kept, not used "
+        r"for loading\)\. Accepted keys: repo_id, subfolder, revision",
+    ):
         add_model_config("mine", {"repo_id": "org/name", "subfoler": "vae"})
     assert get_model_config("mine")["subfoler"] == "vae"
 
@@ -164,10 +186,14 @@ def test_add_model_config_warns_about_unknown_keys(registry):
 
 @pytest.mark.parametrize(
     ("env", "expected"),
-    [({"HF_TOKEN": "hf_a"}, "hf_a"), ({"HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_b"),
-     ({"HF_TOKEN": "hf_a", "HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_a"),
-     ({"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_b"),
-     ({}, None), ({"HF_TOKEN": ""}, None)],
+    [
+        ({"HF_TOKEN": "hf_a"}, "hf_a"),
+        ({"HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_b"),
+        ({"HF_TOKEN": "hf_a", "HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_a"),
+        ({"HF_TOKEN": "", "HUGGING_FACE_HUB_TOKEN": "hf_b"}, "hf_b"),
+        ({}, None),
+        ({"HF_TOKEN": ""}, None),
+    ],
 )
 def test_get_default_token_reads_the_environment_at_call_time(monkeypatch, env, expected):
     monkeypatch.delenv("HF_TOKEN", raising=False)

@@ -256,8 +256,14 @@ def test_get_optimal_device_is_a_staticmethod_with_the_010_signature():
     assert [(p.name, p.default) for p in params] == [("preferred_device", "auto")]
 
 
-@pytest.mark.parametrize("call", [lambda: VAELoader.get_optimal_device(), lambda: VAELoader.get_optimal_device("auto"),
-                                  lambda: VAELoader().get_optimal_device("auto")])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: VAELoader.get_optimal_device(),
+        lambda: VAELoader.get_optimal_device("auto"),
+        lambda: VAELoader().get_optimal_device("auto"),
+    ],
+)
 def test_get_optimal_device_delegates_auto_to_device_manager(monkeypatch, call):
     calls = []
 
@@ -288,8 +294,15 @@ def test_get_optimal_device_falls_back_to_cpu_without_cuda(cpu_only):
 
 @pytest.mark.parametrize(
     ("request_", "error"),
-    [("gpu", ValueError), ("cuda:x", ValueError), ("", ValueError), ("CUDA", ValueError), (" cuda ", ValueError),
-     (None, TypeError), (3, TypeError)],
+    [
+        ("gpu", ValueError),
+        ("cuda:x", ValueError),
+        ("", ValueError),
+        ("CUDA", ValueError),
+        (" cuda ", ValueError),
+        (None, TypeError),
+        (3, TypeError),
+    ],
 )
 def test_get_optimal_device_rejects_malformed_requests(request_, error):
     accepted = re.escape(f"Accepted: {ACCEPTED_DEVICES}")
@@ -359,9 +372,11 @@ def test_a_pickle_only_folder_is_refused_with_the_reason(hf_home, registry, tmp_
     assert (tmp_path / "diffusion_pytorch_model.bin").exists()
     add_model_config("pickled", {"repo_id": str(tmp_path), "subfolder": None})
 
-    expected = (r"(?s)Could not load VAE 'pickled' from .*: no diffusion_pytorch_model\.safetensors found\. "
-                r"Only safetensors .* pickle \(\.bin\) weights can run arbitrary code .*"
-                r"add_model_config\('pickled', \{\.\.\., 'use_safetensors': False\}\)")
+    expected = (
+        r"(?s)Could not load VAE 'pickled' from .*: no diffusion_pytorch_model\.safetensors found\. "
+        r"Only safetensors .* pickle \(\.bin\) weights can run arbitrary code .*"
+        r"add_model_config\('pickled', \{\.\.\., 'use_safetensors': False\}\)"
+    )
     with pytest.raises(VAELoadError, match=expected) as info:
         VAELoader().load_sd_vae("pickled", "cpu")
     assert isinstance(info.value, OSError)
@@ -377,8 +392,9 @@ def test_a_config_can_opt_into_pickle_with_a_logged_warning(hf_home, registry, t
         vae, _ = VAELoader().load_sd_vae("pickled", "cpu")
 
     assert spy.kwargs["use_safetensors"] is False
-    warnings_logged = [r for r in caplog.records
-                       if r.name == "vae_toolkit.vae_loader" and r.levelno == logging.WARNING]
+    warnings_logged = [
+        r for r in caplog.records if r.name == "vae_toolkit.vae_loader" and r.levelno == logging.WARNING
+    ]
     assert len(warnings_logged) == 1
     assert "'pickled'" in warnings_logged[0].getMessage()
     assert "unpickling runs code from the file" in warnings_logged[0].getMessage()

@@ -87,8 +87,13 @@ def _gpus(count: int) -> list[dict[str, Any]]:
     nvml = _nvml_memory(count) if count else None
     gpus = []
     for index in range(count):
-        gpu: dict[str, Any] = {"device": f"cuda:{index}", "name": None, "total_memory": None,
-                               "free_memory": None, "memory_source": None}
+        gpu: dict[str, Any] = {
+            "device": f"cuda:{index}",
+            "name": None,
+            "total_memory": None,
+            "free_memory": None,
+            "memory_source": None,
+        }
         try:
             props = torch.cuda.get_device_properties(index)
             gpu["name"], gpu["total_memory"] = props.name, int(props.total_memory)
@@ -249,8 +254,15 @@ def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
         return "-" if value is None or value == "" else str(value)
 
     rows = [header] + [
-        (name, cfg.get("repo_id"), cfg.get("subfolder"), cfg.get("latent_channels"), cfg.get("scaling_factor"),
-         cfg.get("shift_factor"), cfg.get("notes"))
+        (
+            name,
+            cfg.get("repo_id"),
+            cfg.get("subfolder"),
+            cfg.get("latent_channels"),
+            cfg.get("scaling_factor"),
+            cfg.get("shift_factor"),
+            cfg.get("notes"),
+        )
         for name, cfg in configs.items()
     ]
     cells = [[cell(v) if i else str(v) for i, v in enumerate(row)] for row in rows]
@@ -449,31 +461,47 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    env = commands.add_parser("env", parents=[common], help="versions, devices and memory (the default)",
-                              description="Report versions, devices, GPU memory and the Hugging Face cache.")
+    env = commands.add_parser(
+        "env",
+        parents=[common],
+        help="versions, devices and memory (the default)",
+        description="Report versions, devices, GPU memory and the Hugging Face cache.",
+    )
     env.add_argument("--json", action="store_true", help="machine-readable output")
 
-    models = commands.add_parser("models", parents=[common], help="list the registered VAEs",
-                                 description="List the registered VAEs.")
+    models = commands.add_parser(
+        "models", parents=[common], help="list the registered VAEs", description="List the registered VAEs."
+    )
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
     names = list_available_models()
     rt = commands.add_parser(
-        "roundtrip", parents=[common], help="encode and decode images, print PSNR and timings",
+        "roundtrip",
+        parents=[common],
+        help="encode and decode images, print PSNR and timings",
         description="Encode and decode an image (or every image in a directory), save the reconstruction and "
         "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of 8 pixels "
         "(or, with --size N, resized and center-cropped to N x N).",
     )
     rt.add_argument("image", type=Path, metavar="IMAGE", help="an image file or a directory of images")
-    rt.add_argument("--model", "-m", required=True, choices=names, metavar="NAME",
-                    help=f"registered model: {', '.join(names)}")
-    rt.add_argument("--device", default="auto", type=_device_arg,
-                    help="auto (default), cpu, mps, cuda or cuda:N")
+    rt.add_argument(
+        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
+    )
+    rt.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
     rt.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
-    rt.add_argument("--size", type=_size_arg, metavar="N",
-                    help="resize the shorter side to N and center-crop N x N (N a multiple of 8)")
-    rt.add_argument("-o", "--output", type=Path, metavar="OUT",
-                    help="output file (or directory); default IMAGE-roundtrip.png, or DIR-roundtrip/")
+    rt.add_argument(
+        "--size",
+        type=_size_arg,
+        metavar="N",
+        help="resize the shorter side to N and center-crop N x N (N a multiple of 8)",
+    )
+    rt.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        metavar="OUT",
+        help="output file (or directory); default IMAGE-roundtrip.png, or DIR-roundtrip/",
+    )
     return parser
 
 
@@ -486,7 +514,11 @@ def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
     package_dir = os.path.dirname(os.path.abspath(__file__))
 
     def show(
-        message: Warning | str, category: type[Warning], filename: str, lineno: int, file: TextIO | None = None,
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
         ours = os.path.abspath(filename).startswith(package_dir) or issubclass(category, RuntimeWarning)
@@ -503,8 +535,11 @@ def _quiet_dependencies(verbose: bool) -> Iterator[None]:
     import diffusers.utils.logging  # noqa: F401 - configures the "diffusers" logger; imported to load anyway
     import huggingface_hub.utils.logging  # noqa: F401 - configures the "huggingface_hub" logger
 
-    names = [n for n, var in (("diffusers", "DIFFUSERS_VERBOSITY"), ("huggingface_hub", "HF_HUB_VERBOSITY"))
-             if not verbose and not os.environ.get(var)]
+    names = [
+        n
+        for n, var in (("diffusers", "DIFFUSERS_VERBOSITY"), ("huggingface_hub", "HF_HUB_VERBOSITY"))
+        if not verbose and not os.environ.get(var)
+    ]
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

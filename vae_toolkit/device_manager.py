@@ -239,9 +239,11 @@ def resolve_device(request: str | torch.device) -> str:
             raise ValueError(f"Invalid device {reprlib.repr(request)}. Accepted: {ACCEPTED_DEVICES}.")
         index = None if number is None else int(number)
     else:
-        raise TypeError(f"device must be a str or torch.device, got {type(request).__name__} "
-                        f"({reprlib.repr(request)}). "
-                        f"Accepted: {ACCEPTED_DEVICES}.")
+        raise TypeError(
+            f"device must be a str or torch.device, got {type(request).__name__} "
+            f"({reprlib.repr(request)}). "
+            f"Accepted: {ACCEPTED_DEVICES}."
+        )
 
     if kind == "auto":
         return auto_select_device()
@@ -421,5 +423,7 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _check_tensor(obj: object, method: str) -> None:
     if not isinstance(obj, torch.Tensor):
-        raise TypeError(f"{method} expects torch.Tensor arguments, got {type(obj).__name__}; "
-                        "use move_batch_to_device for lists, tuples and dicts.")
+        raise TypeError(
+            f"{method} expects torch.Tensor arguments, got {type(obj).__name__}; "
+            "use move_batch_to_device for lists, tuples and dicts."
+        )

@@ -125,8 +125,7 @@ def _open_rgb(path: PathLike) -> Image.Image:
 
     if not isinstance(path, (str, bytes, os.PathLike)) and not hasattr(path, "read"):
         raise _InputTypeError(
-            f"image_path must be a str or pathlib.Path (or an open binary file), got {type(path).__name__}: "
-            f"{path!r}"
+            f"image_path must be a str or pathlib.Path (or an open binary file), got {type(path).__name__}: {path!r}"
         )
     try:
         with Image.open(path) as img:
@@ -189,9 +188,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
     return tensor, rgb
 
 
-def load_images(
-    paths: Sequence[str | Path], target_size: int = 512, num_workers: int | None = None
-) -> torch.Tensor:
+def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers: int | None = None) -> torch.Tensor:
     """Load many images into one ``[N, 3, H, W]`` float32 batch, decoding on threads.
 
     Values, order and errors are those of :func:`load_and_preprocess_image` on each path.

@@ -167,8 +167,11 @@ def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
             f"Model config for {model_name!r} needs a non-empty string 'repo_id', got {config!r}. "
             f"Accepted keys: {accepted}."
         )
-    for key, kind, expected in (("subfolder", str, "a string or None"), ("revision", str, "a string or None"),
-                                ("use_safetensors", bool, "True or False")):
+    for key, kind, expected in (
+        ("subfolder", str, "a string or None"),
+        ("revision", str, "a string or None"),
+        ("use_safetensors", bool, "True or False"),
+    ):
         value = config.get(key)
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"Model config for {model_name!r}: {key!r} must be {expected}, got {value!r}")

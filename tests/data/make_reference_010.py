@@ -38,8 +38,9 @@ def main(out):
             rec[f"pil{n}_t{ts}_norm"] = vae_toolkit.pil_to_tensor(img, target_size=ts).numpy()
         rec[f"pil{n}_t16_raw"] = vae_toolkit.pil_to_tensor(img, target_size=16, normalize=False).numpy()
         rec[f"pil{n}_none"] = vae_toolkit.pil_to_tensor(img).numpy()
-        proc = vae_toolkit.ImageProcessor(target_size=20, normalize_mean=(0.485, 0.456, 0.406),
-                                          normalize_std=(0.229, 0.224, 0.225))
+        proc = vae_toolkit.ImageProcessor(
+            target_size=20, normalize_mean=(0.485, 0.456, 0.406), normalize_std=(0.229, 0.224, 0.225)
+        )
         rec[f"pil{n}_proc"] = proc.preprocess_pil(img).numpy()
     # other modes through pil_to_tensor (converted to RGB)
     gray = photo_like(rng, 30, 40, 1)[..., 0]
@@ -56,6 +57,7 @@ def main(out):
     rec["png_bytes"] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
     import os
     import tempfile
+
     with tempfile.TemporaryDirectory() as d:
         p = os.path.join(d, "x.png")
         open(p, "wb").write(buf.getvalue())
