@@ -163,7 +163,7 @@ def _hf() -> dict[str, Any]:
 
 def collect_env() -> dict[str, Any]:
     """Gather the environment report as a JSON-serialisable dict (memory in bytes; no token values)."""
-    versions = {"vae-toolkit": __version__, "python": platform.python_version()}
+    versions: dict[str, str | None] = {"vae-toolkit": __version__, "python": platform.python_version()}
     versions.update({name: _version(name) for name in _DISTRIBUTIONS})
     try:
         count = _cuda_device_count()
@@ -457,7 +457,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     """The argument parser of ``python -m vae_toolkit``."""
     parser = _Parser(prog=prog, description="Stable Diffusion VAE toolkit: environment report, models, round trips.")
     parser.add_argument("--version", action="version", version=f"vae-toolkit {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

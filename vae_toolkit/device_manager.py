@@ -227,6 +227,7 @@ def resolve_device(request: str | torch.device) -> str:
         TypeError: if ``request`` is neither a string nor a ``torch.device``.
         ValueError: if the string is not one of the accepted forms.
     """
+    index: int | None
     if isinstance(request, torch.device):
         kind, index = request.type, request.index
         if kind not in ("cpu", "mps", "cuda") or (kind != "cuda" and index not in (None, 0)):

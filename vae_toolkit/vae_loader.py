@@ -273,7 +273,7 @@ def _load_error(model_name: str, config: dict[str, Any], token: str | None, err:
         hint = "the hub refused access (HTTP 403); check that the token has read permission for this repo"
     elif status is not None and status >= 500:
         hint = f"the hub answered HTTP {status}, a server error; try again later"
-    elif status is not None:
+    elif http_err is not None and status is not None:
         hint = f"the hub answered HTTP {status} ({_first_line(http_err)})"
     elif has(hf.OfflineModeIsEnabled) or _is_offline():
         what = f"{missing_file} is" if missing_file else "the model is"
