@@ -279,11 +279,27 @@ def test_zero_sized_image(size):
         ({"normalize_std": (0.5, 0.0, 0.5)}, ValueError, r"normalize_std must not contain 0"),
         ({"normalize_std": (math.nan, 1, 1)}, ValueError, r"normalize_std must be finite numbers, got \(nan, 1, 1\)"),
         ({"normalize_mean": (math.inf, 1, 1)}, ValueError, r"normalize_mean must be finite numbers"),
+        ({"normalize_std": (1e-46, 1, 1)}, ValueError, r"normalize_std must not contain 0 or values that are 0 in fl"),
     ],
 )
-def test_bad_image_processor_args(kwargs, error, message):
-    with pytest.raises(error, match=message):
-        ImageProcessor(**kwargs)
+def test_bad_image_processor_args_raise_when_the_transform_runs(kwargs, error, message, tmp_path):
+    # As in 0.1.0 (torchvision's Normalize checks on call): an ImageProcessor used only for
+    # load_and_preprocess never fails on mean/std; transform and preprocess_pil say what is wrong.
+    proc = ImageProcessor(8, **kwargs)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
+    assert proc.load_and_preprocess(tmp_path / "a.png")[0].shape == (1, 3, 8, 8)
+    for call in (proc.transform, proc.preprocess_pil):
+        with pytest.raises(error, match=message):
+            call(Image.new("RGB", (9, 9)))
+
+
+def test_image_processor_mean_std_tensors_that_require_grad_are_constants():
+    img = Image.fromarray(np.random.default_rng(5).integers(0, 256, (12, 10, 3), dtype=np.uint8))
+    mean = torch.tensor([0.485, 0.456, 0.406], requires_grad=True)
+    std = torch.tensor([0.229, 0.224, 0.225], requires_grad=True)
+    out = ImageProcessor(8, mean, std).preprocess_pil(img)
+    expected = ImageProcessor(8, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)).preprocess_pil(img)
+    assert torch.equal(out, expected) and not out.requires_grad
 
 
 @pytest.mark.parametrize("mean, std", [(0.5, 0.5), ([0.5], [0.5]), (np.array([0.5] * 3), torch.tensor([0.5] * 3))])

@@ -10,11 +10,12 @@ import logging
 import math
 import numbers
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeAlias, Union, cast
 
 import numpy as np
 import torch
@@ -53,18 +54,28 @@ class _InputValueError(ImageProcessingError, ValueError):
 # --- uint8 -> float lookup tables ---------------------------------------------------------------
 
 
-def _lut(mean: Sequence[float] | None, std: Sequence[float] | None) -> np.ndarray:
-    """[3, 256] float32 table of ``(v / 255 - mean) / std`` computed as torchvision does (torch float32)."""
-    levels = torch.arange(256, dtype=torch.float32).div(255).expand(3, 256)
-    if mean is not None and std is not None:
-        m = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1)
-        s = torch.as_tensor(std, dtype=torch.float32).view(-1, 1)
+_Norm: TypeAlias = "tuple[Sequence[float], Sequence[float]] | None"  # (mean, std), or None for [0, 1]
+_SD_NORM: _Norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _lut_tensor(norm: _Norm, dtype: torch.dtype) -> torch.Tensor:
+    """[3, 256] table of ``(v / 255 - mean) / std`` in ``dtype``, computed with the operations of torchvision's
+    ``ToTensor`` + ``Normalize`` in that dtype, hence the same values bit for bit."""
+    levels = torch.arange(256, dtype=dtype).div(255).expand(3, 256)
+    if norm is not None:
+        m = torch.as_tensor(norm[0], dtype=dtype).view(-1, 1)
+        s = torch.as_tensor(norm[1], dtype=dtype).view(-1, 1)
         levels = levels.sub(m).div(s)
-    return np.ascontiguousarray(levels.numpy())
+    return levels.contiguous()
 
 
-_LUT_UNIT = _lut(None, None)
-_LUT_SD = _lut((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+def _lut(norm: _Norm) -> np.ndarray:
+    """The float32 table as a numpy array (the fast path of ``_rgb_to_tensor``)."""
+    return _lut_tensor(norm, torch.float32).numpy()
+
+
+_LUT_UNIT = _lut(None)
+_LUT_SD = _lut(_SD_NORM)
 _F32_1, _F32_127_5, _F32_255 = np.float32(1.0), np.float32(127.5), np.float32(255.0)
 _T_128 = torch.tensor(128.0)
 
@@ -96,14 +107,32 @@ def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None =
     return out
 
 
-_WIDE_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+def _rgb_to_dtype(rgb: Image.Image, lut: np.ndarray, norm: _Norm, dtype: torch.dtype) -> torch.Tensor:
+    """``_rgb_to_tensor`` in ``dtype``: torch's default dtype, which 0.1.0 (torchvision) returned.
+
+    float32, the default, takes the fast path with ``lut``; after ``torch.set_default_dtype(torch.float64)``
+    (or float16 / bfloat16) the table ``norm`` is computed in that dtype and gathered: 0.1.0's values in it.
+    """
+    if dtype == torch.float32:
+        return _rgb_to_tensor(rgb, lut)
+    w, h = rgb.size
+    index = torch.from_numpy(np.array(rgb, dtype=np.uint8).reshape(h * w, 3)).T.long()
+    return torch.gather(_lut_tensor(norm, dtype), 1, index).view(3, h, w)
+
+
+_WIDE_MODES = frozenset(("I", "F", "I;16", "I;16L", "I;16B", "I;16N"))
+_EXTREMA_MODES = frozenset(("I", "F", "I;16"))  # getextrema() raises for I;16L, I;16B and I;16N
 
 
 def _warn_if_clipped(img: Image.Image, source: object) -> None:
     """Warn when converting a 16/32-bit image to RGB will saturate values outside [0, 255]."""
-    if img.mode not in _WIDE_MODES:
+    if img.mode not in _WIDE_MODES or 0 in img.size:  # an empty image has nothing to clip
         return
-    lo, hi = img.getextrema()
+    if img.mode in _EXTREMA_MODES:
+        lo, hi = cast("tuple[float, float]", img.getextrema())
+    else:
+        values = np.asarray(img)
+        lo, hi = values.min().item(), values.max().item()
     if lo < 0 or hi > 255:
         warnings.warn(
             f"{source}: {img.mode} image with values in [{lo}, {hi}] is converted to 8-bit RGB by clipping to "
@@ -144,7 +173,11 @@ def _open_rgb(path: PathLike) -> Image.Image:
         raise ImageProcessingError(
             f"Failed to load image {path}: {err} Raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted."
         ) from err
-    except (OSError, ValueError, SyntaxError, MemoryError) as err:
+    except Warning:  # another warning turned into an error by the caller's filters: theirs to see as is
+        raise
+    except Exception as err:
+        # Whatever a decoder raises for a corrupt or unsupported file (OSError, ValueError, SyntaxError,
+        # but also NotImplementedError, TypeError, struct.error, ... from the format plugins).
         raise ImageProcessingError(f"Failed to load image {path}: {type(err).__name__}: {err}") from err
 
 
@@ -183,7 +216,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
     """
     rgb = _open_rgb(image_path)
     _check_size(rgb, target_size, image_path)
-    tensor = _rgb_to_tensor(rgb, _LUT_SD).unsqueeze(0)
+    tensor = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype()).unsqueeze(0)
     logger.debug("Loaded %s as %s", image_path, tuple(tensor.shape))
     return tensor, rgb
 
@@ -220,16 +253,21 @@ def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers
         raise TypeError(f"num_workers must be an int >= 1 or None, got {type(num_workers).__name__}: {num_workers!r}")
     elif num_workers < 1:
         raise ValueError(f"num_workers must be >= 1 (or None for one per CPU), got {num_workers}")
+    shape = (len(paths), 3, target_size, target_size)
+    dtype = torch.get_default_dtype()  # float32 unless the caller changed it (as load_and_preprocess_image)
     # numpy asks the kernel for huge pages on large buffers: first-touch page faults of a fresh
     # 64 x 3 MB batch cost several times less than with torch.empty (the tensor shares the memory).
-    out = torch.from_numpy(np.empty((len(paths), 3, target_size, target_size), dtype=np.float32))
+    out = torch.from_numpy(np.empty(shape, dtype=np.float32)) if dtype == torch.float32 else torch.empty(shape)
     if not paths:
         return out
 
     def work(i: int) -> None:
         rgb = _open_rgb(paths[i])
         _check_size(rgb, target_size, paths[i])
-        _rgb_to_tensor(rgb, _LUT_SD, out=out[i])
+        if out.dtype == torch.float32:
+            _rgb_to_tensor(rgb, _LUT_SD, out=out[i])
+        else:
+            out[i] = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, out.dtype)
 
     if num_workers == 1:
         for i in range(len(paths)):
@@ -303,20 +341,32 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     if t.shape[1] == 0 or t.shape[2] == 0:
         raise ImageProcessingError(f"Cannot make an image of size 0 (shape {tuple(t.shape)}); H and W must be >= 1")
 
+    source = t
     t = t.to(device="cpu", dtype=torch.float32)
     # x in [-1, 1] -> 127.5 * x + 128 in one fused pass (+0.5 over 127.5 so that the truncating cast below
     # rounds to nearest), a sum that is finite unless some value is NaN/inf, then clamp in place.
     scaled_t = torch.add(_T_128, t, alpha=127.5, out=torch.from_numpy(np.empty(t.shape, dtype=np.float32)))
     if not math.isfinite(scaled_t.sum()):
         bad = int((~torch.isfinite(t)).sum())
-        if bad:
+        # Only float64 holds finite values that float32 cannot: they became ±inf in the cast above.
+        nonfinite = int((~torch.isfinite(source)).sum()) if bad and source.dtype == torch.float64 else bad
+        if nonfinite:
             warnings.warn(
-                f"tensor_to_pil: {bad} of {t.numel()} values are NaN or infinite (typically a float16 VAE "
+                f"tensor_to_pil: {nonfinite} of {t.numel()} values are NaN or infinite (typically a float16 VAE "
                 "overflow); NaN is written as black and ±inf clamped. Decode in float32, or use an "
                 "fp16-safe VAE such as 'sdxl-fp16-fix'.",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if bad > nonfinite:
+            warnings.warn(
+                f"tensor_to_pil: {bad - nonfinite} of {t.numel()} float64 values are finite but beyond float32's "
+                "range (|x| > 3.4e38), far outside [-1, 1]; they are clamped like any value outside [-1, 1]. "
+                "Check the tensor: a decoded image should lie in [-1, 1].",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if bad:
             torch.nan_to_num_(scaled_t, nan=0.0, posinf=255.0, neginf=0.0)
     scaled = scaled_t.clamp_(0.0, 255.0).numpy()
     # In [0, 255] numpy's float32 -> uint8 cast truncates exactly like torch's, several times faster;
@@ -343,6 +393,34 @@ def _resize_center_crop(rgb: Image.Image, size: int) -> Image.Image:
     return rgb
 
 
+_LOAD_GUARD = threading.Lock()
+_LOAD_LOCKS: dict[int, tuple[threading.Lock, list[int]]] = {}  # id(image) -> (lock, [callers waiting])
+
+
+def _decode(img: Image.Image) -> None:
+    """``img.load()``, one thread at a time per lazily opened image.
+
+    PIL decodes a lazily opened image on first use, and two threads doing so at once read the same file
+    handle and write the same buffer (corrupt pixels or odd exceptions). Images already decoded skip the
+    lock. The entry lives only while some thread is inside, so ``id`` cannot be reused meanwhile.
+    """
+    if not getattr(img, "tile", None):  # decoded already, or not read from a file
+        img.load()
+        return
+    key = id(img)
+    with _LOAD_GUARD:
+        lock, users = _LOAD_LOCKS.setdefault(key, (threading.Lock(), [0]))
+        users[0] += 1
+    try:
+        with lock:
+            img.load()
+    finally:
+        with _LOAD_GUARD:
+            users[0] -= 1
+            if not users[0]:
+                del _LOAD_LOCKS[key]
+
+
 def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None) -> Image.Image:
     """Decode (if lazily opened) and convert to RGB; errors become ``ImageProcessingError`` naming the file."""
     from PIL import Image
@@ -354,10 +432,17 @@ def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None)
         )
     source = getattr(pil_image, "filename", None) or f"{pil_image.mode} image of size {pil_image.size}"
     try:
-        pil_image.load()  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
+        _decode(pil_image)  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
         _warn_if_clipped(pil_image, source)
         rgb = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, MemoryError) as err:
+    except Warning:  # e.g. the clipping RuntimeWarning under an "error" filter: the caller's to see
+        raise
+    except Exception as err:  # whatever PIL raises while decoding: corrupt data, a closed file, ...
+        if getattr(pil_image, "fp", True) is None and getattr(pil_image, "tile", None):
+            raise ImageProcessingError(
+                f"{caller}: cannot read {source}: it is a closed image whose pixels were never read (PIL opens "
+                "files lazily); call image.load() before closing it, or convert inside `with Image.open(...)`"
+            ) from err
         raise ImageProcessingError(
             f"{caller}: cannot read {source} (mode {pil_image.mode!r}) as RGB: {type(err).__name__}: {err}"
         ) from err
@@ -387,6 +472,8 @@ def _check_channels(name: str, value: object) -> tuple[float, float, float]:
     """Per-channel normalisation values: 3 numbers, or 1 number broadcast to the 3 channels (as in 0.1.0)."""
     if value is None or isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be 3 numbers (one per RGB channel) or one number, got {value!r}")
+    if isinstance(value, torch.Tensor):  # constants here, even when they require grad
+        value = value.detach().cpu()
     try:
         arr = np.asarray(value, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
@@ -424,21 +511,42 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
     rgb = _as_rgb(pil_image, "pil_to_tensor", target_size)
     if target_size is not None:
         rgb = _resize_center_crop(rgb, target_size)
-    return _rgb_to_tensor(rgb, _LUT_SD if normalize else _LUT_UNIT)
+    if normalize:
+        return _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype())
+    return _rgb_to_dtype(rgb, _LUT_UNIT, None, torch.get_default_dtype())
+
+
+def _check_norm(mean: object, std: object) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Validated ``(mean, std)`` for ``ImageProcessor``; ``std`` must stay non-zero in float32."""
+    m, s = _check_channels("normalize_mean", mean), _check_channels("normalize_std", std)
+    if not np.asarray(s, dtype=np.float32).all():  # 0, or so small (1e-46) that float32 holds 0: division by zero
+        raise ValueError(
+            f"normalize_std must not contain 0 or values that are 0 in float32 (values are divided by it), got {std!r}"
+        )
+    return m, s
 
 
 class _Transform:
-    """PIL image → ``[3, T, T]``: resize, center-crop, to-tensor, normalize (torchvision-compatible)."""
+    """PIL image → ``[3, T, T]``: resize, center-crop, to-tensor, normalize (torchvision-compatible).
 
-    def __init__(self, target_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    ``mean`` and ``std`` are checked on the first call, as 0.1.0 (torchvision's ``Normalize``) did, so that
+    an ``ImageProcessor`` used only for ``load_and_preprocess`` never fails on them.
+    """
+
+    def __init__(self, target_size: int, mean: object, std: object) -> None:
         self.target_size = target_size
-        self.mean = tuple(mean)
-        self.std = tuple(std)
-        self._lut = _LUT_SD if (self.mean, self.std) == ((0.5,) * 3, (0.5,) * 3) else _lut(self.mean, self.std)
+        self.mean = mean
+        self.std = std
+        self._table: tuple[np.ndarray, _Norm] | None = None  # (float32 table, (mean, std)) after the first call
 
     def __call__(self, pil_image: Image.Image) -> torch.Tensor:
+        if self._table is None:  # one assignment: threads see either nothing or the complete pair
+            checked = _check_norm(self.mean, self.std)
+            self._table = (_LUT_SD if checked == _SD_NORM else _lut(checked), checked)
+        lut, norm = self._table
+
         rgb = _as_rgb(pil_image, "ImageProcessor.transform", self.target_size)
-        return _rgb_to_tensor(_resize_center_crop(rgb, self.target_size), self._lut)
+        return _rgb_to_dtype(_resize_center_crop(rgb, self.target_size), lut, norm, torch.get_default_dtype())
 
     def __repr__(self) -> str:
         return (
@@ -451,8 +559,15 @@ class ImageProcessor:
 
     Args:
         target_size: Output width and height.
-        normalize_mean: Per-channel mean subtracted from ``[0, 1]`` values.
-        normalize_std: Per-channel standard deviation divided by.
+        normalize_mean: Per-channel mean subtracted from ``[0, 1]`` values (3 numbers, or 1 for all).
+        normalize_std: Per-channel standard deviation divided by (3 numbers, or 1 for all).
+
+    ``normalize_mean`` / ``normalize_std`` are checked when ``transform`` (or ``preprocess_pil``) first
+    runs, as in 0.1.0: ``TypeError`` for non-numbers, ``ValueError`` for a wrong count, NaN/inf, or a std
+    that is 0 in float32. Tensors come in torch's default dtype (float32 unless changed), as in 0.1.0.
+
+    Raises:
+        TypeError, ValueError: (also ``ImageProcessingError``) for a ``target_size`` that is not an int >= 1.
 
     Example:
         >>> proc = ImageProcessor(target_size=256)
@@ -467,14 +582,10 @@ class ImageProcessor:
         normalize_std: tuple[float, float, float] = (0.5, 0.5, 0.5),
     ) -> None:
         target_size = _check_target_size(target_size)
-        mean = _check_channels("normalize_mean", normalize_mean)
-        std = _check_channels("normalize_std", normalize_std)
-        if 0.0 in std:
-            raise ValueError(f"normalize_std must not contain 0 (values are divided by it), got {normalize_std!r}")
         self.target_size = target_size
         self.normalize_mean = normalize_mean
         self.normalize_std = normalize_std
-        self.transform = _Transform(target_size, mean, std)
+        self.transform = _Transform(target_size, normalize_mean, normalize_std)
 
     def __repr__(self) -> str:
         return (
@@ -487,7 +598,12 @@ class ImageProcessor:
         return load_and_preprocess_image(image_path, self.target_size)
 
     def preprocess_pil(self, pil_image: Image.Image) -> torch.Tensor:
-        """Resize, center-crop and normalize a PIL image to ``[1, 3, T, T]``."""
+        """Resize, center-crop and normalize a PIL image (any mode, converted to RGB) to ``[1, 3, T, T]``.
+
+        Raises:
+            ImageProcessingError: the image cannot be decoded or converted (the cause is chained).
+            TypeError, ValueError: invalid ``normalize_mean`` / ``normalize_std`` (see the class).
+        """
         return self.transform(pil_image).unsqueeze(0)
 
 
