@@ -334,3 +334,20 @@ def test_lazily_opened_image_shared_between_threads_converts_correctly(tmp_path)
         for result in results:
             assert isinstance(result, torch.Tensor), repr(result)
             assert torch.equal(result, expected)
+
+
+# --- the clipping warning points at the caller, whatever the entry point ---------------------------------
+
+
+@pytest.mark.parametrize("entry", ["load_and_preprocess_image", "pil_to_tensor", "transform", "preprocess_pil"])
+def test_clipping_warning_points_at_the_callers_line(tmp_path, entry):
+    path = tmp_path / "wide.tif"
+    Image.new("I", (4, 4), 1000).save(path)
+    with Image.open(path) as img, pytest.warns(RuntimeWarning, match="converted to 8-bit RGB") as record:
+        {
+            "load_and_preprocess_image": lambda: load_and_preprocess_image(path, 4),
+            "pil_to_tensor": lambda: pil_to_tensor(img),
+            "transform": lambda: ImageProcessor(4).transform(img),
+            "preprocess_pil": lambda: ImageProcessor(4).preprocess_pil(img),
+        }[entry]()
+    assert [w.filename for w in record] == [__file__]

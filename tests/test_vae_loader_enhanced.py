@@ -11,6 +11,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -477,3 +478,112 @@ def test_clear_cache_while_others_load_does_not_crash(hf_home, monkeypatch):
     loader.clear_cache()
     vae, _ = loader.load_sd_vae("sd14", "cpu")
     assert loader.load_sd_vae("sd14", "cpu")[0] is vae
+
+
+# --- a clean load is quiet -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("entry", ["load_sd_vae", "load_sd_vae_simple", "with_device_manager"])
+def test_a_clean_load_emits_no_warning_and_no_log_record_at_warning(hf_home, library_logs, entry):
+    from vae_toolkit.vae_loader import _HubNoticeFilter
+
+    watched = [logging.getLogger(name) for name in _HubNoticeFilter.LOGGERS]
+    filters_before = [list(lg.filters) for lg in watched]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warning_filters_before = list(warnings.filters)
+        if entry == "load_sd_vae":
+            VAELoader().load_sd_vae("sd14", "cpu")
+        elif entry == "load_sd_vae_simple":
+            VAELoader.load_sd_vae_simple("sd14", "cpu")
+        else:
+            VAELoader(device_manager=DeviceManager("cpu")).load_sd_vae("sd14")
+        assert warnings.filters == warning_filters_before  # the caller's warning filters, as they were
+    assert [str(w.message) for w in caught] == []
+    assert [f"{r.name}: {r.getMessage()}" for r in library_logs if r.levelno >= logging.WARNING] == []
+    assert [list(lg.filters) for lg in watched] == filters_before  # the logging filters are gone again
+
+
+def test_only_the_cached_revision_notice_of_the_loading_thread_is_dropped():
+    from vae_toolkit.vae_loader import _quiet_hub_notices
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    hub = logging.getLogger("huggingface_hub.hf_api")
+    handler = Collect(logging.DEBUG)
+    hub.addHandler(handler)
+    notice = "Could not reach the Hub (offline mode is enabled). Using cached commit hash for 'org/name'."
+    try:
+        with _quiet_hub_notices():
+            hub.warning(notice)  # dropped: this thread is loading
+            hub.warning("Could not reach the Hub (timeout).")  # another message: kept
+            other = threading.Thread(target=hub.warning, args=(notice,))  # another thread: kept
+            other.start()
+            other.join()
+        hub.warning(notice)  # after the load: kept
+    finally:
+        hub.removeHandler(handler)
+    assert records == ["Could not reach the Hub (timeout).", notice, notice]
+
+
+def test_the_callers_own_identical_warning_filter_survives_a_load(hf_home):
+    message = r"The `local_dir_use_symlinks` argument is deprecated"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message, UserWarning, r"huggingface_hub\.")
+        before = list(warnings.filters)
+        VAELoader.load_sd_vae_simple("sd14", "cpu")
+        assert warnings.filters == before
+
+
+def test_the_symlinks_warning_is_shown_again_outside_a_load():
+    from huggingface_hub.utils._validators import smoothly_deprecate_legacy_arguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        smoothly_deprecate_legacy_arguments("hf_hub_download", {"local_dir_use_symlinks": "auto"})
+    assert [w.category for w in caught] == [UserWarning]
+
+
+# --- fallback warnings point at the caller's line ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "DeviceManager",
+        "DeviceManager.get_optimal_device",
+        "VAELoader.get_optimal_device",
+        "load_sd_vae",
+        "load_sd_vae_simple",
+        "load_sd_vae with a device manager",
+    ],
+)
+def test_cuda_fallback_warning_points_at_the_callers_line(hf_home, cpu_only, entry):
+    calls = {
+        "DeviceManager": lambda: DeviceManager("cuda"),
+        "DeviceManager.get_optimal_device": lambda: DeviceManager("cpu").get_optimal_device("cuda:1"),
+        "VAELoader.get_optimal_device": lambda: VAELoader.get_optimal_device("cuda"),
+        "load_sd_vae": lambda: VAELoader().load_sd_vae("sd14", "cuda"),
+        "load_sd_vae_simple": lambda: VAELoader.load_sd_vae_simple("sd14", "cuda"),
+        "load_sd_vae with a device manager": lambda: VAELoader(DeviceManager("cpu")).load_sd_vae("sd14", "cuda:0"),
+    }
+    with pytest.warns(RuntimeWarning, match="was requested but CUDA is not available; using CPU") as record:
+        calls[entry]()
+    assert [(w.filename, w.category) for w in record] == [(__file__, RuntimeWarning)]
+
+
+def test_auto_select_device_warning_points_at_the_callers_line(fake_cuda, monkeypatch):
+    from vae_toolkit import auto_select_device
+
+    fake_cuda([(1, 2), (1, 2)])
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.warns(RuntimeWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record:
+        assert VAELoader.get_optimal_device() == torch.device("cuda:1")
+    with pytest.warns(RuntimeWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record2:
+        auto_select_device()
+    assert {w.filename for w in [*record, *record2]} == {__file__}

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ._stack import caller_stacklevel
+
 __all__ = ["DeviceManager", "auto_select_device", "ACCEPTED_DEVICES"]
 
 logger = logging.getLogger(__name__)
@@ -150,7 +152,7 @@ def _distributed_local_rank() -> int | None:
         warnings.warn(
             f"Ignoring LOCAL_RANK={rank!r} / WORLD_SIZE={world!r}: expected non-negative integers.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         return None
     return local_rank if world_size > 1 else None
@@ -173,7 +175,7 @@ def _cuda_free_memory_all(count: int) -> dict[int, int]:
             warnings.warn(
                 f"Skipping cuda:{index} while choosing a device: querying its memory failed ({err}).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=caller_stacklevel(),
             )
     return free
 
@@ -199,7 +201,7 @@ def auto_select_device() -> str:
                     "another rank also uses. Launch at most one process per GPU, or set CUDA_VISIBLE_DEVICES "
                     "per rank.",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=caller_stacklevel(),
                 )
             logger.info("Distributed run (LOCAL_RANK=%d): using cuda:%d", rank, index)
             return f"cuda:{index}"
@@ -207,7 +209,9 @@ def auto_select_device() -> str:
             return "cuda:0"
         free = _cuda_free_memory_all(count)
         if not free:
-            warnings.warn("No CUDA device answered a memory query; using cuda:0.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "No CUDA device answered a memory query; using cuda:0.", RuntimeWarning, stacklevel=caller_stacklevel()
+            )
             return "cuda:0"
         best = max(free, key=lambda i: (free[i], -i))
         logger.info("Selected cuda:%d (%.2f GB free)", best, free[best] / _GB)
@@ -253,7 +257,9 @@ def resolve_device(request: str | torch.device) -> str:
     if kind == "mps":
         if _mps_available():
             return "mps"
-        warnings.warn("MPS was requested but is not available; using CPU.", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            "MPS was requested but is not available; using CPU.", RuntimeWarning, stacklevel=caller_stacklevel()
+        )
         return "cpu"
     count = _cuda_device_count()
     if count == 0:
@@ -261,7 +267,7 @@ def resolve_device(request: str | torch.device) -> str:
             f"{request!s} was requested but CUDA is not available; using CPU. "
             "Install a CUDA build of torch or pass device='cpu' to silence this.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         return "cpu"
     if index is None:
@@ -270,7 +276,7 @@ def resolve_device(request: str | torch.device) -> str:
         warnings.warn(
             f"cuda:{index} was requested but only {count} CUDA device(s) are visible; using cuda:0.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=caller_stacklevel(),
         )
         return "cuda:0"
     return f"cuda:{index}"

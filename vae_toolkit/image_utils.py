@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, TypeAlias, Union, cast
 import numpy as np
 import torch
 
+from ._stack import caller_stacklevel
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -139,7 +141,7 @@ def _warn_if_clipped(img: Image.Image, source: object) -> None:
             "[0, 255] (PIL's convert('RGB'), as in vae-toolkit 0.1.0), so its range is lost. Scale it to 8 bits "
             "first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
 
 

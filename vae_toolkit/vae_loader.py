@@ -5,13 +5,17 @@ diffusers is imported on the first load, not when this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
 import os
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -166,7 +170,8 @@ class VAELoader:
             kwargs["low_cpu_mem_usage"] = False
         logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
         try:
-            vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
+            with _quiet_hub_notices():
+                vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
         except Exception as err:
             raise _load_error(model_name, config, token, err) from err
         if vae.device != device:  # .to() walks every module even when nothing moves
@@ -203,6 +208,71 @@ class VAELoader:
 @functools.cache
 def _accelerate_installed() -> bool:
     return importlib.util.find_spec("accelerate") is not None
+
+
+class _HubNoticeFilter(logging.Filter):
+    """Drops huggingface_hub's "Could not reach the Hub (...). Using cached commit hash for ..." records,
+    only those, and only from threads inside a load (other threads' records pass)."""
+
+    _MESSAGE = re.compile(r"Could not reach the Hub \(.*\)\. Using cached commit hash for ", re.DOTALL)
+    # The loggers that have emitted it: huggingface_hub >= 1.0, and older versions.
+    LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.utils._http")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.threads: dict[int, int] = {}  # thread id -> loads in progress in it
+        self.added_warning_filter = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread in self.threads and self._MESSAGE.match(record.getMessage()))
+
+
+_HUB_NOTICES = _HubNoticeFilter()
+# diffusers' load_config passes local_dir_use_symlinks="auto" to hf_hub_download, which huggingface_hub >= 1.0
+# answers with this UserWarning on every load; nothing the caller can act on.
+_SYMLINKS_MESSAGE, _SYMLINKS_MODULE = r"The `local_dir_use_symlinks` argument is deprecated", r"huggingface_hub\."
+# The entry that warnings.filterwarnings("ignore", message=..., category=UserWarning, module=...) inserts.
+_SYMLINKS_FILTER = ("ignore", re.compile(_SYMLINKS_MESSAGE, re.I), UserWarning, re.compile(_SYMLINKS_MODULE), 0)
+
+
+@contextmanager
+def _quiet_hub_notices() -> Iterator[None]:
+    """Silence, for the duration of ``from_pretrained``, two known-irrelevant hub notices, and nothing else.
+
+    - huggingface_hub's WARNING "Could not reach the Hub (...). Using cached commit hash": loading from the
+      cache offline is what the caller asked for. A ``logging.Filter`` on the emitting loggers drops that
+      message from loading threads only; levels and handlers are not touched.
+    - the ``local_dir_use_symlinks`` deprecation ``UserWarning`` (see ``_SYMLINKS_FILTER``). The warning
+      filters are process-wide (``warnings.catch_warnings`` saves and restores the whole list, which loses
+      other threads' changes), so one entry matching only that message and module is inserted, and exactly
+      that entry is removed afterwards.
+
+    Both are installed when the first thread starts loading and removed when the last one is done.
+    """
+    flt, ident = _HUB_NOTICES, threading.get_ident()
+    with flt.lock:
+        if not flt.threads:
+            for name in flt.LOGGERS:
+                logging.getLogger(name).addFilter(flt)
+            # Not when the caller has the same entry already: removing it afterwards would remove theirs.
+            flt.added_warning_filter = _SYMLINKS_FILTER not in warnings.filters
+            if flt.added_warning_filter:
+                warnings.filterwarnings("ignore", _SYMLINKS_MESSAGE, UserWarning, _SYMLINKS_MODULE)
+        flt.threads[ident] = flt.threads.get(ident, 0) + 1
+    try:
+        yield
+    finally:
+        with flt.lock:
+            flt.threads[ident] -= 1
+            if not flt.threads[ident]:
+                del flt.threads[ident]
+            if not flt.threads:
+                for name in flt.LOGGERS:
+                    logging.getLogger(name).removeFilter(flt)
+                if flt.added_warning_filter:
+                    with contextlib.suppress(ValueError):  # already gone if the caller reset the filters
+                        cast("list[object]", warnings.filters).remove(_SYMLINKS_FILTER)
 
 
 def _chain(err: BaseException) -> list[BaseException]:

@@ -1,0 +1,27 @@
+"""Where a warning should point: the caller's line, not this package's.
+
+``warnings.warn(..., stacklevel=caller_stacklevel())`` names the first frame outside ``vae_toolkit``,
+whichever public function was called and however deep inside the package the warning is raised
+(a fixed ``stacklevel`` is right for one call path only). Python 3.12's ``skip_file_prefixes`` does the
+same, but only from 3.12 on; walking the frames works on every supported version.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+__all__ = ["caller_stacklevel"]
+
+_PACKAGE_PREFIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes ``warnings.warn``, called by the function calling this, name the
+    first frame outside this package (the user's code)."""
+    level = 1
+    frame = sys._getframe(1)  # the function that is about to call warnings.warn
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_PREFIX):
+        frame = frame.f_back
+        level += 1
+    return level
