@@ -295,3 +295,106 @@ def test_env_never_shows_the_token(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "hf_secretvalue123" not in out
     assert json.loads(out)["huggingface"]["token"] == "set (HF_TOKEN)"
+
+
+# --- roundtrip never replaces a file it did not just create; -o DIR/ ------------------------------------
+
+
+class TestRoundtripOutputs:
+    @staticmethod
+    def run(*argv: str | Path) -> int:
+        return cli.main(["roundtrip", *map(str, argv), "--model", "sd14", "--device", "cpu"])
+
+    def test_an_earlier_output_is_not_replaced(self, capsys, tmp_path, hf_home):
+        _write_image(tmp_path / "photo.png", 16, 16, seed=1)
+        _write_image(tmp_path / "photo.jpg", 16, 16, seed=2)
+        assert self.run(tmp_path / "photo.png") == 0
+        dst = tmp_path / "photo-roundtrip.png"
+        first = dst.read_bytes()
+        capsys.readouterr()
+        assert self.run(tmp_path / "photo.jpg") == 2  # same default output name
+        line = _one_line_error(capsys)
+        assert f"{dst} already exists; pass --overwrite to replace it" in line
+        assert dst.read_bytes() == first
+
+    def test_overwrite_replaces_it(self, capsys, tmp_path, hf_home):
+        src = _write_image(tmp_path / "photo.png", 16, 16)
+        dst = tmp_path / "out.png"
+        dst.write_bytes(b"old")
+        assert self.run(src, "-o", dst, "--overwrite") == 0
+        with Image.open(dst) as img:
+            assert img.size == (16, 16)
+
+    def test_directory_mode_refuses_before_writing_anything(self, capsys, tmp_path, hf_home, monkeypatch):
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        for name in ("a.png", "b.png", "c.png"):
+            _write_image(folder / name, 16, 16)
+        out = tmp_path / "recs"
+        out.mkdir()
+        (out / "b.png").write_bytes(b"keep")
+        (out / "c.png").write_bytes(b"keep")
+        monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
+        assert self.run(folder, "-o", out) == 2
+        line = _one_line_error(capsys)
+        assert f"{out / 'b.png'} (and 1 more) already exists; pass --overwrite" in line
+        assert sorted(p.name for p in out.iterdir()) == ["b.png", "c.png"]
+        assert (out / "b.png").read_bytes() == b"keep"
+
+    def test_directory_mode_with_overwrite_replaces(self, capsys, tmp_path, hf_home):
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        _write_image(folder / "a.png", 16, 16)
+        out = tmp_path / "recs"
+        out.mkdir()
+        (out / "a.png").write_bytes(b"old")
+        assert self.run(folder, "-o", out, "--overwrite") == 0
+        with Image.open(out / "a.png") as img:
+            assert img.size == (16, 16)
+
+    def test_inputs_are_never_replaced_even_with_overwrite(self, capsys, tmp_path, hf_home):
+        folder = tmp_path / "imgs"
+        folder.mkdir()
+        src = _write_image(folder / "a.png", 16, 16)
+        before = src.read_bytes()
+        assert self.run(folder, "-o", folder, "--overwrite") == 2
+        assert f"refusing to overwrite the input image {src}" in _one_line_error(capsys)
+        assert src.read_bytes() == before
+
+    def test_a_file_that_appears_during_the_run_is_not_replaced(self, capsys, tmp_path, hf_home, monkeypatch):
+        from vae_toolkit.vae_loader import VAELoader
+
+        src = _write_image(tmp_path / "photo.png", 16, 16)
+        dst = tmp_path / "photo-roundtrip.png"
+        real = VAELoader.load_sd_vae
+
+        def load_then_someone_writes(self, *args, **kwargs):
+            dst.write_bytes(b"theirs")
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(VAELoader, "load_sd_vae", load_then_someone_writes)
+        assert self.run(src) == 1
+        assert f"{dst} appeared while running; not replaced" in _one_line_error(capsys)
+        assert dst.read_bytes() == b"theirs"
+
+    @pytest.mark.parametrize("suffix", ["/", os.sep])
+    def test_output_ending_in_a_separator_is_a_new_directory(self, capsys, tmp_path, hf_home, suffix):
+        src = _write_image(tmp_path / "photo.png", 16, 16)
+        assert self.run(src, "-o", f"{tmp_path / 'out' / 'newdir'}{suffix}") == 0
+        dst = tmp_path / "out" / "newdir" / "photo-roundtrip.png"
+        with Image.open(dst) as img:
+            assert img.size == (16, 16)
+        assert f"-> {dst}" in capsys.readouterr().out
+
+    def test_output_without_suffix_or_separator_still_asks_for_one(self, capsys, tmp_path):
+        src = _write_image(tmp_path / "photo.png", 16, 16)
+        assert self.run(src, "-o", tmp_path / "newdir") == 2
+        assert "use a suffix like .png, or end it with / for a directory" in _one_line_error(capsys)
+
+
+def test_cuda_fallback_hint_names_the_command_line_option(capsys, tmp_path, hf_home, cpu_only):
+    src = _write_image(tmp_path / "photo.png", 16, 16)
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "--device", "cuda"]) == 0
+    err = capsys.readouterr().err
+    assert "cuda was requested but CUDA is not available; using CPU" in err
+    assert "--device cpu" in err and "device='cpu'" not in err

@@ -4,13 +4,14 @@ Commands::
 
     vae-toolkit [env] [--json]      versions, devices, GPU memory, HF cache: a report to paste into a bug
     vae-toolkit models [--json]     the registered VAEs
-    vae-toolkit roundtrip IMAGE|DIR --model NAME [--device auto] [--dtype float32] [--size N] [-o OUT]
+    vae-toolkit roundtrip IMAGE|DIR --model NAME [--device auto] [--dtype float32] [--size N] [-o OUT] [--overwrite]
                                     encode and decode images, save the reconstructions, print PSNR and timings
 
 ``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
 (``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
 reconstruction with that (cropped) input. Reconstructions are written as PNG by default: next to the
-image as ``NAME-roundtrip.png``, or for a directory into ``DIR-roundtrip/``.
+image as ``NAME-roundtrip.png``, or for a directory into ``DIR-roundtrip/``; ``-o OUT/`` (ending in a
+separator) is a directory. A file that exists before the run is never replaced without ``--overwrite``.
 
 Exit status: 0 on success, 1 when an image or model could not be processed, 2 for bad arguments.
 """
@@ -281,8 +282,14 @@ def _image_extensions() -> set[str]:
     return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
 
 
-def _plan(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
-    """Pair every input image with the file its reconstruction goes to."""
+def _plan(
+    source: Path, output: Path | None, *, output_is_dir: bool = False, overwrite: bool = False
+) -> list[tuple[Path, Path]]:
+    """Pair every input image with the file its reconstruction goes to.
+
+    ``output_is_dir``: ``-o`` ended with a path separator, so it names a directory even if it does not
+    exist yet. Files that exist before the run are refused unless ``overwrite``; inputs are never replaced.
+    """
     if source.is_dir():
         extensions = _image_extensions()
         inputs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in extensions)
@@ -297,20 +304,37 @@ def _plan(source: Path, output: Path | None) -> list[tuple[Path, Path]]:
             name = f"{src.stem}.png" if f"{src.stem}.png" not in used else f"{src.name}.png"
             used.add(name)
             pairs.append((src, out_dir / name))
-        return pairs
-    if not source.exists():
-        raise _CliError(f"image file not found: {source}")
-    if output is None:
-        dst = source.with_name(f"{source.stem}-roundtrip.png")
-    elif output.is_dir():
-        dst = output / f"{source.stem}-roundtrip.png"
     else:
-        dst = output
-        if dst.suffix.lower() not in _image_extensions():
-            raise _UsageError(f"argument -o/--output: cannot tell the image format of {dst}; use a suffix like .png")
-    if dst.resolve() == source.resolve():
-        raise _UsageError(f"argument -o/--output: refusing to overwrite the input image {source}")
-    return [(source, dst)]
+        if not source.exists():
+            raise _CliError(f"image file not found: {source}")
+        if output is None:
+            dst = source.with_name(f"{source.stem}-roundtrip.png")
+        elif output_is_dir or output.is_dir():
+            dst = output / f"{source.stem}-roundtrip.png"
+        else:
+            dst = output
+            if dst.suffix.lower() not in _image_extensions():
+                raise _UsageError(
+                    f"argument -o/--output: cannot tell the image format of {dst}; use a suffix like .png, "
+                    "or end it with / for a directory"
+                )
+        pairs = [(source, dst)]
+    _check_outputs(pairs, overwrite)
+    return pairs
+
+
+def _check_outputs(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
+    """Refuse to replace an input image, or (without ``overwrite``) any file that exists before the run."""
+    inputs = {src.resolve(): src for src, _ in pairs}
+    for _, dst in pairs:
+        if dst.resolve() in inputs:
+            raise _UsageError(f"argument -o/--output: refusing to overwrite the input image {inputs[dst.resolve()]}")
+    if overwrite:
+        return
+    existing = [dst for _, dst in pairs if dst.exists() or dst.is_symlink()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise _UsageError(f"{existing[0]}{more} already exists; pass --overwrite to replace it, or choose -o OUT")
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -355,7 +379,12 @@ def _load_image(src: Path, size: int | None) -> tuple[Image.Image, torch.Tensor,
 
 
 def _roundtrip_one(
-    vae: Any, device: torch.device, src: Path, image: tuple[Image.Image, torch.Tensor, float], dst: Path
+    vae: Any,
+    device: torch.device,
+    src: Path,
+    image: tuple[Image.Image, torch.Tensor, float],
+    dst: Path,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     from . import latents
     from .image_utils import tensor_to_pil
@@ -376,7 +405,13 @@ def _roundtrip_one(
     recon = tensor_to_pil(y[0])
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        recon.save(dst)
+        if overwrite:
+            recon.save(dst)
+        else:  # "x": a file that appeared since the run started is not replaced either
+            with open(dst, "xb") as file:
+                recon.save(file)  # the format comes from file.name's suffix
+    except FileExistsError as err:
+        raise _CliError(f"{dst} appeared while running; not replaced (pass --overwrite to replace it)") from err
     except (OSError, ValueError) as err:
         raise _CliError(f"cannot write {dst}: {err}") from err
     times["save"] = time.perf_counter() - start
@@ -396,7 +431,9 @@ def _describe(result: dict[str, Any]) -> str:
 def _roundtrip(args: argparse.Namespace) -> int:
     from .vae_loader import VAELoader
 
-    pairs = _plan(args.image, args.output)
+    output = None if args.output is None else Path(args.output)
+    output_is_dir = args.output is not None and args.output.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
+    pairs = _plan(args.image, output, output_is_dir=output_is_dir, overwrite=args.overwrite)
     single = not args.image.is_dir()
     if single:  # read the image before the (slower) model load, so that a bad file fails fast
         image = _load_image(args.image, args.size)
@@ -406,7 +443,7 @@ def _roundtrip(args: argparse.Namespace) -> int:
     print(f"model {args.model} on {device} ({args.dtype}): loaded in {_ms(time.perf_counter() - start)}")
 
     if single:
-        print(_describe(_roundtrip_one(vae, device, args.image, image, pairs[0][1])))
+        print(_describe(_roundtrip_one(vae, device, args.image, image, pairs[0][1], args.overwrite)))
         return 0
 
     from tqdm import tqdm
@@ -414,7 +451,7 @@ def _roundtrip(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for src, dst in tqdm(pairs, desc="roundtrip", unit="image", disable=None):
         try:
-            result = _roundtrip_one(vae, device, src, _load_image(src, args.size), dst)
+            result = _roundtrip_one(vae, device, src, _load_image(src, args.size), dst, args.overwrite)
         except _CliError as err:
             failed += 1
             tqdm.write(f"{args.prog}: skipped {src}: {err}", file=sys.stderr)
@@ -498,9 +535,12 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     rt.add_argument(
         "-o",
         "--output",
-        type=Path,
         metavar="OUT",
-        help="output file (or directory); default IMAGE-roundtrip.png, or DIR-roundtrip/",
+        help="output file, or directory (an existing one, or any path ending in /); "
+        "default IMAGE-roundtrip.png, or DIR-roundtrip/",
+    )
+    rt.add_argument(
+        "--overwrite", action="store_true", help="replace output files that already exist (refused otherwise)"
     )
     return parser
 
@@ -523,7 +563,9 @@ def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
     ) -> None:
         ours = os.path.abspath(filename).startswith(package_dir) or issubclass(category, RuntimeWarning)
         if verbose or ours:
-            print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+            # The library's hints name its arguments; on the command line they are options.
+            text = " ".join(str(message).split()).replace("device='cpu'", "--device cpu")
+            print(f"{prog}: warning: {text}", file=sys.stderr if file is None else file)
 
     return show
 
