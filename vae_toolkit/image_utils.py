@@ -205,7 +205,8 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
         target_size: Required width and height.
 
     Returns:
-        ``(tensor, image)``: float32 ``[1, 3, H, W]`` in ``[-1, 1]`` and the RGB PIL image.
+        ``(tensor, image)``: ``[1, 3, H, W]`` in ``[-1, 1]`` and the RGB PIL image. The tensor has torch's
+        default dtype (float32 unless ``torch.set_default_dtype`` changed it), as in 0.1.0.
 
     Raises:
         ImageProcessingError: the file is missing, unreadable or corrupt, or has another size;
@@ -234,7 +235,8 @@ def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers
         num_workers: Decoding threads; default ``min(len(paths), os.cpu_count())``.
 
     Returns:
-        Contiguous float32 ``[N, 3, target_size, target_size]`` in ``[-1, 1]`` (``N = 0`` for no paths).
+        Contiguous ``[N, 3, target_size, target_size]`` in ``[-1, 1]`` (``N = 0`` for no paths), in torch's
+        default dtype (float32 unless changed).
 
     Raises:
         ImageProcessingError: for the first path (in order) that fails; the message names it.
@@ -490,11 +492,15 @@ def _check_channels(name: str, value: object) -> tuple[float, float, float]:
 
 
 def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normalize: bool = True) -> torch.Tensor:
-    """Convert a PIL image to a float32 ``[3, H, W]`` tensor.
+    """Convert a PIL image to a ``[3, H, W]`` tensor in torch's default dtype (float32 unless changed).
+
+    PIL images are not thread-safe: give each thread its own. One lazily opened image converted from
+    several threads at once is decoded by one of them at a time (so all get the right pixels).
 
     Args:
         pil_image: Any mode; converted to RGB as ``load_and_preprocess_image`` does (the input is not
-            modified). A lazily opened image is decoded here; a corrupt file raises ``ImageProcessingError``.
+            modified). A lazily opened image is decoded here; a corrupt file, or an image closed before it
+            was read, raises ``ImageProcessingError``.
         target_size: When given, resize the shorter side to it (bilinear, antialiased) and
             center-crop a ``target_size x target_size`` square.
         normalize: ``[-1, 1]`` when True, ``[0, 1]`` otherwise.
