@@ -215,8 +215,9 @@ class _HubNoticeFilter(logging.Filter):
     only those, and only from threads inside a load (other threads' records pass)."""
 
     _MESSAGE = re.compile(r"Could not reach the Hub \(.*\)\. Using cached commit hash for ", re.DOTALL)
-    # The loggers that have emitted it: huggingface_hub >= 1.0, and older versions.
-    LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub.utils._http")
+    # Where huggingface_hub logs it (hf_api in 2.x; file_download resolves revisions too). The message
+    # pattern alone decides what is dropped, so a logger that never emits it costs nothing.
+    LOGGERS = ("huggingface_hub.hf_api", "huggingface_hub.file_download")
 
     def __init__(self) -> None:
         super().__init__()
