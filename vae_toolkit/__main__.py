@@ -6,6 +6,10 @@ Commands::
     vae-toolkit models [--json]     the registered VAEs
     vae-toolkit roundtrip IMAGE|DIR --model NAME [--device auto] [--dtype float32] [--size N] [-o OUT] [--overwrite]
                                     encode and decode images, save the reconstructions, print PSNR and timings
+    vae-toolkit encode SOURCE -o OUT --model NAME [--size N] [--batch-size B] [--sample --seed S] ...
+                                    encode a folder of images into a resumable latent store (torchrun: many GPUs)
+    vae-toolkit decode OUT -o DIR [--limit K]
+                                    decode stored latents back to PNG images, to look at them
 
 ``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
 (``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
@@ -470,6 +474,138 @@ def _roundtrip(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- encode / decode ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _log_lines(prog: str) -> Iterator[None]:
+    """Show the library's warnings (a skipped image, an OOM retry) as one line each, above the progress bar."""
+    from tqdm.auto import tqdm
+
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            level = "warning" if record.levelno >= logging.WARNING else "info"
+            tqdm.write(f"{prog}: {level}: {' '.join(record.getMessage().split())}", file=sys.stderr)
+
+    lg = logging.getLogger("vae_toolkit")
+    handler = _Handler(logging.INFO if lg.getEffectiveLevel() <= logging.INFO else logging.WARNING)
+    previous = lg.propagate
+    lg.addHandler(handler)
+    lg.propagate = False
+    try:
+        yield
+    finally:
+        lg.removeHandler(handler)
+        lg.propagate = previous
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .dataset import StoreMismatchError, check_store, encode_dataset, find_images
+    from .vae_loader import VAELoader
+
+    if not args.source.exists():
+        raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    try:
+        find_images(args.source)
+        expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
+        expected.update({"sample": args.sample, "seed": args.seed if args.sample else None})
+        if not args.overwrite:
+            check_store(args.output, **expected)  # refuse a store of another model before loading one
+    except (StoreMismatchError, NotADirectoryError, ValueError) as err:
+        raise _UsageError(str(err)) from err
+    device = args.device
+    if os.environ.get("LOCAL_RANK") is not None and device == "cuda":
+        device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
+    with _quiet_dependencies(args.verbose):
+        vae, device = VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])
+    rank = _rank()
+    with _log_lines(args.prog):
+        summary = encode_dataset(
+            vae,
+            args.source,
+            args.output,
+            model=args.model,
+            size=args.size,
+            batch_size=args.batch_size,
+            sample=args.sample,
+            seed=args.seed,
+            dtype=_DTYPES[args.latent_dtype],
+            workers=args.workers,
+            max_shard_size=int(args.shard_size * 2**20),
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        )
+    if rank == 0:
+        print(f"encode: {summary}")
+    if summary.failed:
+        if rank == 0:
+            print(
+                f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; they are listed "
+                f"under 'failures' in {summary.output / 'latents.safetensors.index.json'}",
+                file=sys.stderr,
+            )
+        return 1
+    return 0
+
+
+def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path]:
+    """``a/b.jpg -> OUT/a/b.png``; when two keys would give the same file, the later one keeps its suffix."""
+    used: set[Path] = set()
+    targets = []
+    for key in keys:
+        target = out_dir / Path(key).with_suffix(".png")
+        if target in used:
+            target = out_dir / f"{key}.png"
+        used.add(target)
+        targets.append(target)
+    return targets
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from . import latents
+    from .dataset import LatentStore
+    from .image_utils import tensor_to_pil
+    from .vae_loader import VAELoader
+
+    try:
+        store = LatentStore(args.store)
+    except (FileNotFoundError, ValueError) as err:
+        raise _UsageError(str(err)) from err
+    model = args.model or store.metadata.get("model")
+    if model not in list_available_models():
+        raise _UsageError(
+            f"the store was made with model {model!r}, which is not registered here; pass --model NAME "
+            f"({', '.join(list_available_models())})"
+        )
+    keys = list(store)[: args.limit] if args.limit is not None else list(store)
+    targets = _decode_targets(keys, args.output)
+    existing = [t for t in targets if t.exists()]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise _UsageError(f"refusing to overwrite {existing[0]}{more}; pass --overwrite to replace them")
+    start = time.perf_counter()
+    with _quiet_dependencies(args.verbose):
+        vae, device = VAELoader().load_sd_vae(model, args.device, dtype=_DTYPES[args.dtype])
+    for key, target in tqdm(
+        list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
+    ):
+        with torch.inference_mode():
+            image = latents.decode(vae, store[key].unsqueeze(0))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tensor_to_pil(image[0]).save(target)
+    print(f"decode: {len(keys)} of {len(store)} latents -> {args.output} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 # --- parser and entry point -----------------------------------------------------------------------
 
 
@@ -490,9 +626,32 @@ def _size_arg(value: str) -> int:
     return size
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a positive integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {number}: expected a positive integer")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected an integer >= 0") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {number}: expected an integer >= 0")
+    return number
+
+
 def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     """The argument parser of ``python -m vae_toolkit``."""
-    parser = _Parser(prog=prog, description="Stable Diffusion VAE toolkit: environment report, models, round trips.")
+    parser = _Parser(
+        prog=prog,
+        description="Stable Diffusion VAE toolkit: environment report, models, round trips, datasets to latents.",
+    )
     parser.add_argument("--version", action="version", version=f"vae-toolkit {__version__}")
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="log what the library does (INFO)")
@@ -542,6 +701,51 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     rt.add_argument(
         "--overwrite", action="store_true", help="replace output files that already exist (refused otherwise)"
     )
+
+    enc = commands.add_parser(
+        "encode",
+        parents=[common],
+        help="encode a folder of images into a latent store (resumable; torchrun for many GPUs)",
+        description="Encode every image under SOURCE (recursively) into a store of safetensors shards in OUT. "
+        "Run the same command again to resume after a crash: images already stored are skipped. Under torchrun "
+        "every rank takes its own GPU and part of the images.",
+    )
+    enc.add_argument("source", type=Path, metavar="SOURCE", help="a folder of images (searched recursively)")
+    enc.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the store folder")
+    enc.add_argument(
+        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
+    )
+    enc.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
+    enc.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
+    enc.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
+    enc.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
+    enc.add_argument(
+        "--latent-dtype", default="float32", choices=list(_DTYPES), help="dtype of the stored latents (float32)"
+    )
+    enc.add_argument("--sample", action="store_true", help="store a sample of the latent distribution, not its mean")
+    enc.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="noise seed with --sample")
+    enc.add_argument(
+        "--workers", type=_positive_int, metavar="W", help="image decoding threads (default: CPUs, max 8)"
+    )
+    enc.add_argument("--shard-size", type=float, default=256, metavar="MB", help="MB of latents per shard (256)")
+    enc.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    dec = commands.add_parser(
+        "decode",
+        parents=[common],
+        help="decode stored latents back to PNG images",
+        description="Decode the latents of a store (in key order) and write them as PNG files under DIR, "
+        "keeping the folders of the keys, so that a person can look at what was stored.",
+    )
+    dec.add_argument("store", type=Path, metavar="OUT", help="a store folder written by encode")
+    dec.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the PNG files")
+    dec.add_argument("--limit", type=_positive_int, metavar="K", help="decode the first K latents only")
+    dec.add_argument("--model", "-m", choices=names, metavar="NAME", help="default: the model the store records")
+    dec.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
+    dec.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
+    dec.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
+    dec.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -623,6 +827,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.command == "models":
                 print(json.dumps(_models_json(), indent=2) if args.json else format_models())
                 return 0
+            if args.command == "encode":
+                return _encode(args)
+            if args.command == "decode":
+                return _decode(args)
             return _roundtrip(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)

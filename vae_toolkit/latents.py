@@ -59,7 +59,7 @@ def encode(
     images: torch.Tensor,
     *,
     sample: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     tile: bool | None = None,
 ) -> torch.Tensor:
     """Encode images in ``[-1, 1]`` to scaled latents ``(z - shift_factor) * scaling_factor``.
@@ -68,7 +68,9 @@ def encode(
         vae: A diffusers ``AutoencoderKL`` (or a model with the same ``encode`` and ``config``).
         images: ``[N, 3, H, W]`` or ``[3, H, W]`` floating tensor in ``[-1, 1]``, any device and dtype.
         sample: Draw ``z`` from the latent distribution instead of taking its mean.
-        generator: Random generator for ``sample=True`` (reproducible samples).
+        generator: Random generator for ``sample=True`` (reproducible samples), or a list of one
+            generator per image: then each image's noise depends on its own generator only, so a
+            batch gives the same latents as encoding its images one at a time.
         tile: ``True`` to encode in tiles, ``False`` never to, ``None`` (default) to tile when the image
             is larger than ``vae.config.sample_size`` or the VAE already has tiling enabled.
 
@@ -89,6 +91,11 @@ def encode(
     _check_shape(images, "images", channels)
     if generator is not None and not sample:
         raise ValueError("generator is only used with sample=True; pass sample=True or drop generator")
+    if isinstance(generator, list) and len(generator) != (images.shape[0] if images.dim() == 4 else 1):
+        raise ValueError(
+            f"generator is a list of {len(generator)} generators for {images.shape[0] if images.dim() == 4 else 1} "
+            "image(s); pass one generator per image"
+        )
     dtype, device = _dtype_device(vae)
     out_dtype = _output_dtype(dtype)
     scale, shift = scaling_factors(vae)
