@@ -408,14 +408,18 @@ def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, An
     return stored
 
 
+def _is_temporary(name: str) -> bool:
+    """A file :func:`_atomic_write` had not renamed yet: ``<shard or index name>.<8 hex>.tmp``."""
+    base, _, rest = name.rpartition(".")[0].rpartition(".")
+    return name.endswith(_TMP_SUFFIX) and len(rest) == 8 and (base == INDEX_NAME or bool(_SHARD_RE.match(base)))
+
+
 def _remove_store_files(folder: Path) -> int:
     """Delete this library's files in ``folder`` (shards, temporary files, index); nothing else."""
     removed = 0
     for path in folder.iterdir():
         name = path.name
-        ours = _SHARD_RE.match(name) or name == INDEX_NAME
-        tmp = name.endswith(_TMP_SUFFIX) and (name.startswith("latents-") or name.startswith(INDEX_NAME))
-        if (ours or tmp) and path.is_file():
+        if (_SHARD_RE.match(name) or name == INDEX_NAME or _is_temporary(name)) and path.is_file():
             path.unlink()
             removed += 1
     return removed
@@ -682,8 +686,9 @@ def encode_dataset(
     try:
         if dist.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            for tmp in out.glob(f"latents-*{_TMP_SUFFIX}"):  # left by a killed run; no rank writes yet
-                tmp.unlink(missing_ok=True)
+            for tmp in out.iterdir():  # left by a killed run; no rank writes yet
+                if _is_temporary(tmp.name):
+                    tmp.unlink(missing_ok=True)
         dist.barrier()
         state = _scan(out)
         problems = _mismatch(state.settings, settings) if state.settings is not None else []

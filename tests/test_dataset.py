@@ -1,0 +1,508 @@
+"""Encoding folders to a latent store (``vae_toolkit.dataset``): values, resume, bad inputs, OOM, reading back.
+
+The crash (SIGKILL) and torchrun tests are in test_dataset_processes.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_vae
+from PIL import Image
+
+from vae_toolkit import dataset, latents, pil_to_tensor
+from vae_toolkit.dataset import (
+    INDEX_NAME,
+    LatentStore,
+    StoreMismatchError,
+    check_store,
+    encode_dataset,
+    find_images,
+    sample_generator,
+)
+
+# (width, height) of the test images: three sizes (one not a multiple of 8), in two sub-folders
+SIZES = [(16, 16), (24, 16), (17, 35), (16, 16), (32, 24)]
+
+
+def write_images(folder: Path, n: int = 10, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    keys = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        rel = Path(f"part{i % 2}") / f"img{i:03d}{'.png' if i % 3 else '.jpg'}"
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / rel)
+        keys.append(rel.as_posix())
+    return sorted(keys)
+
+
+def reference(vae, path: Path, size: int | None = None, **kwargs) -> torch.Tensor:
+    """The latent of one image encoded alone, prepared as the store does."""
+    with Image.open(path) as img:
+        if size is not None:
+            x = pil_to_tensor(img, target_size=size)
+        else:
+            w, h = img.size
+            cw, ch = w - w % 8, h - h % 8
+            left, top = (w - cw) // 2, (h - ch) // 2
+            x = pil_to_tensor(img.crop((left, top, left + cw, top + ch)))
+    with torch.no_grad():
+        return latents.encode(vae, x, **kwargs)
+
+
+def shard_keys(folder: Path) -> list[str]:
+    """Every tensor name in every shard file (duplicates included)."""
+    from safetensors import safe_open
+
+    keys = []
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            keys += list(f.keys())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return make_tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder)
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden.png").write_bytes(b"skipped: hidden")
+    (folder / ".cache").mkdir()
+    Image.new("RGB", (16, 16)).save(folder / ".cache" / "x.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def store(vae, source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    encode_dataset(vae, source, out, batch_size=3, progress=False, model="tiny")
+    return out
+
+
+# --- the values -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size, workers", [(1, 1), (3, 2), (8, 4)])
+@pytest.mark.parametrize("size", [None, 16])
+def test_every_latent_equals_encoding_that_image_alone(vae, source, tmp_path, batch_size, workers, size):
+    summary = encode_dataset(vae, source, tmp_path, batch_size=batch_size, workers=workers, size=size, progress=False)
+    assert summary.encoded == summary.total == 10 and not summary.failed
+    with LatentStore(tmp_path) as s:
+        assert len(s) == 10
+        for key in s:
+            expected = reference(vae, source / key, size)
+            got = s[key]
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            assert (got - expected).abs().max().item() <= 1e-5, key
+            w, h = s.entry(key)["size"]
+            assert (w * 1, h * 1) == ((size, size) if size else (expected.shape[-1] * 2, expected.shape[-2] * 2))
+
+
+def test_latents_are_stored_scaled_with_the_models_factors(source, tmp_path):
+    vae = make_tiny_vae(scaling_factor=0.5, shift_factor=0.25)
+    encode_dataset(vae, source, tmp_path, progress=False)
+    s = LatentStore(tmp_path)
+    key = s.key(0)
+    with torch.no_grad():
+        x = pil_to_tensor(Image.open(source / key))
+        mean = vae.encode(x.unsqueeze(0)).latent_dist.mean[0]
+    torch.testing.assert_close(s[key], (mean - 0.25) * 0.5, atol=1e-5, rtol=0)
+    assert s.metadata["scaling_factor"] == 0.5 and s.metadata["shift_factor"] == 0.25
+
+
+def test_sampled_noise_depends_only_on_seed_and_key(vae, source, tmp_path):
+    runs = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"b{batch_size}"
+        encode_dataset(vae, source, out, batch_size=batch_size, sample=True, seed=7, progress=False)
+        runs[batch_size] = LatentStore(out)
+    for key in runs[1]:
+        expected = reference(vae, source / key, sample=True, generator=sample_generator(7, key))
+        assert (runs[1][key] - expected).abs().max().item() <= 1e-5
+        assert (runs[4][key] - expected).abs().max().item() <= 1e-5
+    mean = reference(vae, source / runs[1].key(0))
+    assert (runs[1][runs[1].key(0)] - mean).abs().max().item() > 1e-3  # really sampled
+    other = tmp_path / "seed8"
+    encode_dataset(vae, source, other, sample=True, seed=8, progress=False)
+    assert not torch.allclose(LatentStore(other)[runs[1].key(0)], runs[1][runs[1].key(0)])
+
+
+def test_sample_generator_is_deterministic_and_key_specific():
+    a = torch.randn(4, generator=sample_generator(1, "a.png"))
+    assert torch.equal(a, torch.randn(4, generator=sample_generator(1, "a.png")))
+    assert not torch.equal(a, torch.randn(4, generator=sample_generator(1, "b.png")))
+    assert not torch.equal(a, torch.randn(4, generator=sample_generator(2, "a.png")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_store_dtype(vae, source, tmp_path, dtype):
+    encode_dataset(vae, source, tmp_path, dtype=dtype, progress=False)
+    s = LatentStore(tmp_path)
+    key = s.key(0)
+    assert s[key].dtype == dtype and s.metadata["dtype"] == str(dtype).removeprefix("torch.")
+    torch.testing.assert_close(s[key].float(), reference(vae, source / key), atol=2e-2, rtol=2e-2)
+
+
+# --- listing and the index ------------------------------------------------------------------------
+
+
+def test_keys_are_sorted_relative_paths_of_images_only(source):
+    root, keys = find_images(source)
+    assert root == source.absolute()
+    assert keys == write_images(source.parent / "again")  # same names, sorted; .txt and hidden entries skipped
+    assert all("/" in k and not k.startswith(".") for k in keys)
+
+
+def test_a_list_of_files_is_keyed_relative_to_their_common_folder(vae, source, tmp_path):
+    files = [source / "part1" / "img001.png", source / "part0" / "img000.jpg"]
+    root, keys = find_images([str(f) for f in files])
+    assert root == source.absolute() and keys == ["part0/img000.jpg", "part1/img001.png"]
+    summary = encode_dataset(vae, files, tmp_path, progress=False)
+    assert summary.total == 2 and list(LatentStore(tmp_path)) == keys
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda p: p / "missing", FileNotFoundError, "image folder not found"),
+        (lambda p: p, ValueError, "no image files found"),
+        (lambda p: [p / "missing.png"], FileNotFoundError, "image file not found"),
+        (lambda p: [], ValueError, "no image files given"),
+    ],
+)
+def test_find_images_errors(tmp_path, make, exc, match):
+    with pytest.raises(exc, match=match):
+        find_images(make(tmp_path))
+
+
+def test_index_records_what_a_reader_needs(store, source):
+    index = json.loads((store / INDEX_NAME).read_text())
+    meta = index["metadata"]
+    assert meta["model"] == "tiny" and meta["dtype"] == "float32" and meta["vae_dtype"] == "float32"
+    assert meta["scaling_factor"] == 0.18215 and meta["shift_factor"] == 0.0 and meta["latent_channels"] == 4
+    assert meta["vae_toolkit_version"] == dataset.__version__ and meta["size"] is None and meta["sample"] is False
+    assert meta["count"] == 10 and meta["total_size"] == sum(p.stat().st_size for p in store.glob("*.safetensors"))
+    assert sorted(index["weight_map"]) == find_images(source)[1]
+    assert set(index["weight_map"].values()) == {p.name for p in store.glob("*.safetensors")}
+    for key, entry in index["entries"].items():
+        st = (source / key).stat()
+        assert entry["source_bytes"] == st.st_size and entry["source_mtime_ns"] == st.st_mtime_ns
+        assert len(entry["size"]) == 2
+    assert index["failures"] == {}
+
+
+def test_registered_model_records_its_repo(vae, source, tmp_path):
+    encode_dataset(vae, source, tmp_path, model="sd15", progress=False)
+    meta = LatentStore(tmp_path).metadata
+    assert meta["model"] == "sd15" and meta["repo_id"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def test_shards_are_split_by_size_and_each_key_is_stored_once(vae, source, tmp_path):
+    encode_dataset(vae, source, tmp_path, batch_size=2, max_shard_size=1, progress=False)
+    keys = shard_keys(tmp_path)
+    assert len(keys) == len(set(keys)) == 10
+    assert len(list(tmp_path.glob("*.safetensors"))) == 10  # max_shard_size=1: one latent per shard
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def test_second_run_encodes_nothing(vae, source, tmp_path):
+    first = encode_dataset(vae, source, tmp_path, progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = encode_dataset(vae, source, tmp_path, progress=False)
+    assert (first.encoded, again.encoded, again.skipped, again.shards) == (10, 0, 10, 0)
+    after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != INDEX_NAME}
+    assert after == {k: v for k, v in before.items() if k != INDEX_NAME}
+
+
+def test_changed_image_is_encoded_again_and_replaces_the_old_latent(vae, tmp_path):
+    src = tmp_path / "src"
+    keys = write_images(src, n=4)
+    out = tmp_path / "out"
+    encode_dataset(vae, src, out, max_shard_size=1, progress=False)
+    changed = src / keys[1]
+    Image.fromarray(np.full((16, 24, 3), 200, np.uint8)).save(changed)
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    summary = encode_dataset(vae, src, out, max_shard_size=1, progress=False)
+    assert (summary.encoded, summary.skipped) == (1, 3)
+    s = LatentStore(out)
+    assert (s[keys[1]] - reference(vae, changed)).abs().max().item() <= 1e-5
+    assert s.entry(keys[1])["source_mtime_ns"] == changed.stat().st_mtime_ns
+    assert sorted(shard_keys(out)) == keys  # the shard holding only the old latent was removed
+
+
+def test_new_images_are_added_and_removed_ones_kept(vae, tmp_path):
+    src = tmp_path / "src"
+    keys = write_images(src, n=4)
+    out = tmp_path / "out"
+    encode_dataset(vae, src, out, progress=False)
+    Image.new("RGB", (16, 16), "red").save(src / "new.png")
+    (src / keys[0]).unlink()
+    summary = encode_dataset(vae, src, out, progress=False)
+    assert (summary.total, summary.encoded, summary.skipped) == (4, 1, 3)
+    assert sorted(LatentStore(out)) == sorted(keys + ["new.png"])  # nothing stored is destroyed
+
+
+def test_leftover_temporary_files_are_removed(vae, source, tmp_path):
+    (tmp_path / "latents-0123456789ab-r000-00000.safetensors.deadbeef.tmp").write_bytes(b"half a shard")
+    (tmp_path / f"{INDEX_NAME}.0123abcd.tmp").write_bytes(b"half an index")
+    (tmp_path / "keep.txt").write_text("not ours")
+    encode_dataset(vae, source, tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.tmp"))
+    assert (tmp_path / "keep.txt").read_text() == "not ours"
+
+
+def test_a_corrupt_shard_is_ignored_and_its_images_encoded_again(vae, source, tmp_path, caplog):
+    encode_dataset(vae, source, tmp_path, max_shard_size=1, progress=False)
+    (tmp_path / INDEX_NAME).unlink()
+    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:50])
+    with caplog.at_level(logging.WARNING, logger="vae_toolkit"):
+        summary = encode_dataset(vae, source, tmp_path, max_shard_size=1, progress=False)
+    assert summary.encoded == 1 and summary.skipped == 9
+    assert any("unreadable shard" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
+    assert len(LatentStore(tmp_path)) == 10
+
+
+def test_the_index_is_rebuilt_from_the_shards(vae, source, tmp_path):
+    encode_dataset(vae, source, tmp_path, progress=False)
+    expected = json.loads((tmp_path / INDEX_NAME).read_text())
+    (tmp_path / INDEX_NAME).write_text("{ truncated")
+    summary = encode_dataset(vae, source, tmp_path, progress=False)
+    assert summary.encoded == 0
+    assert json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"] == expected["weight_map"]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(size=16), "size: stored None, requested 16"),
+        (dict(model="other"), "model: stored 'tiny', requested 'other'"),
+        (dict(dtype=torch.float16), "dtype: stored 'float32', requested 'float16'"),
+        (dict(sample=True), "sample: stored False, requested True"),
+    ],
+)
+def test_a_store_with_other_settings_is_refused(vae, source, store, change, message):
+    before = sorted(p.name for p in store.iterdir())
+    kwargs = {"model": "tiny", **change}
+    with pytest.raises(StoreMismatchError, match=message) as info:
+        encode_dataset(vae, source, store, progress=False, **kwargs)
+    assert "overwrite" in str(info.value) and isinstance(info.value, ValueError)
+    assert sorted(p.name for p in store.iterdir()) == before
+
+
+def test_overwrite_encodes_everything_again(vae, source, tmp_path):
+    encode_dataset(vae, source, tmp_path, progress=False)
+    (tmp_path / "keep.txt").write_text("not ours")
+    summary = encode_dataset(vae, source, tmp_path, size=16, overwrite=True, progress=False)
+    assert summary.encoded == 10 and LatentStore(tmp_path).metadata["size"] == 16
+    assert (tmp_path / "keep.txt").exists()
+    assert len(shard_keys(tmp_path)) == 10
+
+
+def test_check_store(store, tmp_path):
+    assert check_store(tmp_path / "none") is None
+    assert check_store(store, model="tiny", size=None)["model"] == "tiny"
+    with pytest.raises(StoreMismatchError, match="model: stored 'tiny', requested 'sd14'"):
+        check_store(store, model="sd14")
+    with pytest.raises(TypeError, match="unknown settings"):
+        check_store(store, colour="red")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        check_store(tmp_path / "file")
+
+
+# --- bad inputs -----------------------------------------------------------------------------------
+
+
+def test_bad_images_are_skipped_recorded_and_the_rest_stored(vae, tmp_path, caplog):
+    src = tmp_path / "src"
+    keys = write_images(src, n=4)
+    (src / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = src / keys[0]
+    (src / "truncated.png").write_bytes(good.read_bytes()[:60])
+    Image.new("RGB", (5, 40)).save(src / "tiny.png")  # narrower than 8 pixels
+    with caplog.at_level(logging.WARNING, logger="vae_toolkit"):
+        summary = encode_dataset(vae, src, tmp_path / "out", progress=False)
+    bad = {"corrupt.png", "truncated.png", "tiny.png"}
+    assert set(summary.failed) == bad and summary.encoded == 4
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3 and all("\n" not in w for w in warned)
+    assert {w.split(":")[0].removeprefix("skipped ") for w in warned} == bad
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    assert set(index["failures"]) == bad and "5x40" in index["failures"]["tiny.png"]
+    assert sorted(LatentStore(tmp_path / "out")) == keys
+
+
+def test_failed_images_are_tried_again_and_leave_the_failures_once_fixed(vae, tmp_path):
+    src = tmp_path / "src"
+    write_images(src, n=2)
+    (src / "later.png").write_bytes(b"not yet")
+    assert set(encode_dataset(vae, src, tmp_path / "out", progress=False).failed) == {"later.png"}
+    Image.new("RGB", (16, 16), "blue").save(src / "later.png")
+    summary = encode_dataset(vae, src, tmp_path / "out", progress=False)
+    assert summary.encoded == 1 and not summary.failed
+    assert json.loads((tmp_path / "out" / INDEX_NAME).read_text())["failures"] == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(batch_size=0), ValueError, "batch_size must be >= 1"),
+        (dict(batch_size=2.0), TypeError, "batch_size must be an int"),
+        (dict(size=12), ValueError, "size must be a multiple of 8"),
+        (dict(size=4), ValueError, "size must be >= 8"),
+        (dict(workers=0), ValueError, "workers must be >= 1"),
+        (dict(seed=-1), ValueError, "seed must be >= 0"),
+        (dict(dtype=torch.int8), ValueError, "dtype must be one of float32"),
+        (dict(max_shard_size=0), ValueError, "max_shard_size must be >= 1"),
+    ],
+)
+def test_bad_arguments(vae, source, tmp_path, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        encode_dataset(vae, source, tmp_path, progress=False, **kwargs)
+    assert not any(tmp_path.iterdir())
+
+
+def test_output_that_is_a_file_is_refused(vae, source, tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        encode_dataset(vae, source, tmp_path / "out", progress=False)
+
+
+# --- out of memory --------------------------------------------------------------------------------
+
+
+def _oom_above(vae, monkeypatch, limit: int, calls: list[int]):
+    real = vae.encode
+
+    def encode(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate for a batch of {x.shape[0]}")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", encode)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_values(source, tmp_path, monkeypatch, caplog):
+    vae, calls = make_tiny_vae(), []
+    _oom_above(vae, monkeypatch, 1, calls)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(9):
+        pixels = np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(src / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="vae_toolkit"):
+        summary = encode_dataset(vae, src, tmp_path / "out", batch_size=8, progress=False)
+    assert summary.encoded == 9 and not summary.failed
+    assert calls[:4] == [8, 4, 2, 1]  # halved down to 1, then kept at 1 for this size
+    assert set(calls[4:]) == {1}
+    messages = [r.getMessage() for r in caplog.records]
+    assert "out of memory encoding a batch of 8 images of 16x16; retrying with batches of 4" in messages
+    assert "out of memory encoding a batch of 2 images of 16x16; retrying with batches of 1" in messages
+    monkeypatch.undo()
+    s = LatentStore(tmp_path / "out")
+    for key in s:
+        assert (s[key] - reference(vae, src / key)).abs().max().item() <= 1e-5
+
+
+def test_out_of_memory_on_a_single_image_is_a_failure(source, tmp_path, monkeypatch):
+    vae, calls = make_tiny_vae(), []
+    _oom_above(vae, monkeypatch, 0, calls)
+    summary = encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
+    assert summary.encoded == 0 and len(summary.failed) == 10
+    assert all("out of memory" in reason and "--size" in reason for reason in summary.failed.values())
+
+
+# --- reading back ---------------------------------------------------------------------------------
+
+
+def test_store_is_a_read_only_mapping(store, source):
+    s = LatentStore(store)
+    keys = find_images(source)[1]
+    assert len(s) == 10 and list(s) == keys and list(s.keys()) == keys
+    assert keys[0] in s and "nope.png" not in s and 0 not in s
+    assert s.get("nope.png") is None
+    assert isinstance(s[keys[0]], torch.Tensor)
+    with pytest.raises(KeyError, match=r"'nope.png' is not in the latent store .* \(10 latents\)"):
+        s["nope.png"]
+    with pytest.raises(TypeError):
+        s["x"] = torch.zeros(1)  # type: ignore[index]
+    with pytest.raises(TypeError, match="keys are str"):
+        s[1.5]  # type: ignore[index]
+    assert "10 latents" in repr(s) and "tiny" in repr(s)
+
+
+def test_store_is_a_dataset(store):
+    s = LatentStore(store)
+    assert isinstance(s, torch.utils.data.Dataset)
+    assert torch.equal(s[0], s[s.key(0)]) and torch.equal(s[-1], s[s.key(9)])
+    with pytest.raises(IndexError, match="index 10 out of range for a store of 10 latents"):
+        s[10]
+    same_size = [i for i in range(len(s)) if s[i].shape == s[0].shape]
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(s, same_size), batch_size=2)
+    batch = next(iter(loader))
+    assert batch.shape == (2, *s[0].shape)
+
+
+def test_store_pickles_for_dataloader_workers(store):
+    s = LatentStore(store)
+    first = s[0]  # opens a shard handle, which cannot be pickled
+    clone = pickle.loads(pickle.dumps(s))
+    assert torch.equal(clone[0], first) and len(clone) == len(s)
+
+
+def test_opening_reads_only_the_index(store, monkeypatch):
+    import safetensors
+
+    opened = []
+    real = safetensors.safe_open
+
+    def spy(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", spy)
+    s = LatentStore(store)
+    assert opened == [] and len(s) == 10
+    s[s.key(0)]
+    s[s.key(0)]
+    assert opened == [json.loads((store / INDEX_NAME).read_text())["weight_map"][s.key(0)]]
+
+
+def test_missing_store_errors(vae, source, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no latent store at"):
+        LatentStore(tmp_path)
+    encode_dataset(vae, source, tmp_path, progress=False)
+    (tmp_path / INDEX_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="did not finish; run the same encode command again"):
+        LatentStore(tmp_path)
+    (tmp_path / INDEX_NAME).write_text("{}")
+    with pytest.raises(ValueError, match="not a vae-toolkit latent index"):
+        LatentStore(tmp_path)
+
+
+def test_entry_and_failures(store, source):
+    s = LatentStore(store)
+    entry = s.entry(s.key(0))
+    assert entry["source_bytes"] == (source / s.key(0)).stat().st_size
+    entry["size"] = None
+    assert s.entry(s.key(0))["size"] is not None  # a copy
+    assert s.failures == {}
+    with pytest.raises(KeyError):
+        s.entry("nope.png")
