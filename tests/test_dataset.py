@@ -116,8 +116,8 @@ def test_latents_are_stored_scaled_with_the_models_factors(source, tmp_path):
     encode_dataset(vae, source, tmp_path, progress=False)
     s = LatentStore(tmp_path)
     key = s.key(0)
-    with torch.no_grad():
-        x = pil_to_tensor(Image.open(source / key))
+    with torch.no_grad(), Image.open(source / key) as img:
+        x = pil_to_tensor(img)
         mean = vae.encode(x.unsqueeze(0)).latent_dist.mean[0]
     torch.testing.assert_close(s[key], (mean - 0.25) * 0.5, atol=1e-5, rtol=0)
     assert s.metadata["scaling_factor"] == 0.5 and s.metadata["shift_factor"] == 0.25
