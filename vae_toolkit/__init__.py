@@ -8,6 +8,7 @@ __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
+from .dataset import LatentStore, encode_dataset
 from .device_manager import DeviceManager, auto_select_device
 from .image_utils import (
     DEFAULT_PROCESSOR,
@@ -54,4 +55,7 @@ __all__ = [
     "load_images",
     "VAELoadError",
     "latents",
+    # datasets
+    "encode_dataset",
+    "LatentStore",
 ]
