@@ -28,6 +28,7 @@ How the properties hold:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -233,7 +234,8 @@ class _Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend)
+        # ranks wait for each other only at the end of their part, which can differ by hours on a big dataset
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=24))
         logger.info("initialised torch.distributed (%s): rank %d of %d", backend, dist.get_rank(), world_size)
         return cls(dist.get_rank(), dist.get_world_size(), owns_group=True)
 
