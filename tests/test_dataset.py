@@ -429,6 +429,25 @@ def test_out_of_memory_on_a_single_image_is_a_failure(source, tmp_path, monkeypa
     assert all("out of memory" in reason and "--size" in reason for reason in summary.failed.values())
 
 
+def test_an_interrupted_run_keeps_what_it_encoded(vae, source, tmp_path, monkeypatch):
+    real, calls = vae.encode, []
+
+    def encode(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "encode", encode)
+    with pytest.raises(KeyboardInterrupt):
+        encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
+    kept = shard_keys(tmp_path)
+    assert len(kept) == sum(calls[:2]) > 0  # the two batches before Ctrl-C were written
+    monkeypatch.undo()
+    summary = encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
+    assert (summary.encoded, summary.skipped) == (10 - len(kept), len(kept))
+
+
 # --- reading back ---------------------------------------------------------------------------------
 
 

@@ -33,11 +33,11 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -483,28 +483,28 @@ def _prefetch(
         stat = _stat(path)
         return stat, _load(path, size)
 
-    pending: queue.Queue[tuple[str, Future[tuple[tuple[int, int], torch.Tensor]]]] = queue.Queue()
+    pending: deque[tuple[str, Future[tuple[tuple[int, int], torch.Tensor]]]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vae_toolkit_encode") as pool:
         it = iter(paths)
         try:
             for key, path in it:
-                pending.put((key, pool.submit(work, path)))
-                if pending.qsize() >= window:
+                pending.append((key, pool.submit(work, path)))
+                if len(pending) >= window:
                     break
-            while not pending.empty():
-                key, future = pending.get()
+            while pending:
+                key, future = pending.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.put((nxt[0], pool.submit(work, nxt[1])))
+                    pending.append((nxt[0], pool.submit(work, nxt[1])))
                 try:
                     stat, image = future.result()
-                except Exception as err:
+                except Exception as err:  # a bad file: reported, never stops the run
                     yield key, None, err
                 else:
                     yield key, stat, image
         finally:
-            while not pending.empty():
-                pending.get()[1].cancel()
+            for _, future in pending:
+                future.cancel()
 
 
 class _Encoder:
@@ -727,8 +727,10 @@ def encode_dataset(
         )  # fmt: skip
         writer = _ShardWriter(out, uuid.uuid4().hex[:12], dist.rank, settings, max_shard_size)
         encoder = _Encoder(vae, sample, seed, dtype)
-        encoded, failed = _pipeline(mine, size, batch_size, workers, encoder, writer, progress and dist.rank == 0)
-        writer.flush()
+        try:
+            encoded, failed = _pipeline(mine, size, batch_size, workers, encoder, writer, progress and dist.rank == 0)
+        finally:  # also on Ctrl-C or an error: keep what was encoded, the next run resumes from it
+            writer.flush()
         dist.barrier()  # all shards are on disk
         results = dist.gather((encoded, failed, len(writer.written)))
         failures = {k: v for _, f, _ in results for k, v in f.items()}
