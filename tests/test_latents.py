@@ -83,6 +83,22 @@ def test_sample_with_generator_is_reproducible(vae, images):
     assert not torch.equal(a, mean)
 
 
+def test_one_generator_per_image_gives_the_latents_of_each_image_alone(vae, images):
+    with torch.no_grad():
+        batch = latents.encode(vae, images, sample=True, generator=[torch.Generator().manual_seed(s) for s in (3, 4)])
+        alone = [
+            latents.encode(vae, images[i], sample=True, generator=torch.Generator().manual_seed(s))
+            for i, s in enumerate((3, 4))
+        ]
+    for i in range(2):
+        torch.testing.assert_close(batch[i], alone[i], rtol=0, atol=1e-5)
+
+
+def test_generator_list_must_match_the_batch(vae, images):
+    with pytest.raises(ValueError, match="list of 3 generators for 2 image"):
+        latents.encode(vae, images, sample=True, generator=[torch.Generator()] * 3)
+
+
 def test_generator_without_sample_is_an_error(vae, images):
     with pytest.raises(ValueError, match="sample=True"):
         latents.encode(vae, images, generator=torch.Generator())
