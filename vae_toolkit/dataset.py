@@ -835,7 +835,7 @@ def _write_index(folder: Path, settings: dict[str, Any], failures: dict[str, str
 # --- reading --------------------------------------------------------------------------------------
 
 
-class LatentStore(Mapping[str, torch.Tensor], Dataset):  # type: ignore[type-arg]
+class LatentStore(Mapping[str, torch.Tensor], Dataset):
     """A latent store opened read-only: a mapping ``key -> latent`` and a ``torch.utils.data.Dataset``.
 
     Opening reads the index only; a latent is read from its memory-mapped shard when asked for. As a
@@ -883,7 +883,7 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):  # type: ignore[type-arg
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in self._weight_map
 
-    def __getitem__(self, key: str | int) -> torch.Tensor:  # type: ignore[override]
+    def __getitem__(self, key: str | int) -> torch.Tensor:
         """The latent of ``key`` (a str), or of the ``key``-th key in sorted order (an int)."""
         if isinstance(key, int) and not isinstance(key, bool):
             key = self.key(key)
