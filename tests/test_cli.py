@@ -257,10 +257,8 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"vae-toolkit {vae_toolkit.__version__}"
 
 
-def test_env_reports_every_gpu_and_the_pick(monkeypatch, fake_cuda):
-    fake_cuda([(3 * GB, 8 * GB), (6 * GB, 8 * GB)])
-    monkeypatch.setattr("vae_toolkit.device_manager._nvml_memory", lambda count: None)
-    monkeypatch.setattr(cli, "_nvml_memory", lambda count: None)
+def test_env_reports_every_gpu_and_the_pick_without_nvml(fake_cuda, caplog):
+    cuda = fake_cuda([(3 * GB, 8 * GB), (6 * GB, 8 * GB)])
     info = cli.collect_env()
     assert [g["device"] for g in info["gpus"]] == ["cuda:0", "cuda:1"]
     assert [g["free_memory"] for g in info["gpus"]] == [3 * GB, 6 * GB]
@@ -268,14 +266,35 @@ def test_env_reports_every_gpu_and_the_pick(monkeypatch, fake_cuda):
     assert info["gpus"][1]["name"] == "Fake GPU 1"
     assert info["auto_device"]["device"] == "cuda:1"
     assert "most free memory" in info["auto_device"]["reason"]
+    assert sorted(set(cuda.mem_get_info_calls)) == [0, 1]  # the documented cost of the fallback ...
+    notices = [r.getMessage() for r in caplog.records if "NVML cannot be used" in r.getMessage()]
+    assert len(notices) == 1 and "nvidia-ml-py is not installed" in notices[0]  # ... stated once
     text = cli.format_env(info)
-    assert "GPU cuda:1:" in text and "6.0 GB free" in text
+    assert "GPU cuda:1:" in text and "6.0 GB free (torch)" in text
     json.dumps(info)
 
 
-def test_env_prefers_nvml_memory(monkeypatch, fake_cuda):
+def test_env_with_nvml_creates_no_cuda_context(fake_cuda, fake_nvml):
+    cuda = fake_cuda([(3 * GB, 8 * GB), (3 * GB, 8 * GB), (3 * GB, 8 * GB)])
+    fake_nvml([(5 * GB, 16 * GB), (9 * GB, 16 * GB), (1 * GB, 16 * GB)])
+    info = cli.collect_env()
+    assert [(g["free_memory"], g["total_memory"], g["memory_source"]) for g in info["gpus"]] == [
+        (5 * GB, 16 * GB, "nvml"),
+        (9 * GB, 16 * GB, "nvml"),
+        (1 * GB, 16 * GB, "nvml"),
+    ]
+    assert info["auto_device"] == {
+        "device": "cuda:1",
+        "reason": "most free memory of 3 CUDA devices, 9.0 GB",
+        "warnings": [],
+    }
+    assert cuda.mem_get_info_calls == [] and cuda.context_devices == set()
+    assert "GPU cuda:1:" in cli.format_env(info) and "9.0 GB free (nvml)" in cli.format_env(info)
+
+
+def test_env_single_gpu(fake_cuda, fake_nvml):
     fake_cuda([(3 * GB, 8 * GB)])
-    monkeypatch.setattr(cli, "_nvml_memory", lambda count: [(5 * GB, 16 * GB)])
+    fake_nvml([(5 * GB, 16 * GB)])
     info = cli.collect_env()
     assert info["gpus"][0]["free_memory"] == 5 * GB
     assert info["gpus"][0]["memory_source"] == "nvml"

@@ -8,7 +8,7 @@ __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
-from .device_manager import DeviceManager, auto_select_device
+from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
 from .image_utils import (
     DEFAULT_PROCESSOR,
     SD_PROCESSOR,
@@ -51,6 +51,8 @@ __all__ = [
     # new in 0.2.0
     "DeviceManager",
     "auto_select_device",
+    "list_devices",
+    "DeviceRecord",
     "load_images",
     "VAELoadError",
     "latents",
