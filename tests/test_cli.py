@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,74 @@ def test_env_never_shows_the_token(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "hf_secretvalue123" not in out
     assert json.loads(out)["huggingface"]["token"] == "set (HF_TOKEN)"
+
+
+# --- PSNR: the printed value against an independent computation ------------------------------------
+
+
+def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _printed_psnrs(out: str) -> list[str]:
+    return re.findall(r"PSNR (\S+) dB", out)
+
+
+def test_roundtrip_psnr_equals_an_independent_computation_on_the_files(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "in.png", 32, 24, seed=3)
+    dst = tmp_path / "rec.png"
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(dst)]) == 0
+    with Image.open(src) as a, Image.open(dst) as b:
+        expected = _psnr_db(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+    assert 0 < expected < 60
+    assert _printed_psnrs(capsys.readouterr().out) == [f"{expected:.2f}"]
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(16, 240, (16, 16, 3), dtype=np.uint8)
+
+
+def _offset(step: int, every: int):
+    """A decode that returns its input with ``step`` levels added to every ``every``-th value (known MSE)."""
+    delta = torch.zeros(1, 3, 16, 16)
+    delta.view(-1)[::every] = step / 127.5
+    return lambda vae, z, **kwargs: z + delta
+
+
+@pytest.mark.parametrize(
+    ("step", "every", "expected"),
+    [
+        pytest.param(4, 4, "42.11", id="mse-4"),  # 192 of 768 values off by 4: MSE 4, 10*log10(255**2/4)
+        pytest.param(1, 1, "48.13", id="mse-1"),  # every value off by 1: MSE 1
+        pytest.param(15, 3, "29.38", id="mse-75"),  # 256 of 768 values off by 15: MSE 75
+        pytest.param(0, 1, "inf", id="identical"),
+    ],
+)
+def test_roundtrip_psnr_of_a_known_mse(capsys, tmp_path, hf_home, monkeypatch, step, every, expected):
+    arr = _pixels(0)
+    src = tmp_path / "in.png"
+    Image.fromarray(arr).save(src)
+    monkeypatch.setattr("vae_toolkit.latents.encode", lambda vae, x, **kwargs: x)  # latents = the image itself
+    monkeypatch.setattr("vae_toolkit.latents.decode", _offset(step, every))
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(tmp_path / "rec.png")]) == 0
+    with Image.open(tmp_path / "rec.png") as rec:
+        got = np.asarray(rec)
+    diff = got.astype(np.int64) - arr
+    assert float(np.mean(diff**2)) == (step**2 / every if step else 0.0)  # the pair really has that MSE
+    assert f"{_psnr_db(arr, got):.2f}" == expected
+    assert _printed_psnrs(capsys.readouterr().out) == [expected]
+
+
+def test_roundtrip_directory_mean_psnr_of_known_mses(capsys, tmp_path, hf_home, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
+        Image.fromarray(_pixels(seed)).save(folder / name)
+    decodes = iter([_offset(4, 4), _offset(1, 1), _offset(0, 1)])  # MSE 4, 1, identical (sorted order)
+    monkeypatch.setattr("vae_toolkit.latents.encode", lambda vae, x, **kwargs: x)
+    monkeypatch.setattr("vae_toolkit.latents.decode", lambda vae, z, **kwargs: next(decodes)(vae, z))
+    assert cli.main(["roundtrip", str(folder), "--model", "sd14"]) == 0
+    # the mean is over the finite values: (42.11 + 48.13) / 2, computed before rounding
+    mean = (10 * np.log10(255.0**2 / 4) + 10 * np.log10(255.0**2)) / 2
+    assert _printed_psnrs(capsys.readouterr().out) == ["42.11", "48.13", "inf", f"{mean:.2f}"]
