@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import write_hub_model
@@ -126,11 +127,14 @@ def test_env_json(capsys, hf_home):
     }
     assert info["versions"]["vae-toolkit"] == vae_toolkit.__version__
     assert info["versions"]["torch"] == torch.__version__
-    assert info["auto_device"]["device"] in {"cpu", "mps"} or info["auto_device"]["device"].startswith("cuda:")
+    assert info["auto_device"]["device"] == vae_toolkit.auto_select_device()
     assert info["auto_device"]["reason"]
+    devices = vae_toolkit.list_devices()
+    assert [g["device"] for g in info["gpus"]] == [d.device for d in devices if d.device.startswith("cuda:")]
+    assert info["mps_available"] == any(d.device == "mps" for d in devices)
     assert info["huggingface"]["offline"] is True
     assert info["huggingface"]["cache"].startswith(str(hf_home))
-    assert info["system_memory"]["total"] > 0
+    assert info["system_memory"]["total"] == psutil.virtual_memory().total
 
 
 def test_models_lists_the_registry(capsys):

@@ -48,11 +48,6 @@ MemorySource = Literal["nvml", "torch", "psutil"]
 """Where :class:`DeviceRecord` memory figures come from: NVML (no CUDA context), ``torch.cuda.mem_get_info``
 (creates a CUDA context on that GPU) or psutil (system RAM, for ``cpu``)."""
 
-TORCH_FALLBACK_COST = (
-    "torch.cuda.mem_get_info creates a CUDA context on each GPU it queries (typically 300-500 MB of GPU memory "
-    "per GPU, held until the process exits)"
-)
-
 _fallback_lock = threading.Lock()
 _fallback_logged = False
 
@@ -237,10 +232,11 @@ def _log_torch_fallback(reason: str) -> None:
             return
         _fallback_logged = True
     logger.warning(
-        "NVML cannot be used (%s), so GPU memory is read with torch.cuda.mem_get_info: %s. Install nvidia-ml-py "
-        "(with the NVIDIA driver's libnvidia-ml) to avoid it, or request a device such as 'cuda:0'.",
+        "NVML cannot be used (%s); GPU memory is read with torch.cuda.mem_get_info instead, which creates a CUDA "
+        "context on each GPU it queries: a few hundred MB of that GPU's memory, held until the process exits. "
+        "Install nvidia-ml-py (with the NVIDIA driver's libnvidia-ml) to avoid it, or request a device such as "
+        "'cuda:0'.",
         reason,
-        TORCH_FALLBACK_COST,
     )
 
 
