@@ -4,7 +4,9 @@ A ratio times the library and its floor alternately (lib, floor, floor, lib, ...
 the medians, so a busy machine slows both sides; no absolute time is asserted (beyond the plan's bounds). A ratio
 over its bound is measured again, up to three times in all, and the lowest counts. The
 margins are wide for a noisy 2-core machine shared with other jobs (typical ratios here are about half the
-bound), and far inside a real regression (a loader 8x slower gives 8x or more). Torch runs on one thread while
+bound), and far inside a real regression (a loader 8x slower gives 8x or more). Each timed call is short (well
+under a scheduler time slice), so that when other processes preempt this one, only a minority of the samples
+on either side are hit and the medians stay clean. Torch runs on one thread while
 measuring: on a machine where other processes hold the cores, torch's intra-op threads wait on each other
 (a 0.5 ms op can take 25 ms), which would measure the machine's load instead of the code.
 ``benchmarks/run.py`` prints the full table against the README's tighter targets.
@@ -27,7 +29,7 @@ from PIL import Image
 
 from vae_toolkit import VAELoader, add_model_config, load_and_preprocess_image, load_images, tensor_to_pil
 
-ROUNDS = 21
+ROUNDS = 41
 
 
 def interleaved_ratio(lib: Callable[[], object], floor: Callable[[], object], rounds: int = ROUNDS, inner: int = 1):
@@ -78,8 +80,8 @@ def one_torch_thread() -> Iterator[None]:
 def images(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("perf")
     paths = {"png": folder / "photo.png", "jpg": folder / "photo.jpg"}
-    photo(384).save(paths["png"])
-    photo(384).save(paths["jpg"], quality=90)
+    photo(256).save(paths["png"])
+    photo(256).save(paths["jpg"], quality=90)
     for i in range(12):
         photo(256, seed=i).save(folder / f"batch{i:02d}.png")
     return paths
@@ -123,22 +125,22 @@ def test_file_to_tensor_within_2_5x_the_decode(images, kind) -> None:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
 
-    ratio = best_ratio(2.5, lambda: load_and_preprocess_image(path, target_size=384), floor, inner=2)
+    ratio = best_ratio(2.5, lambda: load_and_preprocess_image(path, target_size=256), floor)
     assert ratio <= 2.5, f"file -> tensor took {ratio:.2f}x the decode of the same {kind.upper()}"
 
 
 def test_tensor_to_pil_within_3x_its_floor() -> None:
     """``tensor_to_pil`` vs one arithmetic pass over the float tensor plus ``Image.fromarray`` of uint8 pixels."""
     torch.manual_seed(0)
-    x = torch.rand(3, 384, 384) * 2.2 - 1.1  # a decoded image overshoots [-1, 1] a little
+    x = torch.rand(3, 256, 256) * 2.2 - 1.1  # a decoded image overshoots [-1, 1] a little
     xa = x.numpy()
-    hwc = np.random.default_rng(0).integers(0, 256, (384, 384, 3), dtype=np.uint8)
+    hwc = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
 
     def floor():
         np.multiply(xa, np.float32(127.5))
         return Image.fromarray(hwc)
 
-    ratio = best_ratio(3.0, lambda: tensor_to_pil(x), floor, rounds=25, inner=4)
+    ratio = best_ratio(3.0, lambda: tensor_to_pil(x), floor)
     assert ratio <= 3.0, f"tensor_to_pil took {ratio:.2f}x its floor"
 
 
@@ -227,7 +229,6 @@ def test_benchmark_check_exits_1_for_a_slow_tensor_to_pil(bench, monkeypatch, ca
         return tensor_to_pil(x)
 
     monkeypatch.setattr(bench, "tensor_to_pil", slow)
-    assert bench.main(["--quick", "--only", "tensor_to_pil"]) == 0  # without --check it reports only
     assert bench.main(["--quick", "--check", "--only", "tensor_to_pil"]) == 1
     out = capsys.readouterr().out
     assert "| MISSED" in out and "exit 1" in out
@@ -238,11 +239,13 @@ def test_benchmark_that_raises_exits_non_zero_after_running_the_others(bench, mo
         raise RuntimeError("tensor_to_pil is broken")
 
     monkeypatch.setattr(bench, "tensor_to_pil", broken)
-    assert bench.main(["--quick", "--only", "tensor_to_pil,decode"]) == 2
+    # the other benchmark, stubbed: this tests the runner, not what it measures
+    monkeypatch.setattr(bench, "bench_device_rss", lambda reps: bench.ROWS.append(bench.Row("stub row")))
+    assert bench.main(["--quick", "--only", "tensor_to_pil,device_rss"]) == 2
     captured = capsys.readouterr()
     assert "benchmark tensor_to_pil failed: RuntimeError: tensor_to_pil is broken" in captured.err
-    assert "load_and_preprocess_image 512² JPEG" in captured.out  # the other benchmark still ran
-    assert "ERROR" in captured.out
+    assert "| stub row" in captured.out  # the other benchmark still ran and printed
+    assert "ERROR" in captured.out and "exit 2" in captured.out
 
 
 def test_benchmark_spread_is_the_one_the_readme_documents(bench):
