@@ -129,7 +129,7 @@ def collect_env() -> dict[str, Any]:
     Devices come from :func:`vae_toolkit.device_manager.list_devices`: with NVML no CUDA context is
     created on any GPU.
     """
-    versions = {"vae-toolkit": __version__, "python": platform.python_version()}
+    versions: dict[str, str | None] = {"vae-toolkit": __version__, "python": platform.python_version()}
     versions.update({name: _version(name) for name in _DISTRIBUTIONS})
     devices, error = _devices()
     gpus = [d.to_dict() for d in devices if d.device.startswith("cuda:")]
