@@ -11,6 +11,7 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,6 +271,22 @@ def test_cuda_visible_devices_with_mig_ids_maps_to_the_mig_instances(
     assert auto_select_device() == "cuda:2"
     assert cuda.context_devices == set()
     assert all(isinstance(handle, tuple) for handle in nvml.memory_queries)
+
+
+UUID_HEX = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+@pytest.mark.parametrize("with_uuid", [True, False], ids=["real-torch", "build-without-uuid"])
+def test_the_fake_properties_look_like_torchs(fake_cuda, with_uuid):
+    """What the NVML tests rely on: real torch gives a ``uuid`` whose str() is plain 8-4-4-4-12 hex."""
+    fake_cuda(g((1, 8), (1, 8)), physical=[1, 0], with_uuid=with_uuid)
+    props = torch.cuda.get_device_properties(0)
+    assert (props.name, props.total_memory) == ("Fake GPU 0", 8 * GB)
+    if with_uuid:
+        assert re.fullmatch(UUID_HEX, str(props.uuid)) and f"GPU-{props.uuid}" == gpu_uuid(1)
+        assert dm_module._cuda_uuid(0) == str(props.uuid)
+    else:
+        assert not hasattr(props, "uuid") and dm_module._cuda_uuid(0) is None
 
 
 def test_nvml_matches_devices_by_the_uuid_torch_reports(fake_cuda, fake_nvml):
@@ -737,6 +754,13 @@ class TestRealGPU:
         assert t.device == dm.torch_device
         assert dm.ensure_same_device(t)[0] is t
         dm.synchronize()
+
+    def test_torch_reports_a_plain_hex_uuid_as_the_fakes_do(self):
+        for index in range(torch.cuda.device_count()):
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+            if uuid is None:
+                pytest.skip("this torch build has no uuid in its device properties")
+            assert re.fullmatch(UUID_HEX, str(uuid)), str(uuid)
 
     def test_nvml_and_torch_agree_on_free_memory(self):
         pytest.importorskip("pynvml")
