@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 _HF_HOME = Path(tempfile.mkdtemp(prefix="vae_toolkit_hf_"))
 os.environ["HF_HOME"] = str(_HF_HOME)
@@ -73,39 +76,82 @@ def registry():
     model_config.MODEL_CONFIGS.update(saved)
 
 
-# --- a fake torch.cuda --------------------------------------------------------------------------
+# --- a fake torch.cuda and a fake NVML ------------------------------------------------------------
+
+
+def gpu_uuid(physical: int) -> str:
+    """NVML's UUID of physical GPU ``physical`` (``GPU-`` + 8-4-4-4-12 hex)."""
+    return f"GPU-{physical:08x}-1111-2222-3333-444455556666"
+
+
+def mig_uuid(physical: int, slot: int) -> str:
+    """NVML's UUID of MIG instance ``slot`` on physical GPU ``physical`` (``MIG-`` + 8-4-4-4-12 hex)."""
+    return f"MIG-{physical:08x}-{slot:04x}-2222-3333-444455556666"
+
+
+class CudaUUID:
+    """Stands in for torch's ``_CUuuid``: ``str()`` is the plain 8-4-4-4-12 hex, without NVML's prefix."""
+
+    def __init__(self, nvml_uuid: str):
+        self.text = nvml_uuid.split("-", 1)[1]
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"_CUuuid({self.text!r})"
 
 
 @dataclass
 class FakeProps:
+    """``torch.cuda.get_device_properties(i)`` as real torch builds return it: with a ``uuid``."""
+
+    name: str
+    total_memory: int
+    uuid: CudaUUID
+
+
+@dataclass
+class FakePropsWithoutUUID:
+    """Properties of a torch build that has no ``uuid`` field (kept for the test of that fallback)."""
+
     name: str
     total_memory: int
 
 
+# torch.cuda functions that take a device and may create a CUDA context on it; get_device_properties does not.
+CONTEXT_CALLS = ("mem_get_info", "memory_allocated", "memory_reserved", "synchronize", "set_device")
+
+
 class FakeCuda:
-    """Several GPUs with given (free, total) memory; installed with monkeypatch on torch.cuda."""
+    """Several GPUs with given (free, total) memory; installed with monkeypatch on torch.cuda.
+
+    ``physical[i]`` is the NVML (PCI bus) index of ``cuda:i`` (identity by default); ``uuids[i]`` the NVML
+    UUID torch reports for it (``gpu_uuid(physical[i])`` by default; ``with_uuid=False`` fakes a torch build
+    without the field). Every call that names a device is recorded in ``calls`` as ``(function, index)``.
+    """
 
     GB = 1024**3
 
-    def __init__(self, monkeypatch, gpus, current: int = 0, failing: tuple[int, ...] = ()):
+    def __init__(self, monkeypatch, gpus, current=0, failing=(), physical=None, uuids=None, with_uuid=True):
         self.gpus = list(gpus)  # [(free_bytes, total_bytes), ...]
         self.current = current
         self.failing = set(failing)
-        self.mem_get_info_calls: list[int] = []
+        self.physical = list(range(len(self.gpus))) if physical is None else list(physical)
+        self.uuids = [gpu_uuid(p) for p in self.physical] if uuids is None else list(uuids)
+        self.with_uuid = with_uuid
+        self.calls: list[tuple[str, int]] = []
         self.synchronized: list[object] = []
         mp = monkeypatch
         mp.setattr(torch.cuda, "is_available", lambda: bool(self.gpus))
         mp.setattr(torch.cuda, "device_count", lambda: len(self.gpus))
         mp.setattr(torch.cuda, "current_device", lambda: self.current)
         mp.setattr(torch.cuda, "mem_get_info", self.mem_get_info)
-        mp.setattr(
-            torch.cuda,
-            "get_device_properties",
-            lambda i: FakeProps(f"Fake GPU {self._index(i)}", self.gpus[self._index(i)][1]),
-        )
-        mp.setattr(torch.cuda, "memory_allocated", lambda i=None: 1 * self.GB)
-        mp.setattr(torch.cuda, "memory_reserved", lambda i=None: 2 * self.GB)
-        mp.setattr(torch.cuda, "synchronize", lambda d=None: self.synchronized.append(d))
+        mp.setattr(torch.cuda, "get_device_properties", self.get_device_properties)
+        mp.setattr(torch.cuda, "memory_allocated", lambda i=None: self._record("memory_allocated", i, 1 * self.GB))
+        mp.setattr(torch.cuda, "memory_reserved", lambda i=None: self._record("memory_reserved", i, 2 * self.GB))
+        mp.setattr(torch.cuda, "synchronize", self.synchronize)
+        mp.setattr(torch.cuda, "set_device", lambda d: self._record("set_device", d, None))
         mp.setattr(torch.backends.mps, "is_available", lambda: False)
 
     @staticmethod
@@ -116,23 +162,143 @@ class FakeCuda:
             return torch.device(i).index or 0
         return int(i)
 
+    def _record(self, name, i, result):
+        self.calls.append((name, self._index(self.current if i is None else i)))
+        return result
+
+    @property
+    def mem_get_info_calls(self) -> list[int]:
+        return [i for name, i in self.calls if name == "mem_get_info"]
+
+    @property
+    def context_devices(self) -> set[int]:
+        """The devices on which a call that may create a CUDA context was made."""
+        return {i for name, i in self.calls if name in CONTEXT_CALLS}
+
+    def get_device_properties(self, i):
+        i = self._index(i)
+        self.calls.append(("get_device_properties", i))
+        name, total = f"Fake GPU {i}", self.gpus[i][1]
+        if not self.with_uuid:
+            return FakePropsWithoutUUID(name, total)
+        return FakeProps(name, total, CudaUUID(self.uuids[i]))
+
     def mem_get_info(self, i=None):
-        i = self._index(0 if i is None else i)
-        self.mem_get_info_calls.append(i)
+        i = self._index(self.current if i is None else i)
+        self.calls.append(("mem_get_info", i))
         if i in self.failing:
             raise RuntimeError(f"CUDA error: device {i} unavailable")
         return self.gpus[i]
 
+    def synchronize(self, d=None):
+        self._record("synchronize", d, None)
+        self.synchronized.append(d)
+
+
+class NVMLError(Exception):
+    pass
+
+
+class FakeNvml(types.ModuleType):
+    """``pynvml`` with GPUs numbered by PCI bus: ``gpus[physical] = (free, total)``.
+
+    ``mig[physical] = [(gpu_instance_id, compute_instance_id, free, total), ...]`` adds MIG instances
+    (UUIDs ``mig_uuid(physical, slot)``). Every handle lookup is recorded in ``handles``.
+    """
+
+    def __init__(self, gpus, init_error=None, failing=(), mig=None):
+        super().__init__("pynvml")
+        self.gpus = list(gpus)
+        self.init_error = init_error
+        self.failing = set(failing)
+        self.mig = dict(mig or {})
+        self.inits = 0
+        self.shutdowns = 0
+        self.handles: list[int | str] = []
+        self.memory_queries: list[object] = []
+
+    def nvmlInit(self):
+        self.inits += 1
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self):
+        self.shutdowns += 1
+
+    def nvmlDeviceGetCount(self):
+        return len(self.gpus)
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        self.handles.append(index)
+        if not 0 <= index < len(self.gpus):
+            raise NVMLError("Invalid Argument")
+        return index
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        self.handles.append(uuid)
+        for physical in range(len(self.gpus)):
+            if gpu_uuid(physical) == uuid:
+                return physical
+            for slot in range(len(self.mig.get(physical, []))):
+                if mig_uuid(physical, slot) == uuid:
+                    return ("mig", physical, slot)
+        raise NVMLError("Not Found")
+
+    def nvmlDeviceGetUUID(self, handle):
+        return gpu_uuid(handle) if isinstance(handle, int) else mig_uuid(handle[1], handle[2])
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, handle):
+        return 7
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, handle, slot):
+        if slot >= len(self.mig.get(handle, [])):
+            raise NVMLError("Not Found")
+        return ("mig", handle, slot)
+
+    def nvmlDeviceGetGpuInstanceId(self, handle):
+        return self.mig[handle[1]][handle[2]][0]
+
+    def nvmlDeviceGetComputeInstanceId(self, handle):
+        return self.mig[handle[1]][handle[2]][1]
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        self.memory_queries.append(handle)
+        if handle in self.failing:
+            raise NVMLError("GPU is lost")
+        if isinstance(handle, tuple):
+            free, total = self.mig[handle[1]][handle[2]][2:]
+        else:
+            free, total = self.gpus[handle]
+        return SimpleNamespace(free=free, total=total, used=total - free)
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """Factory: ``fake_nvml([(free, total), ...], init_error=None, failing=(), mig=None)`` installed as ``pynvml``."""
+
+    def make(gpus, init_error=None, failing=(), mig=None):
+        nvml = FakeNvml(gpus, init_error, failing, mig)
+        monkeypatch.setitem(sys.modules, "pynvml", nvml)
+        return nvml
+
+    return make
+
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """Factory: ``fake_cuda([(free, total), ...], current=0, failing=())``."""
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    """Factory: ``fake_cuda([(free, total), ...], current=0, failing=(), physical=None, with_uuid=True)``.
 
-    def make(gpus, current=0, failing=()):
-        return FakeCuda(monkeypatch, gpus, current, failing)
+    Real NVML is kept out (``import pynvml`` raises ImportError) unless a test installs ``fake_nvml``,
+    and the once-per-process NVML fallback notice is re-armed.
+    """
+    for var in ("LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"):
+        monkeypatch.delenv(var, raising=False)
+    if not isinstance(sys.modules.get("pynvml"), FakeNvml):
+        monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr("vae_toolkit.device_manager._fallback_logged", False)
+
+    def make(gpus, current=0, failing=(), physical=None, uuids=None, with_uuid=True):
+        return FakeCuda(monkeypatch, gpus, current, failing, physical, uuids, with_uuid)
 
     return make
 

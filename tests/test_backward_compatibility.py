@@ -153,11 +153,16 @@ PIL_CASES = range(7)
 
 
 def _assert_same(ours: torch.Tensor, expected: np.ndarray):
+    """Bit for bit: the promise is "identical to 0.1.0", so a 1-ulp difference is a failure."""
     assert isinstance(ours, torch.Tensor)
-    assert ours.dtype == torch.float32
+    assert ours.dtype == torch.float32 and expected.dtype == np.float32
     assert ours.is_contiguous()
     assert tuple(ours.shape) == expected.shape
-    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-6)
+    got = ours.numpy()
+    differ = int(np.count_nonzero(got.view(np.uint32) != expected.view(np.uint32)))
+    assert differ == 0, f"{differ} of {got.size} values differ from 0.1.0 (max |diff| {np.abs(got - expected).max()})"
+    assert np.array_equal(got, expected)
+    assert torch.equal(ours, torch.from_numpy(expected))
 
 
 @pytest.mark.parametrize("n", PIL_CASES)
@@ -206,6 +211,30 @@ def test_load_and_preprocess_image_matches_010(ref, tmp_path):
         assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (32, 32)
     tensor, image = ImageProcessor(32).load_and_preprocess(path)
     _assert_same(tensor, ref["png_tensor"])
+
+
+def test_load_images_matches_010(ref, tmp_path):
+    """The batched loader (new in 0.2.0) promises the same values as load_and_preprocess_image: 0.1.0's."""
+    from vae_toolkit import load_images
+
+    path = tmp_path / "x.png"
+    path.write_bytes(ref["png_bytes"].tobytes())
+    for workers in (1, 2):
+        batch = load_images([path, str(path), path], target_size=32, num_workers=workers)
+        assert batch.shape == (3, 3, 32, 32)
+        for item in batch:
+            _assert_same(item.unsqueeze(0).contiguous(), ref["png_tensor"])
+
+
+def test_every_uint8_level_maps_to_torchvisions_float32_value(tmp_path):
+    """Independent of the recorded file: ToTensor (x / 255 in float32) then Normalize(0.5, 0.5), for all 256 levels."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    arr = np.stack([levels, levels.T, 255 - levels], axis=-1)
+    x = torch.from_numpy(arr.transpose(2, 0, 1).copy()).to(torch.float32)
+    expected = ((x / 255 - 0.5) / 0.5).numpy()
+    _assert_same(pil_to_tensor(Image.fromarray(arr)), expected)
+    tensor, _ = load_and_preprocess_image(_save(tmp_path, arr), target_size=16)
+    _assert_same(tensor, expected[None])
 
 
 # --- 0.1.0 error types --------------------------------------------------------------------------

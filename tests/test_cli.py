@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import write_hub_model
@@ -125,11 +127,14 @@ def test_env_json(capsys, hf_home):
     }
     assert info["versions"]["vae-toolkit"] == vae_toolkit.__version__
     assert info["versions"]["torch"] == torch.__version__
-    assert info["auto_device"]["device"] in {"cpu", "mps"} or info["auto_device"]["device"].startswith("cuda:")
+    assert info["auto_device"]["device"] == vae_toolkit.auto_select_device()
     assert info["auto_device"]["reason"]
+    devices = vae_toolkit.list_devices()
+    assert [g["device"] for g in info["gpus"]] == [d.device for d in devices if d.device.startswith("cuda:")]
+    assert info["mps_available"] == any(d.device == "mps" for d in devices)
     assert info["huggingface"]["offline"] is True
     assert info["huggingface"]["cache"].startswith(str(hf_home))
-    assert info["system_memory"]["total"] > 0
+    assert info["system_memory"]["total"] == psutil.virtual_memory().total
 
 
 def test_models_lists_the_registry(capsys):
@@ -257,10 +262,8 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == f"vae-toolkit {vae_toolkit.__version__}"
 
 
-def test_env_reports_every_gpu_and_the_pick(monkeypatch, fake_cuda):
-    fake_cuda([(3 * GB, 8 * GB), (6 * GB, 8 * GB)])
-    monkeypatch.setattr("vae_toolkit.device_manager._nvml_memory", lambda count: None)
-    monkeypatch.setattr(cli, "_nvml_memory", lambda count: None)
+def test_env_reports_every_gpu_and_the_pick_without_nvml(fake_cuda, caplog):
+    cuda = fake_cuda([(3 * GB, 8 * GB), (6 * GB, 8 * GB)])
     info = cli.collect_env()
     assert [g["device"] for g in info["gpus"]] == ["cuda:0", "cuda:1"]
     assert [g["free_memory"] for g in info["gpus"]] == [3 * GB, 6 * GB]
@@ -268,14 +271,35 @@ def test_env_reports_every_gpu_and_the_pick(monkeypatch, fake_cuda):
     assert info["gpus"][1]["name"] == "Fake GPU 1"
     assert info["auto_device"]["device"] == "cuda:1"
     assert "most free memory" in info["auto_device"]["reason"]
+    assert sorted(set(cuda.mem_get_info_calls)) == [0, 1]  # the documented cost of the fallback ...
+    notices = [r.getMessage() for r in caplog.records if "NVML cannot be used" in r.getMessage()]
+    assert len(notices) == 1 and "nvidia-ml-py is not installed" in notices[0]  # ... stated once
     text = cli.format_env(info)
-    assert "GPU cuda:1:" in text and "6.0 GB free" in text
+    assert "GPU cuda:1:" in text and "6.0 GB free (torch)" in text
     json.dumps(info)
 
 
-def test_env_prefers_nvml_memory(monkeypatch, fake_cuda):
+def test_env_with_nvml_creates_no_cuda_context(fake_cuda, fake_nvml):
+    cuda = fake_cuda([(3 * GB, 8 * GB), (3 * GB, 8 * GB), (3 * GB, 8 * GB)])
+    fake_nvml([(5 * GB, 16 * GB), (9 * GB, 16 * GB), (1 * GB, 16 * GB)])
+    info = cli.collect_env()
+    assert [(g["free_memory"], g["total_memory"], g["memory_source"]) for g in info["gpus"]] == [
+        (5 * GB, 16 * GB, "nvml"),
+        (9 * GB, 16 * GB, "nvml"),
+        (1 * GB, 16 * GB, "nvml"),
+    ]
+    assert info["auto_device"] == {
+        "device": "cuda:1",
+        "reason": "most free memory of 3 CUDA devices, 9.0 GB",
+        "warnings": [],
+    }
+    assert cuda.mem_get_info_calls == [] and cuda.context_devices == set()
+    assert "GPU cuda:1:" in cli.format_env(info) and "9.0 GB free (nvml)" in cli.format_env(info)
+
+
+def test_env_single_gpu(fake_cuda, fake_nvml):
     fake_cuda([(3 * GB, 8 * GB)])
-    monkeypatch.setattr(cli, "_nvml_memory", lambda count: [(5 * GB, 16 * GB)])
+    fake_nvml([(5 * GB, 16 * GB)])
     info = cli.collect_env()
     assert info["gpus"][0]["free_memory"] == 5 * GB
     assert info["gpus"][0]["memory_source"] == "nvml"
@@ -398,3 +422,74 @@ def test_cuda_fallback_hint_names_the_command_line_option(capsys, tmp_path, hf_h
     err = capsys.readouterr().err
     assert "cuda was requested but CUDA is not available; using CPU" in err
     assert "--device cpu" in err and "device='cpu'" not in err
+
+
+# --- PSNR: the printed value against an independent computation ------------------------------------
+
+
+def _psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _printed_psnrs(out: str) -> list[str]:
+    return re.findall(r"PSNR (\S+) dB", out)
+
+
+def test_roundtrip_psnr_equals_an_independent_computation_on_the_files(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "in.png", 32, 24, seed=3)
+    dst = tmp_path / "rec.png"
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(dst)]) == 0
+    with Image.open(src) as a, Image.open(dst) as b:
+        expected = _psnr_db(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+    assert 0 < expected < 60
+    assert _printed_psnrs(capsys.readouterr().out) == [f"{expected:.2f}"]
+
+
+def _pixels(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(16, 240, (16, 16, 3), dtype=np.uint8)
+
+
+def _offset(step: int, every: int):
+    """A decode that returns its input with ``step`` levels added to every ``every``-th value (known MSE)."""
+    delta = torch.zeros(1, 3, 16, 16)
+    delta.view(-1)[::every] = step / 127.5
+    return lambda vae, z, **kwargs: z + delta
+
+
+@pytest.mark.parametrize(
+    ("step", "every", "expected"),
+    [
+        pytest.param(4, 4, "42.11", id="mse-4"),  # 192 of 768 values off by 4: MSE 4, 10*log10(255**2/4)
+        pytest.param(1, 1, "48.13", id="mse-1"),  # every value off by 1: MSE 1
+        pytest.param(15, 3, "29.38", id="mse-75"),  # 256 of 768 values off by 15: MSE 75
+        pytest.param(0, 1, "inf", id="identical"),
+    ],
+)
+def test_roundtrip_psnr_of_a_known_mse(capsys, tmp_path, hf_home, monkeypatch, step, every, expected):
+    arr = _pixels(0)
+    src = tmp_path / "in.png"
+    Image.fromarray(arr).save(src)
+    monkeypatch.setattr("vae_toolkit.latents.encode", lambda vae, x, **kwargs: x)  # latents = the image itself
+    monkeypatch.setattr("vae_toolkit.latents.decode", _offset(step, every))
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "-o", str(tmp_path / "rec.png")]) == 0
+    with Image.open(tmp_path / "rec.png") as rec:
+        got = np.asarray(rec)
+    diff = got.astype(np.int64) - arr
+    assert float(np.mean(diff**2)) == (step**2 / every if step else 0.0)  # the pair really has that MSE
+    assert f"{_psnr_db(arr, got):.2f}" == expected
+    assert _printed_psnrs(capsys.readouterr().out) == [expected]
+
+
+def test_roundtrip_directory_mean_psnr_of_known_mses(capsys, tmp_path, hf_home, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name, seed in (("a.png", 1), ("b.png", 2), ("c.png", 3)):
+        Image.fromarray(_pixels(seed)).save(folder / name)
+    decodes = iter([_offset(4, 4), _offset(1, 1), _offset(0, 1)])  # MSE 4, 1, identical (sorted order)
+    monkeypatch.setattr("vae_toolkit.latents.encode", lambda vae, x, **kwargs: x)
+    monkeypatch.setattr("vae_toolkit.latents.decode", lambda vae, z, **kwargs: next(decodes)(vae, z))
+    assert cli.main(["roundtrip", str(folder), "--model", "sd14"]) == 0
+    # the mean is over the finite values: (42.11 + 48.13) / 2, computed before rounding
+    mean = (10 * np.log10(255.0**2 / 4) + 10 * np.log10(255.0**2)) / 2
+    assert _printed_psnrs(capsys.readouterr().out) == ["42.11", "48.13", "inf", f"{mean:.2f}"]

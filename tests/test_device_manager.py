@@ -11,19 +11,20 @@ import collections
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
-import types
 from pathlib import Path
-from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
+from conftest import NVMLError, gpu_uuid, mig_uuid
 
 import vae_toolkit
 from vae_toolkit import DeviceManager, VAELoader, auto_select_device
 from vae_toolkit import device_manager as dm_module
+from vae_toolkit.device_manager import DeviceRecord
 
 GB = 1024**3
 LOGGER = "vae_toolkit.device_manager"
@@ -39,85 +40,16 @@ def _isolated(request, monkeypatch):
         monkeypatch.setitem(sys.modules, "pynvml", None)
 
 
-# --- a fake NVML ---------------------------------------------------------------------------------
-
-
-def nvml_uuid(physical: int) -> str:
-    return f"GPU-{physical:08x}-1111-2222-3333-444455556666"
-
-
-class NVMLError(Exception):
-    pass
-
-
-class FakeNvml(types.ModuleType):
-    """``pynvml`` with GPUs numbered by PCI bus: ``gpus[physical] = (free, total)``."""
-
-    def __init__(self, gpus, init_error: Exception | None = None, failing=()):
-        super().__init__("pynvml")
-        self.gpus = list(gpus)
-        self.init_error = init_error
-        self.failing = set(failing)
-        self.inits = 0
-        self.shutdowns = 0
-        self.handles: list[int | str] = []
-
-    def nvmlInit(self):
-        self.inits += 1
-        if self.init_error is not None:
-            raise self.init_error
-
-    def nvmlShutdown(self):
-        self.shutdowns += 1
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        self.handles.append(index)
-        if not 0 <= index < len(self.gpus):
-            raise NVMLError("Invalid Argument")
-        return index
-
-    def nvmlDeviceGetHandleByUUID(self, uuid):
-        self.handles.append(uuid)
-        for physical in range(len(self.gpus)):
-            if nvml_uuid(physical) == uuid:
-                return physical
-        raise NVMLError("Not Found")
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        if handle in self.failing:
-            raise NVMLError("GPU is lost")
-        free, total = self.gpus[handle]
-        return SimpleNamespace(free=free, total=total, used=total - free)
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch):
-    """Factory: ``fake_nvml([(free, total), ...], init_error=None, failing=())`` installed as ``pynvml``."""
-
-    def make(gpus, init_error=None, failing=()):
-        nvml = FakeNvml(gpus, init_error, failing)
-        monkeypatch.setitem(sys.modules, "pynvml", nvml)
-        return nvml
-
-    return make
-
-
-class CudaUUID:
-    """Stands in for torch's ``_CUuuid``: ``str()`` gives the UUID without the ``GPU-`` prefix."""
-
-    def __init__(self, physical: int):
-        self.text = nvml_uuid(physical).removeprefix("GPU-")
-
-    def __str__(self) -> str:
-        return self.text
-
-
 def g(*free_total):
     """``g((2, 8), (6, 8))`` → ``[(2 GB, 8 GB), (6 GB, 8 GB)]``."""
     return [(int(free * GB), int(total * GB)) for free, total in free_total]
 
 
-# --- auto selection ------------------------------------------------------------------------------
+def fallback_notices(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == LOGGER and "NVML cannot be used" in r.getMessage()]
+
+
+# --- auto selection without NVML (torch.cuda.mem_get_info on every GPU) ----------------------------
 
 
 @pytest.mark.parametrize(
@@ -136,13 +68,14 @@ def test_auto_picks_the_gpu_with_most_free_memory(fake_cuda, gpus, expected):
     assert DeviceManager.auto_select_device() == expected
     assert DeviceManager().device == expected
     assert DeviceManager("auto").device == expected
+    assert VAELoader.get_optimal_device() == torch.device(expected)
     assert sorted(set(cuda.mem_get_info_calls)) == list(range(len(gpus)))
 
 
 def test_single_gpu_is_cuda_0_without_probing(fake_cuda):
     cuda = fake_cuda(g((1, 8)))
     assert DeviceManager().device == "cuda:0"
-    assert cuda.mem_get_info_calls == []
+    assert cuda.context_devices == set()
 
 
 @pytest.mark.parametrize(
@@ -162,8 +95,11 @@ def test_distributed_rank_takes_its_own_gpu(fake_cuda, monkeypatch, local_rank, 
             monkeypatch.setenv(var, value)
     assert auto_select_device() == expected
     assert DeviceManager().device == expected
-    if expected != "cuda:3":  # a rank's own GPU is chosen without probing every GPU
-        assert cuda.mem_get_info_calls == []
+    if expected != "cuda:3":  # a rank's own GPU is chosen without probing any GPU
+        assert cuda.context_devices == set()
+        assert dm_module.local_rank() == int(local_rank)
+    else:
+        assert dm_module.local_rank() is None
 
 
 def test_rank_beyond_the_visible_gpus_wraps_with_a_warning(fake_cuda, monkeypatch):
@@ -198,7 +134,9 @@ def test_cpu_only_selects_cpu(cpu_only):
 
 def test_gpu_failing_its_probe_is_skipped_with_a_warning(fake_cuda):
     fake_cuda(g((8, 16), (2, 16), (4, 16)), failing=(0,))
-    with pytest.warns(RuntimeWarning, match=r"Skipping cuda:0 .*memory failed \(CUDA error: device 0 unavailable\)"):
+    with pytest.warns(
+        RuntimeWarning, match=r"Skipping cuda:0 .*memory failed \(RuntimeError: CUDA error: device 0 unavailable\)"
+    ):
         assert auto_select_device() == "cuda:2"
 
 
@@ -211,68 +149,161 @@ def test_all_probes_failing_warns_and_uses_cuda_0(fake_cuda):
     assert any("No CUDA device answered a memory query; using cuda:0" in m for m in messages)
 
 
-# --- NVML ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("install", "reason"),
+    [
+        pytest.param(None, "nvidia-ml-py is not installed", id="not-installed"),
+        pytest.param(
+            NVMLError("NVML Shared Library Not Found"),
+            "NVML did not initialise: NVML Shared Library Not Found",
+            id="no-lib",
+        ),
+        pytest.param(NVMLError("Driver Not Loaded"), "NVML did not initialise: Driver Not Loaded", id="init-fails"),
+    ],
+)
+def test_without_nvml_the_fallback_and_its_cost_are_logged_once_per_process(
+    fake_cuda, fake_nvml, caplog, install, reason
+):
+    cuda = fake_cuda(g((2, 16), (5, 16), (1, 16)))
+    if install is not None:
+        nvml = fake_nvml(g((9, 16), (1, 16), (1, 16)), init_error=install)
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        assert auto_select_device() == "cuda:1"  # torch's figures, not the fake NVML's
+        assert DeviceManager().device == "cuda:1"
+        dm_module.list_devices()
+    assert sorted(set(cuda.mem_get_info_calls)) == [0, 1, 2]
+    notices = fallback_notices(caplog)
+    assert len(notices) == 1, [r.getMessage() for r in notices]
+    message = notices[0].getMessage()
+    assert notices[0].levelno == logging.WARNING
+    assert reason in message
+    assert "creates a CUDA context on each GPU" in message and "Install nvidia-ml-py" in message
+    if install is not None:
+        assert nvml.shutdowns == 0
 
 
-def test_nvml_is_used_instead_of_creating_a_cuda_context_per_gpu(fake_cuda, fake_nvml):
-    cuda = fake_cuda(g((9, 16), (1, 16), (1, 16)))  # torch alone would pick cuda:0
+def test_the_fallback_notice_is_not_logged_when_nvml_works(fake_cuda, fake_nvml, caplog):
+    fake_cuda(g((2, 16), (5, 16)))
+    fake_nvml(g((2, 16), (5, 16)))
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        auto_select_device()
+        dm_module.list_devices()
+    assert fallback_notices(caplog) == []
+
+
+# --- NVML: no CUDA context on a GPU that is not chosen -----------------------------------------------
+
+
+@pytest.mark.parametrize("with_uuid", [True, False], ids=["uuid", "torch-without-uuid"])
+def test_nvml_selection_creates_no_cuda_context_and_touches_only_the_chosen_gpu(fake_cuda, fake_nvml, with_uuid):
+    cuda = fake_cuda(g((9, 16), (1, 16), (1, 16)), with_uuid=with_uuid)  # torch alone would pick cuda:0
     nvml = fake_nvml(g((1, 16), (1, 16), (9, 16)))
     assert auto_select_device() == "cuda:2"
+    assert VAELoader.get_optimal_device() == torch.device("cuda:2")
+    dm = DeviceManager()
+    assert dm.device == "cuda:2"
     assert cuda.mem_get_info_calls == []
-    assert nvml.handles == [0, 1, 2]
-    assert (nvml.inits, nvml.shutdowns) == (1, 1)
+    assert cuda.context_devices == set()
+    info = dm.get_device_info()
+    assert (info["free_memory"], info["memory_source"]) == (9 * GB, "nvml")
+    assert dm.get_memory_summary().endswith("9.00 GB free, 16.00 GB total")
+    dm.synchronize()
+    assert cuda.mem_get_info_calls == []
+    assert cuda.context_devices == {2}  # what the user asked of the chosen device, nothing else
+    assert nvml.inits == nvml.shutdowns > 0
+    expected = [gpu_uuid(i) for i in range(3)] if with_uuid else [0, 1, 2]
+    assert nvml.handles[:3] == expected
 
 
+@pytest.mark.parametrize("with_uuid", [True, False], ids=["uuid", "torch-without-uuid"])
 @pytest.mark.parametrize(
-    ("visible", "expected_handles"),
+    ("visible", "physical"),
     [
         pytest.param("2,0", [2, 0], id="indices"),
         pytest.param(" 2 , 0 ", [2, 0], id="indices-with-spaces"),
-        pytest.param(f"{nvml_uuid(2)},{nvml_uuid(0)}", [nvml_uuid(2), nvml_uuid(0)], id="uuids"),
-        pytest.param(f"2,{nvml_uuid(0)}", [2, nvml_uuid(0)], id="mixed"),
+        pytest.param(f"{gpu_uuid(2)},{gpu_uuid(0)}", [2, 0], id="uuids"),
+        pytest.param(f"{gpu_uuid(2)[:12]},{gpu_uuid(0)[:12]}", [2, 0], id="uuid-prefixes"),
+        pytest.param(f"2,{gpu_uuid(0)}", [2, 0], id="mixed"),
     ],
 )
-def test_nvml_indices_are_mapped_through_cuda_visible_devices(
-    fake_cuda, fake_nvml, monkeypatch, visible, expected_handles
+def test_cuda_visible_devices_maps_each_cuda_index_to_its_nvml_gpu(
+    fake_cuda, fake_nvml, monkeypatch, visible, physical, with_uuid
 ):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    cuda = fake_cuda(g((1, 16), (1, 16)))
+    cuda = fake_cuda(g((1, 16), (1, 16)), physical=physical, with_uuid=with_uuid)
     # Physical GPU 1 is the freest but not visible; cuda:0 is physical 2 (8 GB) and cuda:1 physical 0 (2 GB).
-    nvml = fake_nvml(g((2, 16), (20, 16), (8, 16)))
+    fake_nvml(g((2, 16), (20, 16), (8, 16)))
     assert auto_select_device() == "cuda:0"
-    assert nvml.handles == expected_handles
-    assert cuda.mem_get_info_calls == []
+    gpus = [r for r in dm_module.list_devices() if r.device.startswith("cuda")]
+    assert [(r.device, r.free_memory, r.memory_source) for r in gpus] == [
+        ("cuda:0", 8 * GB, "nvml"),
+        ("cuda:1", 2 * GB, "nvml"),
+    ]
+    assert cuda.context_devices == set()
 
 
-def test_nvml_matches_devices_by_the_uuid_torch_reports(fake_cuda, fake_nvml, monkeypatch):
-    """CUDA orders GPUs fastest first, NVML by PCI bus: the UUID ties each CUDA index to its GPU."""
-    cuda = fake_cuda(g((1, 16), (1, 16)))
-    # CUDA's order is the reverse of NVML's: cuda:0 is physical 1, cuda:1 is physical 0.
-    monkeypatch.setattr(
-        torch.cuda,
-        "get_device_properties",
-        lambda i: SimpleNamespace(name=f"Fake GPU {i}", total_memory=16 * GB, uuid=CudaUUID(1 - i)),
+MIG = {0: [(1, 0, 10 * GB, 20 * GB), (2, 0, 3 * GB, 20 * GB)], 1: [(1, 0, 7 * GB, 40 * GB)]}
+
+
+@pytest.mark.parametrize("with_uuid", [True, False], ids=["uuid", "torch-without-uuid"])
+@pytest.mark.parametrize(
+    "visible",
+    [
+        pytest.param(f"{mig_uuid(0, 1)},{mig_uuid(1, 0)},{mig_uuid(0, 0)}", id="mig-uuids"),
+        pytest.param(f"MIG-{gpu_uuid(0)}/2/0,MIG-{gpu_uuid(1)}/1/0,MIG-{gpu_uuid(0)}/1/0", id="legacy-mig-ids"),
+    ],
+)
+def test_cuda_visible_devices_with_mig_ids_maps_to_the_mig_instances(
+    fake_cuda, fake_nvml, monkeypatch, visible, with_uuid
+):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    # torch reports the MIG instance's UUID (plain hex, no MIG- prefix) for each device.
+    cuda = fake_cuda(
+        g((1, 80), (1, 80), (1, 80)), uuids=[mig_uuid(0, 1), mig_uuid(1, 0), mig_uuid(0, 0)], with_uuid=with_uuid
     )
+    nvml = fake_nvml(g((50, 80), (60, 80)), mig=MIG)  # the whole GPUs' figures must not be used
+    gpus = [r for r in dm_module.list_devices() if r.device.startswith("cuda")]
+    assert [(r.free_memory, r.total_memory, r.memory_source) for r in gpus] == [
+        (3 * GB, 20 * GB, "nvml"),
+        (7 * GB, 40 * GB, "nvml"),
+        (10 * GB, 20 * GB, "nvml"),
+    ]
+    assert auto_select_device() == "cuda:2"
+    assert cuda.context_devices == set()
+    assert all(isinstance(handle, tuple) for handle in nvml.memory_queries)
+
+
+UUID_HEX = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+@pytest.mark.parametrize("with_uuid", [True, False], ids=["real-torch", "build-without-uuid"])
+def test_the_fake_properties_look_like_torchs(fake_cuda, with_uuid):
+    """What the NVML tests rely on: real torch gives a ``uuid`` whose str() is plain 8-4-4-4-12 hex."""
+    fake_cuda(g((1, 8), (1, 8)), physical=[1, 0], with_uuid=with_uuid)
+    props = torch.cuda.get_device_properties(0)
+    assert (props.name, props.total_memory) == ("Fake GPU 0", 8 * GB)
+    if with_uuid:
+        assert re.fullmatch(UUID_HEX, str(props.uuid)) and f"GPU-{props.uuid}" == gpu_uuid(1)
+        assert dm_module._cuda_uuid(0) == str(props.uuid)
+    else:
+        assert not hasattr(props, "uuid") and dm_module._cuda_uuid(0) is None
+
+
+def test_nvml_matches_devices_by_the_uuid_torch_reports(fake_cuda, fake_nvml):
+    """CUDA orders GPUs fastest first, NVML by PCI bus: the UUID ties each CUDA index to its GPU."""
+    cuda = fake_cuda(g((1, 16), (1, 16)), physical=[1, 0])  # cuda:0 is physical 1, cuda:1 is physical 0
     nvml = fake_nvml(g((3, 16), (9, 16)))
     assert auto_select_device() == "cuda:0"  # by index alone it would be cuda:1
-    assert nvml.handles == [nvml_uuid(1), nvml_uuid(0)]
-    assert cuda.mem_get_info_calls == []
+    assert nvml.handles == [gpu_uuid(1), gpu_uuid(0)]
+    assert cuda.context_devices == set()
 
 
-def test_nvml_failing_to_initialise_falls_back_to_torch_with_a_debug_log(fake_cuda, fake_nvml, caplog):
+def test_nvml_failing_to_initialise_falls_back_to_torch(fake_cuda, fake_nvml):
     cuda = fake_cuda(g((2, 16), (5, 16)))
     nvml = fake_nvml(g((9, 16), (1, 16)), init_error=NVMLError("Driver Not Loaded"))
-    with caplog.at_level(logging.DEBUG, logger=LOGGER):
-        assert auto_select_device() == "cuda:1"
+    assert auto_select_device() == "cuda:1"
     assert sorted(cuda.mem_get_info_calls) == [0, 1]
     assert nvml.shutdowns == 0
-    assert any(
-        r.name == LOGGER
-        and r.levelno == logging.DEBUG
-        and "NVML present but did not initialise" in r.getMessage()
-        and "Driver Not Loaded" in r.getMessage()
-        for r in caplog.records
-    )
 
 
 def test_a_device_nvml_cannot_query_falls_back_to_torch_for_that_device(fake_cuda, fake_nvml, caplog):
@@ -283,11 +314,12 @@ def test_a_device_nvml_cannot_query_falls_back_to_torch_for_that_device(fake_cud
     assert cuda.mem_get_info_calls == [1]
     assert nvml.shutdowns == 1
     assert any("NVML could not query cuda:1" in r.getMessage() for r in caplog.records)
+    assert fallback_notices(caplog) == []  # NVML works; one device did not answer
 
 
 def test_a_device_missing_from_cuda_visible_devices_falls_back_to_torch(fake_cuda, fake_nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # shorter than what CUDA reports (faked)
-    cuda = fake_cuda(g((1, 16), (12, 16)))
+    cuda = fake_cuda(g((1, 16), (12, 16)), with_uuid=False)
     fake_nvml(g((4, 16), (3, 16)))
     assert auto_select_device() == "cuda:1"
     assert cuda.mem_get_info_calls == [1]
@@ -298,6 +330,57 @@ def test_nvml_is_not_touched_on_a_single_gpu(fake_cuda, fake_nvml):
     nvml = fake_nvml(g((1, 16)))
     assert auto_select_device() == "cuda:0"
     assert nvml.inits == 0
+
+
+# --- the device inventory ----------------------------------------------------------------------------
+
+
+def test_list_devices_reports_every_gpu_then_cpu(fake_cuda, fake_nvml):
+    fake_cuda(g((1, 16), (1, 24)))
+    fake_nvml(g((3, 16), (5, 24)))
+    records = dm_module.list_devices()
+    assert all(isinstance(r, DeviceRecord) for r in records)
+    assert [r.device for r in records] == ["cuda:0", "cuda:1", "cpu"]
+    assert records[1] == DeviceRecord("cuda:1", "Fake GPU 1", 24 * GB, 5 * GB, "nvml", None)
+    cpu = records[-1]
+    assert (cpu.total_memory, cpu.memory_source) == (psutil.virtual_memory().total, "psutil")
+    assert 0 < cpu.free_memory <= cpu.total_memory
+    json.dumps([r.to_dict() for r in records])
+
+
+def test_list_devices_keeps_a_gpu_whose_memory_cannot_be_read(fake_cuda):
+    fake_cuda(g((1, 16), (1, 24)), failing=(0,))
+    records = dm_module.list_devices()
+    assert records[0] == DeviceRecord(
+        "cuda:0", "Fake GPU 0", 16 * GB, None, None, "RuntimeError: CUDA error: device 0 unavailable"
+    )
+    assert records[1].memory_source == "torch"
+
+
+@pytest.mark.parametrize(("fixture", "devices"), [("cpu_only", ["cpu"]), ("mps_only", ["mps", "cpu"])])
+def test_list_devices_without_cuda(request, fixture, devices):
+    request.getfixturevalue(fixture)
+    records = dm_module.list_devices()
+    assert [r.device for r in records] == devices
+    assert records[0].name
+
+
+def test_list_devices_is_public():
+    assert dm_module.list_devices is vae_toolkit.list_devices
+    assert DeviceRecord is vae_toolkit.DeviceRecord
+    assert {"list_devices", "DeviceRecord", "local_rank"} <= set(dm_module.__all__)
+
+
+def test_no_module_imports_another_modules_private_names():
+    """Each module uses only the public names of the others (the CLI included)."""
+    offenders = []
+    for path in sorted(Path(vae_toolkit.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                offenders += [f"{path.name}: from .{node.module} import {name}" for name in private]
+    # The roundtrip command's image opener is the one left; it belongs to the roundtrip/image_utils owners.
+    assert offenders == [] or offenders == ["__main__.py: from .image_utils import _open_rgb"], offenders
 
 
 # --- device requests -----------------------------------------------------------------------------
@@ -672,13 +755,36 @@ class TestRealGPU:
         assert dm.ensure_same_device(t)[0] is t
         dm.synchronize()
 
+    def test_torch_reports_a_plain_hex_uuid_as_the_fakes_do(self):
+        for index in range(torch.cuda.device_count()):
+            uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+            if uuid is None:
+                pytest.skip("this torch build has no uuid in its device properties")
+            assert re.fullmatch(UUID_HEX, str(uuid)), str(uuid)
+
     def test_nvml_and_torch_agree_on_free_memory(self):
         pytest.importorskip("pynvml")
         count = torch.cuda.device_count()
+        nvml, unusable = dm_module._nvml_memory(range(count))
+        if unusable is not None:
+            pytest.skip(f"NVML cannot be used here: {unusable}")
         torch_free = [dm_module._free_memory(i)[0] for i in range(count)]
-        nvml = dm_module._nvml_memory(count)
-        if nvml is None:
-            pytest.skip("NVML does not initialise here")
-        for index, (free, entry) in enumerate(zip(torch_free, nvml, strict=True)):
-            assert entry is not None, f"NVML could not query cuda:{index}"
-            assert abs(entry[0] - free) <= 0.05 * free, (index, entry, free)
+        for index, free in enumerate(torch_free):
+            assert index in nvml, f"NVML could not query cuda:{index}"
+            assert abs(nvml[index][0] - free) <= 0.05 * free, (index, nvml[index], free)
+
+    def test_selection_creates_no_context_on_other_gpus(self):
+        """In a fresh process, choosing a device with NVML leaves no CUDA context anywhere."""
+        pytest.importorskip("pynvml")
+        code = (
+            "import pynvml, os, torch, vae_toolkit\n"
+            "device = vae_toolkit.auto_select_device(); vae_toolkit.list_devices()\n"
+            "pynvml.nvmlInit(); pid = os.getpid(); used = []\n"
+            "for i in range(pynvml.nvmlDeviceGetCount()):\n"
+            "    procs = pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i))\n"
+            "    used += [i for p in procs if p.pid == pid]\n"
+            "print(device, used)\n"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[-1] == "[]", done.stdout

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import traceback
 import warnings
 
 import pytest
@@ -49,16 +50,36 @@ HUB_ANSWERS = {
     ),
     "broken-vae": (500, {}, {"error": "Internal Error"}),
 }
+# Answers that echo what the client sent, as misconfigured proxies and some servers do: the error texts
+# built from them contain the token, so these are the ones that test the redaction.
+ECHO_REPOS = ("echo-vae", "echo-gated-vae", "redirect-vae", "redirect-500-vae")
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
     requests: list[tuple[str, str, str | None]] = []
 
     def _answer(self) -> None:
-        FakeHub.requests.append((self.command, self.path, self.headers.get("authorization")))
+        auth = self.headers.get("authorization")
+        FakeHub.requests.append((self.command, self.path, auth))
         parts = self.path.split("?")[0].strip("/").split("/")
         repo = parts[3] if parts[:2] == ["api", "models"] and len(parts) > 3 else parts[1] if len(parts) > 1 else ""
-        status, headers, body = HUB_ANSWERS.get(repo, (404, {}, {"error": "not found"}))
+        token = (auth or "").removeprefix("Bearer ")
+        if repo == "echo-vae":  # 401 whose message and body repeat the Authorization header
+            echo = f"Invalid credentials in Authorization header: {auth}"
+            status, headers, body = 401, {"X-Error-Message": echo}, {"error": echo, "authorization": auth}
+        elif repo == "echo-gated-vae":  # a gated repo whose message names the token it refused
+            echo = f"Access to model org/echo-gated-vae is restricted; token {token} has no access"
+            status, headers, body = 403, {"X-Error-Code": "GatedRepo", "X-Error-Message": echo}, {"error": echo}
+        elif repo in ("redirect-vae", "redirect-500-vae") and "token=" not in self.path:
+            # a redirect to a URL that carries the token as a query parameter (a signed-URL style CDN)
+            target = self.path.split("?")[0].replace(repo, repo + "-cdn") + f"?token={token}"
+            status, headers, body = 302, {"Location": target}, {"error": f"moved to {target}"}
+        elif repo == "redirect-vae-cdn":
+            status, headers, body = 404, {}, {"error": f"no such file: {self.path}"}
+        elif repo == "redirect-500-vae-cdn":
+            status, headers, body = 500, {}, {"error": f"server error for {self.path}"}
+        else:
+            status, headers, body = HUB_ANSWERS.get(repo, (404, {}, {"error": "not found"}))
         data = json.dumps(body).encode()
         self.send_response(status)
         for name, value in {**headers, "Content-Type": "application/json", "Content-Length": str(len(data))}.items():
@@ -74,7 +95,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 
 CHILD = r"""
-import json, logging, sys, types, warnings
+import json, logging, sys, traceback, types, warnings
 
 import huggingface_hub.utils._http as hf_http
 
@@ -112,7 +133,7 @@ for name, repo_id, token in json.loads(sys.argv[1]):
                 chain.append(f"{type(cur).__name__}: {cur!s} {cur!r}")
                 cur = cur.__cause__ or cur.__context__
             result = {"type": type(err).__name__, "oserror": isinstance(err, OSError), "message": str(err),
-                      "chain": chain}
+                      "repr": repr(err), "chain": chain, "traceback": "".join(traceback.format_exception(err))}
     result.update(logs=list(records), warnings=[str(w.message) for w in caught], loader=repr(loader))
     results[name] = result
 print("RESULTS " + json.dumps(results))
@@ -127,6 +148,10 @@ ATTEMPTS = {
     "bad-token": ("org/token-vae", TOKEN, "hub"),
     "server-error": ("org/broken-vae", TOKEN, "hub"),
     "no-network": ("org/any-vae", TOKEN, "dead"),
+    "echo": ("org/echo-vae", TOKEN, "hub"),
+    "echo-gated": ("org/echo-gated-vae", TOKEN, "hub"),
+    "redirect": ("org/redirect-vae", TOKEN, "hub"),
+    "redirect-500": ("org/redirect-500-vae", TOKEN, "hub"),
 }
 
 
@@ -217,13 +242,51 @@ def test_hub_failures_raise_vae_load_error_saying_what_to_do(child_results, name
     assert len(result["chain"]) > 1  # the original huggingface_hub / diffusers errors stay chained
 
 
-@pytest.mark.parametrize("name", list(ATTEMPTS))
+def _leaks(result: dict) -> list[str]:
+    texts = {
+        "message": result["message"],
+        "repr": result["repr"],
+        "traceback": result["traceback"],
+        "loader": result["loader"],
+        **{f"chain[{i}]": t for i, t in enumerate(result["chain"])},
+        **{f"log[{i}]": t for i, t in enumerate(result["logs"])},
+        **{f"warning[{i}]": t for i, t in enumerate(result["warnings"])},
+    }
+    return [f"{where}: {text}" for where, text in texts.items() if TOKEN in text]
+
+
+@pytest.mark.parametrize("name", [n for n, (_, token, _) in ATTEMPTS.items() if token])
 def test_hub_failures_never_show_the_token(child_results, fake_hub, name):
+    """str, repr, the chained causes as traceback.format_exception renders them, warnings and DEBUG logs."""
     result = child_results[name]
-    texts = [result["message"], result["loader"], *result["chain"], *result["logs"], *result["warnings"]]
+    assert result.get("type") == "VAELoadError", result
     assert result["logs"], "expected huggingface_hub/diffusers to log the attempt"
-    assert not [t for t in texts if TOKEN in t]
+    assert any(r.split(":")[1] == "DEBUG" for r in result["logs"]), "DEBUG records were not collected"
+    assert "Traceback" in result["traceback"] and "VAELoadError" in result["traceback"]
+    assert _leaks(result) == []
     assert TOKEN not in child_results["_stderr"]
+
+
+def test_the_echoing_hub_really_puts_the_token_in_the_errors(child_results):
+    """Guards the guard: these answers contain the token, so the redaction has something to remove."""
+    sent = [r for r in FakeHub.requests if any(repo in r[1] for repo in ECHO_REPOS)]
+    assert all(auth == f"Bearer {TOKEN}" for _, path, auth in sent if "-cdn/" not in path)
+    assert any(f"token={TOKEN}" in path for _, path, _ in sent)  # the redirect was followed
+    for name in ("echo", "echo-gated", "redirect", "redirect-500"):
+        assert "***" in child_results[name]["message"] + child_results[name]["traceback"], name
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [
+        ("echo", r"the hub rejected the token \(HTTP 401\); check HF_TOKEN or the token= argument\.$"),
+        ("echo-gated", r"the repo is gated: accept the license at .*org/echo-gated-vae and check that this token's"),
+        ("redirect", r"org/redirect-vae"),
+        ("redirect-500", r"HTTP 500, a server error; try again later\.$"),
+    ],
+)
+def test_echoing_hub_failures_still_say_what_to_do(child_results, name, hint):
+    assert re.search(hint, child_results[name]["message"]), child_results[name]["message"]
 
 
 def test_the_token_was_really_sent_to_the_hub(child_results):
@@ -328,3 +391,54 @@ def test_vae_load_error_is_an_oserror_exported_by_the_package():
 
     assert issubclass(VAELoadError, OSError)
     assert vae_toolkit.VAELoadError is VAELoadError
+
+
+def _fail_holding_the_token(repo_id, **kwargs):
+    """Stands in for from_pretrained: logs and warns with the token, then fails with it in a chain of errors."""
+    token = kwargs["token"]
+    logging.getLogger("huggingface_hub.fake").debug("GET %s?token=%s", repo_id, token)
+    logging.getLogger("httpx.fake").info("Authorization: Bearer " + token)
+    try:
+        try:
+            raise ConnectionError(f"proxy refused 'Authorization: Bearer {token}'")
+        except ConnectionError as inner:
+            error = OSError(f"could not fetch https://hub.example/{repo_id}?token={token}")
+            error.add_note(f"retried with token {token}")
+            raise error from inner
+    except OSError:
+        logging.getLogger("diffusers.fake").debug("load failed", exc_info=True)
+        raise
+
+
+def test_errors_chained_from_errors_holding_the_token_never_show_it(hf_home, registry, monkeypatch, all_logs):
+    from diffusers import AutoencoderKL
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", _fail_holding_the_token)
+    add_model_config("leaky", {"repo_id": "org/leaky-vae", "subfolder": "vae"})
+    formatted_logs: list[str] = []
+
+    class Format(logging.Handler):
+        def emit(self, record):
+            formatted_logs.append(logging.Formatter().format(record))
+
+    handler = Format(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    try:
+        with pytest.raises(VAELoadError, match=r"^Could not load VAE 'leaky' from org/leaky-vae") as info:
+            VAELoader().load_sd_vae("leaky", "cpu", token=TOKEN)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    err = info.value
+    rendered = "".join(traceback.format_exception(err))
+    assert "ConnectionError" in rendered and "could not fetch" in rendered  # the causes are still shown ...
+    assert "?token=***" in rendered and "Bearer ***" in rendered and "retried with token ***" in rendered
+    texts = {"str": str(err), "repr": repr(err), "traceback": rendered, **dict(enumerate(all_logs + formatted_logs))}
+    assert [k for k, text in texts.items() if TOKEN in text] == []  # ... without the token
+    assert any("token=***" in line for line in all_logs) and any("Bearer ***" in line for line in all_logs)
+
+
+def test_log_redaction_is_limited_to_the_load(hf_home, all_logs):
+    """Outside a load with a token, log records are left exactly as they were made."""
+    VAELoader().load_sd_vae("sd14", "cpu", token=TOKEN)
+    logging.getLogger("elsewhere").warning("user's own record mentions %s", TOKEN)
+    assert all_logs[-1] == f"user's own record mentions {TOKEN}"

@@ -9,7 +9,7 @@ __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
 from .dataset import LatentStore, encode_dataset
-from .device_manager import DeviceManager, auto_select_device
+from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
 from .image_utils import (
     DEFAULT_PROCESSOR,
     SD_PROCESSOR,
@@ -52,6 +52,8 @@ __all__ = [
     # new in 0.2.0
     "DeviceManager",
     "auto_select_device",
+    "list_devices",
+    "DeviceRecord",
     "load_images",
     "VAELoadError",
     "latents",

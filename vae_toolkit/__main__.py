@@ -39,16 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import torch
 
 from . import __version__
-from .device_manager import (
-    DeviceManager,
-    _cuda_device_count,
-    _distributed_local_rank,
-    _free_memory,
-    _mps_available,
-    _nvml_memory,
-    auto_select_device,
-    resolve_device,
-)
+from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
 from .image_utils import ImageProcessingError
 from .model_config import get_all_model_configs, list_available_models
 
@@ -88,41 +79,20 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _gpus(count: int) -> list[dict[str, Any]]:
-    nvml = _nvml_memory(count) if count else None
-    gpus = []
-    for index in range(count):
-        gpu: dict[str, Any] = {
-            "device": f"cuda:{index}",
-            "name": None,
-            "total_memory": None,
-            "free_memory": None,
-            "memory_source": None,
-        }
-        try:
-            props = torch.cuda.get_device_properties(index)
-            gpu["name"], gpu["total_memory"] = props.name, int(props.total_memory)
-        except Exception as err:
-            gpu["error"] = f"{type(err).__name__}: {err}"
-        memory = nvml[index] if nvml is not None else None
-        if memory is not None:
-            gpu["free_memory"], gpu["total_memory"], gpu["memory_source"] = memory[0], memory[1], "nvml"
-        else:
-            try:
-                gpu["free_memory"], gpu["total_memory"] = _free_memory(index)
-                gpu["memory_source"] = "torch"
-            except Exception as err:
-                gpu.setdefault("error", f"{type(err).__name__}: {err}")
-        gpus.append(gpu)
-    return gpus
+def _devices() -> tuple[list[DeviceRecord], str | None]:
+    """The device inventory, and why it is incomplete when listing the GPUs failed."""
+    try:
+        return list_devices(), None
+    except Exception as err:  # a broken driver must not stop the report
+        return [], f"{type(err).__name__}: {err}"
 
 
 def _auto_device(gpus: list[dict[str, Any]]) -> dict[str, Any]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         device = auto_select_device()
+        rank = local_rank()
     if device.startswith("cuda"):
-        rank = _distributed_local_rank()
         if rank is not None:
             reason = f"distributed run: LOCAL_RANK={rank}, WORLD_SIZE={os.environ.get('WORLD_SIZE')}"
         elif len(gpus) == 1:
@@ -137,24 +107,16 @@ def _auto_device(gpus: list[dict[str, Any]]) -> dict[str, Any]:
         reason = "no CUDA or MPS device"
         if torch.version.cuda is None:
             reason += " (this torch build has no CUDA support)"
-    return {"device": device, "reason": reason, "warnings": [str(w.message) for w in caught]}
-
-
-def _system_memory() -> dict[str, int] | None:
-    try:
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return {"total": int(vm.total), "available": int(vm.available)}
-    except Exception:  # psutil is a dependency; keep the report going without it
-        return None
+    return {"device": device, "reason": reason, "warnings": list(dict.fromkeys(str(w.message) for w in caught))}
 
 
 def _hf() -> dict[str, Any]:
     from huggingface_hub import constants
 
-    from .vae_loader import _is_offline
-
+    if hasattr(constants, "is_offline_mode"):
+        offline = bool(constants.is_offline_mode())
+    else:  # older huggingface_hub
+        offline = bool(constants.HF_HUB_OFFLINE)
     if os.environ.get("HF_TOKEN"):
         token = "set (HF_TOKEN)"
     elif os.environ.get("HUGGING_FACE_HUB_TOKEN"):
@@ -163,32 +125,38 @@ def _hf() -> dict[str, Any]:
         token = f"stored login ({constants.HF_TOKEN_PATH})"
     else:
         token = None
-    return {"home": constants.HF_HOME, "cache": constants.HF_HUB_CACHE, "offline": _is_offline(), "token": token}
+    return {"home": constants.HF_HOME, "cache": constants.HF_HUB_CACHE, "offline": offline, "token": token}
 
 
 def collect_env() -> dict[str, Any]:
-    """Gather the environment report as a JSON-serialisable dict (memory in bytes; no token values)."""
+    """Gather the environment report as a JSON-serialisable dict (memory in bytes; no token values).
+
+    Devices come from :func:`vae_toolkit.device_manager.list_devices`: with NVML no CUDA context is
+    created on any GPU.
+    """
     versions: dict[str, str | None] = {"vae-toolkit": __version__, "python": platform.python_version()}
     versions.update({name: _version(name) for name in _DISTRIBUTIONS})
-    try:
-        count = _cuda_device_count()
-    except Exception:  # a broken driver must not stop the report
-        count = 0
-    gpus = _gpus(count)
+    devices, error = _devices()
+    gpus = [d.to_dict() for d in devices if d.device.startswith("cuda:")]
+    cpu = next((d for d in devices if d.device == "cpu"), None)
+    ram = None
+    if cpu is not None and cpu.total_memory is not None and cpu.free_memory is not None:
+        ram = {"total": cpu.total_memory, "available": cpu.free_memory}
     return {
         "versions": versions,
         "python": {"implementation": platform.python_implementation(), "executable": sys.executable},
         "platform": platform.platform(),
         "cuda": {
-            "available": count > 0,
+            "available": bool(gpus),
             "torch_cuda_version": torch.version.cuda,
-            "device_count": count,
+            "device_count": len(gpus),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "error": error,
         },
-        "mps_available": _mps_available(),
+        "mps_available": any(d.device == "mps" for d in devices),
         "gpus": gpus,
         "auto_device": _auto_device(gpus),
-        "system_memory": _system_memory(),
+        "system_memory": ram,
         "huggingface": _hf(),
     }
 
@@ -216,6 +184,8 @@ def format_env(info: dict[str, Any]) -> str:
         text = f"no (torch built for CUDA {cuda['torch_cuda_version']}; no device or driver found)"
     if cuda["CUDA_VISIBLE_DEVICES"] is not None:
         text += f"; CUDA_VISIBLE_DEVICES={cuda['CUDA_VISIBLE_DEVICES']}"
+    if cuda.get("error"):
+        text += f"; listing the GPUs failed: {cuda['error']}"
     rows.append(("CUDA available", text))
     rows.append(("MPS available", "yes" if info["mps_available"] else "no"))
     if not info["gpus"]:

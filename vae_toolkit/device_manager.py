@@ -1,31 +1,83 @@
 """Device selection, validation, memory reporting and tensor movement.
 
+:func:`list_devices` is the one inventory of the visible devices (name, total and free memory, and where
+the figures come from); :func:`auto_select_device`, :class:`DeviceManager` and ``python -m vae_toolkit env``
+all read it. GPU memory comes from NVML (``nvidia-ml-py``, a dependency on Linux and Windows), which
+opens no CUDA context. Without NVML it comes from ``torch.cuda.mem_get_info``, which creates a CUDA
+context on every GPU it asks about, kept for the life of the process; that fallback is logged once.
+
 The probes (``_cuda_available``, ``_free_memory``, ...) are small module functions so that
 they can be replaced in tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import platform
 import re
 import reprlib
+import threading
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ._stack import caller_stacklevel
 
-__all__ = ["DeviceManager", "auto_select_device", "ACCEPTED_DEVICES"]
+__all__ = [
+    "DeviceManager",
+    "DeviceRecord",
+    "auto_select_device",
+    "list_devices",
+    "local_rank",
+    "resolve_device",
+    "ACCEPTED_DEVICES",
+]
 
 logger = logging.getLogger(__name__)
 
 ACCEPTED_DEVICES = "'auto', 'cpu', 'mps', 'cuda', 'cuda:N' (N = 0, 1, ...) or a torch.device of type cpu, mps or cuda"
 # ASCII digits only: ``\d`` would also accept e.g. Arabic-Indic digits, which torch rejects.
 _DEVICE_RE = re.compile(r"(auto|cpu|mps|cuda)(?::(0|[1-9][0-9]*))?", re.ASCII)
+# The older MIG form of CUDA_VISIBLE_DEVICES: MIG-GPU-<parent uuid>/<GPU instance id>/<compute instance id>.
+_LEGACY_MIG_RE = re.compile(r"MIG-(GPU-[0-9A-Fa-f-]+)/([0-9]+)/([0-9]+)", re.ASCII)
 _GB = 1024**3
+
+MemorySource = Literal["nvml", "torch", "psutil"]
+"""Where :class:`DeviceRecord` memory figures come from: NVML (no CUDA context), ``torch.cuda.mem_get_info``
+(creates a CUDA context on that GPU) or psutil (system RAM, for ``cpu``)."""
+
+_fallback_lock = threading.Lock()
+_fallback_logged = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceRecord:
+    """One visible device, as :func:`list_devices` reports it.
+
+    Attributes:
+        device: ``'cuda:N'``, ``'mps'`` or ``'cpu'``.
+        name: The device's name (GPU model, ``'Apple MPS'``, or the CPU).
+        total_memory: Bytes; ``None`` when unknown (e.g. MPS).
+        free_memory: Bytes free as the driver reports them (other processes count); ``None`` when unknown.
+        memory_source: Where the memory figures come from: ``'nvml'``, ``'torch'`` (``mem_get_info``),
+            ``'psutil'`` (system RAM, for ``cpu``), or ``None`` when no figure could be read.
+        error: Why a figure is missing (``None`` when nothing failed).
+    """
+
+    device: str
+    name: str | None
+    total_memory: int | None
+    free_memory: int | None
+    memory_source: MemorySource | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
 
 
 # --- probes -------------------------------------------------------------------------------------
@@ -45,7 +97,7 @@ def _mps_available() -> bool:
 
 
 def _cuda_uuid(index: int) -> str | None:
-    """NVML-style UUID (``GPU-...``) of CUDA device ``index`` from its properties; ``None`` if torch has none.
+    """The UUID torch reports for CUDA device ``index`` (plain 8-4-4-4-12 hex); ``None`` if this torch has none.
 
     Reading the properties does not create a CUDA context on the device.
     """
@@ -53,14 +105,15 @@ def _cuda_uuid(index: int) -> str | None:
         uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
     except Exception:
         return None
-    text = "" if uuid is None else str(uuid)
-    if not text:
-        return None
-    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+    text = "" if uuid is None else str(uuid).strip()
+    return text or None
 
 
 def _visible_devices() -> list[int | str] | None:
-    """``CUDA_VISIBLE_DEVICES`` as a list of physical indices or UUIDs; ``None`` when unset or empty."""
+    """``CUDA_VISIBLE_DEVICES`` as physical indices, UUIDs or MIG ids, in CUDA's order; ``None`` when unset or empty.
+
+    As CUDA does, the list ends at the first empty entry.
+    """
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None or not visible.strip():
         return None
@@ -73,80 +126,133 @@ def _visible_devices() -> list[int | str] | None:
     return ids
 
 
-def _nvml_ids(count: int) -> list[int | str | None]:
-    """The NVML id (UUID or physical index) of each CUDA device 0..count-1; ``None`` where unknown.
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _nvml_handle_by_uuid(nvml: Any, uuid: str) -> Any:
+    """NVML handle of a GPU or MIG device given by UUID (``GPU-...``, ``MIG-...``, the legacy
+    ``MIG-GPU-<uuid>/<gi>/<ci>``, a unique ``GPU-`` prefix as CUDA accepts, or torch's unprefixed hex)."""
+    legacy = _LEGACY_MIG_RE.fullmatch(uuid)
+    if legacy is not None:
+        parent = _nvml_handle_by_uuid(nvml, legacy.group(1))
+        gpu_instance, compute_instance = int(legacy.group(2)), int(legacy.group(3))
+        for slot in range(nvml.nvmlDeviceGetMaxMigDeviceCount(parent)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(parent, slot)
+            except Exception:  # an empty slot
+                continue
+            if (nvml.nvmlDeviceGetGpuInstanceId(mig), nvml.nvmlDeviceGetComputeInstanceId(mig)) == (
+                gpu_instance,
+                compute_instance,
+            ):
+                return mig
+        raise LookupError(f"no MIG device {gpu_instance}/{compute_instance} on {legacy.group(1)}")
+    # torch prints the UUID without NVML's prefix, which is GPU- for a whole GPU and MIG- for a MIG instance.
+    candidates = [uuid] if uuid.startswith(("GPU-", "MIG-")) else [f"GPU-{uuid}", f"MIG-{uuid}"]
+    failure: Exception | None = None
+    for candidate in candidates:
+        try:
+            return nvml.nvmlDeviceGetHandleByUUID(candidate)
+        except Exception as err:
+            failure = err
+    if uuid.startswith("GPU-"):  # CUDA_VISIBLE_DEVICES may name a GPU by a unique prefix of its UUID
+        handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
+        matches = [h for h in handles if _text(nvml.nvmlDeviceGetUUID(h)).startswith(uuid)]
+        if len(matches) == 1:
+            return matches[0]
+    raise LookupError(f"NVML knows no device {uuid!r} ({failure})")
+
+
+def _nvml_handle(nvml: Any, index: int, visible: list[int | str] | None) -> Any:
+    """The NVML handle of CUDA device ``index``.
 
     NVML numbers GPUs by PCI bus, while CUDA orders them fastest first unless
     ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (and ``CUDA_VISIBLE_DEVICES`` indices follow CUDA's order).
     The UUID torch reports for each device identifies it whatever the order, so it is used
-    when available; otherwise the physical index comes through ``CUDA_VISIBLE_DEVICES``,
-    which is exact with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or identical GPUs.
+    when available; otherwise the ``CUDA_VISIBLE_DEVICES`` entry (index, UUID or MIG id), where an
+    index is exact with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` or identical GPUs.
     """
-    visible = _visible_devices()
-    ids: list[int | str | None] = []
-    for index in range(count):
-        uuid = _cuda_uuid(index)
-        if uuid is not None:
-            ids.append(uuid)
-        elif visible is None:
-            ids.append(index)
-        else:
-            ids.append(visible[index] if index < len(visible) else None)
-    return ids
+    uuid = _cuda_uuid(index)
+    if uuid is not None:
+        return _nvml_handle_by_uuid(nvml, uuid)
+    if visible is None:
+        return nvml.nvmlDeviceGetHandleByIndex(index)
+    if index >= len(visible):
+        raise LookupError(f"CUDA_VISIBLE_DEVICES lists only {len(visible)} device(s)")
+    entry = visible[index]
+    if isinstance(entry, int):
+        return nvml.nvmlDeviceGetHandleByIndex(entry)
+    return _nvml_handle_by_uuid(nvml, entry)
 
 
-def _nvml_memory(count: int) -> list[tuple[int, int] | None] | None:
-    """(free, total) bytes per CUDA device 0..count-1 from NVML, without creating CUDA contexts.
+def _nvml_memory(indices: Iterable[int]) -> tuple[dict[int, tuple[int, int]], str | None]:
+    """(free, total) bytes per CUDA index from NVML, without creating any CUDA context.
 
-    Returns ``None`` when NVML is not installed or does not initialise; an entry is ``None``
-    when that one device could not be queried.
+    Returns the figures NVML gave (a device it could not query is left out, with a debug log) and,
+    when NVML cannot be used at all, the reason (not installed, no driver library, init failed).
     """
     try:
-        import pynvml  # provided by the optional extra ``nvml`` (nvidia-ml-py)
+        import pynvml  # nvidia-ml-py
     except ImportError:
-        return None
+        return {}, "nvidia-ml-py is not installed"
     try:
         pynvml.nvmlInit()
-    except Exception as err:  # NVMLError, missing driver library, ...
-        logger.debug("NVML present but did not initialise (%s); using torch.cuda.mem_get_info", err)
-        return None
+    except Exception as err:  # NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded, ...
+        return {}, f"NVML did not initialise: {err}"
+    memory: dict[int, tuple[int, int]] = {}
     try:
-        result: list[tuple[int, int] | None] = []
-        for index, nvml_id in enumerate(_nvml_ids(count)):
+        visible = _visible_devices()
+        for index in indices:
             try:
-                if nvml_id is None:
-                    raise LookupError("not listed in CUDA_VISIBLE_DEVICES")
-                if isinstance(nvml_id, int):
-                    handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_id)
-                else:
-                    handle = pynvml.nvmlDeviceGetHandleByUUID(nvml_id)
-                info = pynvml.nvmlDeviceGetMemoryInfo(handle)
-                result.append((int(info.free), int(info.total)))
+                info = pynvml.nvmlDeviceGetMemoryInfo(_nvml_handle(pynvml, index, visible))
+                memory[index] = (int(info.free), int(info.total))
             except Exception as err:
-                logger.debug("NVML could not query cuda:%d (NVML id %r): %s", index, nvml_id, err)
-                result.append(None)
-        return result
+                logger.debug("NVML could not query cuda:%d: %s", index, err)
     finally:
         try:
             pynvml.nvmlShutdown()
         except Exception:  # pragma: no cover - shutdown failures are harmless
             pass
+    return memory, None
 
 
 def _free_memory(index: int) -> tuple[int, int]:
-    """(free, total) bytes of CUDA device ``index`` as the driver reports them (all processes counted)."""
+    """(free, total) bytes of CUDA device ``index`` as the driver reports them (all processes counted).
+
+    Creates a CUDA context on that device if the process has none there yet.
+    """
     free, total = torch.cuda.mem_get_info(index)
     return int(free), int(total)
 
 
-def _distributed_local_rank() -> int | None:
-    """``LOCAL_RANK`` when running under a distributed launcher with ``WORLD_SIZE`` > 1."""
+def _log_torch_fallback(reason: str) -> None:
+    """State once per process that GPU memory is read through torch, and what that costs."""
+    global _fallback_logged
+    with _fallback_lock:
+        if _fallback_logged:
+            return
+        _fallback_logged = True
+    logger.warning(
+        "NVML cannot be used (%s); GPU memory is read with torch.cuda.mem_get_info instead, which creates a CUDA "
+        "context on each GPU it queries: a few hundred MB of that GPU's memory, held until the process exits. "
+        "Install nvidia-ml-py (with the NVIDIA driver's libnvidia-ml) to avoid it, or request a device such as "
+        "'cuda:0'.",
+        reason,
+    )
+
+
+def local_rank() -> int | None:
+    """``LOCAL_RANK`` when running under a distributed launcher with ``WORLD_SIZE`` > 1, else ``None``.
+
+    Malformed values are ignored with a ``RuntimeWarning``.
+    """
     rank, world = os.environ.get("LOCAL_RANK"), os.environ.get("WORLD_SIZE")
     if rank is None or world is None:
         return None
     try:
-        local_rank, world_size = int(rank), int(world)
-        if local_rank < 0:
+        rank_value, world_size = int(rank), int(world)
+        if rank_value < 0:
             raise ValueError("negative LOCAL_RANK")
     except ValueError:
         warnings.warn(
@@ -155,36 +261,79 @@ def _distributed_local_rank() -> int | None:
             stacklevel=caller_stacklevel(),
         )
         return None
-    return local_rank if world_size > 1 else None
+    return rank_value if world_size > 1 else None
+
+
+# --- inventory ----------------------------------------------------------------------------------
+
+
+def _gpu_records(indices: Iterable[int], *, log_fallback: bool = True) -> list[DeviceRecord]:
+    indices = list(indices)
+    nvml, unusable = _nvml_memory(indices) if indices else ({}, None)
+    records = []
+    for index in indices:
+        name: str | None = None
+        total: int | None = None
+        free: int | None = None
+        source: MemorySource | None = None
+        error: str | None = None
+        try:
+            props = torch.cuda.get_device_properties(index)  # no CUDA context
+            name, total = str(props.name), int(props.total_memory)
+        except Exception as err:
+            error = f"{type(err).__name__}: {err}"
+        if index in nvml:
+            (free, total), source = nvml[index], "nvml"
+        else:
+            if unusable is not None and log_fallback:
+                _log_torch_fallback(unusable)
+            try:
+                (free, total), source = _free_memory(index), "torch"
+            except Exception as err:
+                error = error or f"{type(err).__name__}: {err}"
+        records.append(DeviceRecord(f"cuda:{index}", name, total, free, source, error))
+    return records
+
+
+def _cpu_record() -> DeviceRecord:
+    name = f"CPU ({platform.machine() or 'unknown'}, {os.cpu_count()} logical cores)"
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return DeviceRecord("cpu", name, int(vm.total), int(vm.available), "psutil")
+    except Exception as err:  # pragma: no cover - psutil is a dependency
+        return DeviceRecord("cpu", name, None, None, None, f"{type(err).__name__}: {err}")
+
+
+def list_devices() -> list[DeviceRecord]:
+    """The visible devices: each CUDA GPU (``cuda:0``, ``cuda:1``, ...), then ``mps`` if available, then ``cpu``.
+
+    GPU memory comes from NVML when it can be used, which creates no CUDA context; otherwise from
+    ``torch.cuda.mem_get_info``, which creates one on every GPU (stated once per process in a log
+    warning). A GPU whose figures cannot be read is still listed, with ``None`` figures and ``error`` set.
+    ``cpu`` reports system RAM (psutil); ``mps`` has no memory figures.
+
+    Example:
+        >>> [(d.device, d.free_memory, d.memory_source) for d in list_devices()]  # doctest: +SKIP
+        [('cuda:0', 20971520000, 'nvml'), ('cuda:1', 84557545472, 'nvml'), ('cpu', 61194452992, 'psutil')]
+    """
+    records = _gpu_records(range(_cuda_device_count()))
+    if _mps_available():
+        records.append(DeviceRecord("mps", "Apple MPS", None, None, None))
+    records.append(_cpu_record())
+    return records
 
 
 # --- selection ----------------------------------------------------------------------------------
 
 
-def _cuda_free_memory_all(count: int) -> dict[int, int]:
-    """Free bytes per CUDA index; devices that fail to answer are left out with a warning."""
-    nvml = _nvml_memory(count)
-    free: dict[int, int] = {}
-    for index in range(count):
-        if nvml is not None and nvml[index] is not None:
-            free[index] = nvml[index][0]  # type: ignore[index]
-            continue
-        try:
-            free[index] = _free_memory(index)[0]
-        except Exception as err:
-            warnings.warn(
-                f"Skipping cuda:{index} while choosing a device: querying its memory failed ({err}).",
-                RuntimeWarning,
-                stacklevel=caller_stacklevel(),
-            )
-    return free
-
-
 def auto_select_device() -> str:
     """Pick the best device: the CUDA device with the most free memory, else ``'mps'``, else ``'cpu'``.
 
-    Free memory is what the driver reports (other processes count). Under a distributed launcher
-    (``LOCAL_RANK`` set and ``WORLD_SIZE`` > 1) each process takes ``cuda:LOCAL_RANK``.
+    Free memory is what the driver reports (other processes count), read through :func:`list_devices`:
+    with NVML no CUDA context is created on any GPU. Under a distributed launcher (``LOCAL_RANK`` set and
+    ``WORLD_SIZE`` > 1) each process takes ``cuda:LOCAL_RANK``; a single GPU is taken without a query.
 
     Example:
         >>> auto_select_device()  # doctest: +SKIP
@@ -192,7 +341,7 @@ def auto_select_device() -> str:
     """
     count = _cuda_device_count()
     if count > 0:
-        rank = _distributed_local_rank()
+        rank = local_rank()
         if rank is not None:
             index = rank % count
             if rank >= count:
@@ -207,7 +356,19 @@ def auto_select_device() -> str:
             return f"cuda:{index}"
         if count == 1:
             return "cuda:0"
-        free = _cuda_free_memory_all(count)
+        free: dict[int, int] = {}
+        for record in list_devices():
+            if not record.device.startswith("cuda:"):
+                continue
+            index = int(record.device.split(":")[1])
+            if record.free_memory is None:
+                warnings.warn(
+                    f"Skipping cuda:{index} while choosing a device: querying its memory failed ({record.error}).",
+                    RuntimeWarning,
+                    stacklevel=caller_stacklevel(),
+                )
+            else:
+                free[index] = record.free_memory
         if not free:
             warnings.warn(
                 "No CUDA device answered a memory query; using cuda:0.", RuntimeWarning, stacklevel=caller_stacklevel()
@@ -378,7 +539,11 @@ class DeviceManager:
             torch.mps.synchronize()
 
     def get_device_info(self) -> dict[str, Any]:
-        """Describe the device: type, CUDA counts, and on CUDA its name and memory (bytes); system RAM."""
+        """Describe the device: type, CUDA counts, and on CUDA its name and memory (bytes); system RAM.
+
+        Free memory comes from NVML when it can be used (``memory_source`` says which), so that no
+        CUDA context is created; otherwise ``torch.cuda.mem_get_info`` on this device only.
+        """
         cuda_available = _cuda_available()
         info: dict[str, Any] = {
             "device": self.device,
@@ -394,11 +559,12 @@ class DeviceManager:
             info["total_memory"] = int(props.total_memory)
             info["memory_allocated"] = int(torch.cuda.memory_allocated(index))
             info["memory_reserved"] = int(torch.cuda.memory_reserved(index))
-            try:
-                info["free_memory"] = _free_memory(index)[0]
-            except Exception as err:
-                logger.debug("mem_get_info(%d) failed: %s", index, err)
-                info["free_memory"] = None
+            # NVML when it can be used; otherwise mem_get_info on this device only (its own context).
+            record = _gpu_records([index], log_fallback=False)[0]
+            info["free_memory"] = record.free_memory
+            info["memory_source"] = record.memory_source
+            if record.free_memory is None:
+                logger.debug("Free memory of %s unknown: %s", self.device, record.error)
         try:
             import psutil
 

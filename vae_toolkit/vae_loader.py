@@ -6,12 +6,14 @@ diffusers is imported on the first load, not when this module is imported.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
 import os
 import re
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -170,7 +172,7 @@ class VAELoader:
             kwargs["low_cpu_mem_usage"] = False
         logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
         try:
-            with _quiet_hub_notices():
+            with _quiet_hub_notices(), _token_hidden_from_logs(token):
                 vae = AutoencoderKL.from_pretrained(repo_id, **kwargs)
         except Exception as err:
             raise _load_error(model_name, config, token, err) from err
@@ -298,11 +300,71 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# --- keeping the token out of errors and logs ------------------------------------------------------
+
+_hidden_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("vae_toolkit_hidden_token", default=None)
+_factory_lock = threading.Lock()
+_factory_installed = False
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "***")
+
+
+def _redacting_record_factory(previous: Any) -> Any:
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        token = _hidden_token.get()
+        if token:
+            message = record.getMessage()
+            if token in message:
+                record.msg, record.args = _redact(message, token), ()
+            if record.exc_info and record.exc_info[1] is not None:
+                record.exc_text = _redact("".join(traceback.format_exception(record.exc_info[1])).rstrip(), token)
+        return record
+
+    return factory
+
+
+@contextlib.contextmanager
+def _token_hidden_from_logs(token: str | None) -> Iterator[None]:
+    """While loading, log records created in this thread (diffusers, huggingface_hub, httpx, ...) have the token
+    replaced by ``***``, even where a server echoes it back or redirects to a URL that carries it."""
+    global _factory_installed
+    if not token:
+        yield
+        return
+    with _factory_lock:
+        if not _factory_installed:  # wraps whatever factory is in place; inert outside a load with a token
+            logging.setLogRecordFactory(_redacting_record_factory(logging.getLogRecordFactory()))
+            _factory_installed = True
+    reset = _hidden_token.set(token)
+    try:
+        yield
+    finally:
+        _hidden_token.reset(reset)
+
+
+def _redact_chain(err: BaseException, token: str) -> None:
+    """Replace the token in the arguments, notes and string attributes of ``err`` and every exception it chains,
+    so that ``str``, ``repr`` and ``traceback.format_exception`` of the VAELoadError never show it."""
+    for exc in _chain(err):
+        exc.args = tuple(_redact(a, token) if isinstance(a, str) else a for a in exc.args)
+        for name, value in list(vars(exc).items()):
+            if isinstance(value, str) and token in value:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(exc, name, _redact(value, token))
+            elif name == "__notes__" and isinstance(value, list):
+                value[:] = [_redact(n, token) if isinstance(n, str) else n for n in value]
+
+
 def _load_error(model_name: str, config: dict[str, Any], token: str | None, err: Exception) -> VAELoadError:
     """Turn a diffusers / huggingface_hub failure into a VAELoadError that says what to do."""
     from huggingface_hub import constants
     from huggingface_hub import utils as hf  # exports the error classes in every supported version
 
+    if token:
+        _redact_chain(err, token)
     repo_id: str = config["repo_id"]
     subfolder = config.get("subfolder")
     chain = _chain(err)
