@@ -51,7 +51,7 @@ def test_encode_with_a_bad_image_finishes_the_rest_and_exits_1(hf_home, capsys, 
     assert code == 1
     assert "7 images: 6 encoded, 0 already stored, 1 failed" in out
     lines = err.strip().splitlines()
-    assert lines[0].startswith("python -m vae_toolkit: warning: skipped part0/zz-bad.png: UnidentifiedImageError")
+    assert lines[0].startswith("python -m vae_toolkit: warning: skipped part0/zz-bad.png: Failed to load image ")
     assert "1 of 7 image(s) failed" in lines[-1] and INDEX_NAME in lines[-1]
     assert len(LatentStore(tmp_path / "out")) == 6
 

@@ -17,6 +17,7 @@ from .image_utils import (
     ImageProcessor,
     load_and_preprocess_image,
     load_images,
+    open_image,
     pil_to_tensor,
     tensor_to_pil,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "list_devices",
     "DeviceRecord",
     "load_images",
+    "open_image",
     "VAELoadError",
     "latents",
     # datasets

@@ -312,10 +312,10 @@ def _check_outputs(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
 
 
 def _open_image(path: Path) -> Image.Image:
-    from .image_utils import _open_rgb
+    from .image_utils import open_image
 
     try:
-        return _open_rgb(path)
+        return open_image(path)
     except ImageProcessingError as err:
         raise _CliError(str(err)) from err
 

@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import __version__, latents
-from .image_utils import pil_to_tensor
+from .image_utils import ImageProcessingError, open_image, pil_to_tensor
 from .model_config import get_all_model_configs
 
 if TYPE_CHECKING:
@@ -187,19 +187,17 @@ def sample_generator(seed: int, key: str) -> torch.Generator:
 
 def _load(path: Path, size: int | None) -> torch.Tensor:
     """The ``[3, H, W]`` tensor of one image: resized + center-cropped to ``size``, or cropped to a multiple of 8."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        if size is not None:
-            return pil_to_tensor(img, target_size=size)
-        w, h = img.size
-        cw, ch = w - w % MULTIPLE, h - h % MULTIPLE
-        if cw == 0 or ch == 0:
-            raise ValueError(f"image is {w}x{h}; it needs at least {MULTIPLE}x{MULTIPLE} pixels (or pass size=N)")
-        if (cw, ch) != (w, h):
-            left, top = (w - cw) // 2, (h - ch) // 2
-            return pil_to_tensor(img.crop((left, top, left + cw, top + ch)))
-        return pil_to_tensor(img)
+    rgb = open_image(path)
+    if size is not None:
+        return pil_to_tensor(rgb, target_size=size)
+    w, h = rgb.size
+    cw, ch = w - w % MULTIPLE, h - h % MULTIPLE
+    if cw == 0 or ch == 0:
+        raise ValueError(f"image is {w}x{h}; it needs at least {MULTIPLE}x{MULTIPLE} pixels (or pass size=N)")
+    if (cw, ch) != (w, h):
+        left, top = (w - cw) // 2, (h - ch) // 2
+        rgb = rgb.crop((left, top, left + cw, top + ch))
+    return pil_to_tensor(rgb)
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -787,7 +785,8 @@ def _pipeline(
         window = max(2 * batch_size, 2 * workers)
         for key, stat, result in _prefetch(items, size, workers, window):
             if isinstance(result, BaseException):
-                reason = f"{type(result).__name__}: {' '.join(str(result).split())}"
+                text = " ".join(str(result).split())
+                reason = text if isinstance(result, ImageProcessingError) else f"{type(result).__name__}: {text}"
                 failed[key] = reason
                 logger.warning("skipped %s: %s", key, reason)
                 bar.update(1)

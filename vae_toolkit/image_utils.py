@@ -29,6 +29,7 @@ __all__ = [
     "ImageProcessingError",
     "load_and_preprocess_image",
     "load_images",
+    "open_image",
     "tensor_to_pil",
     "pil_to_tensor",
     "ImageProcessor",
@@ -145,12 +146,22 @@ def _warn_if_clipped(img: Image.Image, source: object) -> None:
         )
 
 
-def _open_rgb(path: PathLike) -> Image.Image:
-    """Open ``path`` and return a loaded RGB copy; the file is closed on return.
+def open_image(path: PathLike) -> Image.Image:
+    """Open an image file of any size as ``load_and_preprocess_image`` reads it: a loaded RGB copy.
+
+    The file is closed on return.
 
     The conversion is PIL's ``convert("RGB")``, exactly as in 0.1.0: EXIF orientation is not applied
     (pixels come as stored), alpha is dropped (not composited), palette / grayscale / CMYK are expanded,
     and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+
+    Raises:
+        ImageProcessingError: the file is missing, a directory, or cannot be decoded; the message names
+            it and the cause is chained.
+
+    Example:
+        >>> open_image("photo.jpg").size  # doctest: +SKIP
+        (640, 480)
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -217,7 +228,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
         >>> x.shape
         torch.Size([1, 3, 512, 512])
     """
-    rgb = _open_rgb(image_path)
+    rgb = open_image(image_path)
     _check_size(rgb, target_size, image_path)
     tensor = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype()).unsqueeze(0)
     logger.debug("Loaded %s as %s", image_path, tuple(tensor.shape))
@@ -266,7 +277,7 @@ def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers
         return out
 
     def work(i: int) -> None:
-        rgb = _open_rgb(paths[i])
+        rgb = open_image(paths[i])
         _check_size(rgb, target_size, paths[i])
         if out.dtype == torch.float32:
             _rgb_to_tensor(rgb, _LUT_SD, out=out[i])
