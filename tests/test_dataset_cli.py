@@ -127,6 +127,25 @@ def test_decode_limit_and_overwrite(hf_home, capsys, src, tmp_path):
     assert run(capsys, *args, "--overwrite")[0] == 0
 
 
+def test_decode_never_replaces_a_file_that_appears_during_the_run(hf_home, capsys, src, tmp_path, monkeypatch):
+    assert encode(capsys, src, tmp_path / "out")[0] == 0
+    first = LatentStore(tmp_path / "out").key(0)
+    target = (tmp_path / "png" / first).with_suffix(".png")
+    real = VAELoader.load_sd_vae
+
+    def load_then_someone_writes(self, *args, **kwargs):
+        target.parent.mkdir(parents=True)
+        target.write_bytes(b"theirs")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAELoader, "load_sd_vae", load_then_someone_writes)
+    code, out, err = run(capsys, "decode", str(tmp_path / "out"), "-o", str(tmp_path / "png"), "--no-progress")
+    assert code == 1 and out.startswith("decode: 5 of 6 latents")
+    assert f"{target} appeared while running; not replaced" in err
+    assert target.read_bytes() == b"theirs"
+    assert len(list((tmp_path / "png").rglob("*.png"))) == 6
+
+
 def test_decode_names_that_would_collide(hf_home, capsys, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

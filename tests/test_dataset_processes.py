@@ -164,6 +164,8 @@ def torchrun_runs(tmp_path_factory):
         label: subprocess.Popen(base + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for label, args in commands.items()
     }
+    single = base[:1] + base[5:] + ["-o", str(tmp / "single"), "--batch-size", "5"]  # one process, other batches
+    procs["single"] = subprocess.Popen(single, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = {label: (*proc.communicate(timeout=180), proc.returncode) for label, proc in procs.items()}
     return tmp, src, results
 
@@ -190,6 +192,11 @@ def test_torchrun_two_ranks_match_one_process(torchrun_runs, label):
     for key in good:
         kwargs = dict(sample=True, generator=sample_generator(5, key)) if label == "sample" else {}
         assert (s[key] - reference(vae, src / key, **kwargs)).abs().max().item() <= 1e-5, key
+    if label == "mean":  # the same keys and latents as the single-process run of the same command
+        one = LatentStore(tmp / "single")
+        assert list(one) == list(s)
+        assert max((one[key] - s[key]).abs().max().item() for key in good) <= 1e-5
+        assert one.metadata["model"] == s.metadata["model"] == "sd14"
     assert set(s.failures) == {"part1/broken.png"}  # a failure on one rank reaches rank 0's index
     assert returncode == 1, stderr
     assert stdout.count("encode: 14 images: 13 encoded, 0 already stored, 1 failed") == 1  # rank 0 reports

@@ -565,14 +565,30 @@ def _decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _quiet_dependencies(args.verbose):
         vae, device = VAELoader().load_sd_vae(model, args.device, dtype=_DTYPES[args.dtype])
+    skipped: list[Path] = []
     for key, target in tqdm(
         list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
     ):
         with torch.inference_mode():
-            image = latents.decode(vae, store[key].unsqueeze(0))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tensor_to_pil(image[0]).save(target)
-    print(f"decode: {len(keys)} of {len(store)} latents -> {args.output} in {time.perf_counter() - start:.1f} s")
+            image = tensor_to_pil(latents.decode(vae, store[key].unsqueeze(0))[0])
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:
+                image.save(target)
+            else:  # "x": a file that appeared since the run started is not replaced either
+                with open(target, "xb") as file:
+                    image.save(file, format="PNG")
+        except FileExistsError:
+            skipped.append(target)
+            tqdm.write(f"{args.prog}: warning: {target} appeared while running; not replaced", file=sys.stderr)
+    seconds = time.perf_counter() - start
+    print(f"decode: {len(keys) - len(skipped)} of {len(store)} latents -> {args.output} in {seconds:.1f} s")
+    if skipped:
+        print(
+            f"{args.prog}: error: {len(skipped)} file(s) not written; pass --overwrite to replace them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
