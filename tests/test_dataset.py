@@ -525,3 +525,35 @@ def test_entry_and_failures(store, source):
     assert s.failures == {}
     with pytest.raises(KeyError):
         s.entry("nope.png")
+
+
+# --- the process group ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "gloo"), ("cuda:1", "nccl")])
+def test_process_group_backend_follows_the_vae_device(monkeypatch, device, backend):
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(("init", kwargs["backend"])))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy", None)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    group = dataset._Dist.from_env(torch.device(device))
+    assert (group.rank, group.world_size, group.owns_group) == (1, 2, True)
+    group.close()
+    expected = [("set_device", device)] if backend == "nccl" else []
+    assert calls == expected + [("init", backend), ("destroy", None)]
+
+
+def test_no_process_group_for_one_process(monkeypatch):
+    import torch.distributed as dist
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: pytest.fail("initialised"))
+    group = dataset._Dist.from_env(torch.device("cpu"))
+    assert (group.rank, group.world_size, group.owns_group) == (0, 1, False)
+    group.close()
