@@ -493,3 +493,9 @@ def test_roundtrip_directory_mean_psnr_of_known_mses(capsys, tmp_path, hf_home, 
     # the mean is over the finite values: (42.11 + 48.13) / 2, computed before rounding
     mean = (10 * np.log10(255.0**2 / 4) + 10 * np.log10(255.0**2)) / 2
     assert _printed_psnrs(capsys.readouterr().out) == ["42.11", "48.13", "inf", f"{mean:.2f}"]
+
+
+def test_roundtrip_of_an_image_smaller_than_8_pixels(capsys, tmp_path, hf_home):
+    src = _write_image(tmp_path / "thin.png", 5, 40)
+    assert cli.main(["roundtrip", str(src), "--model", "sd14", "--device", "cpu"]) == 1
+    assert "image is 5x40; it needs at least 8x8 pixels" in _one_line_error(capsys)

@@ -383,3 +383,39 @@ def test_tensor_to_pil_cuda_tensor(dtype):
 def test_tensor_to_pil_mps_tensor():
     cpu = torch.rand(3, 6, 5) * 2 - 1
     np.testing.assert_array_equal(np.asarray(tensor_to_pil(cpu.to("mps"))), np.asarray(tensor_to_pil(cpu)))
+
+
+# --- center_crop_to_multiple / image_extensions -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "multiple", "box"),
+    [((37, 33), 8, (2, 0, 34, 32)), ((16, 24), 8, None), ((10, 9), 4, (1, 0, 9, 8)), ((8, 70), 8, (0, 3, 8, 67))],
+)
+def test_center_crop_to_multiple(size, multiple, box):
+    from vae_toolkit.image_utils import center_crop_to_multiple
+
+    img = Image.fromarray(np.arange(size[0] * size[1] * 3, dtype=np.uint8).reshape(size[1], size[0], 3))
+    out = center_crop_to_multiple(img, multiple)
+    if box is None:
+        assert out is img
+    else:
+        assert out.size == (box[2] - box[0], box[3] - box[1])
+        assert np.array_equal(np.asarray(out), np.asarray(img.crop(box)))
+
+
+@pytest.mark.parametrize("size", [(5, 40), (40, 7), (0, 0)])
+def test_center_crop_to_multiple_too_small(size):
+    from vae_toolkit.image_utils import center_crop_to_multiple
+
+    with pytest.raises(ValueError, match=rf"image is {size[0]}x{size[1]}; it needs at least 8x8 pixels") as info:
+        center_crop_to_multiple(Image.new("RGB", size))
+    assert isinstance(info.value, ImageProcessingError)
+
+
+def test_image_extensions():
+    from vae_toolkit.image_utils import image_extensions
+
+    extensions = image_extensions()
+    assert {".png", ".jpg", ".jpeg", ".webp", ".tif"} <= extensions
+    assert ".txt" not in extensions and all(e == e.lower() and e.startswith(".") for e in extensions)

@@ -40,7 +40,7 @@ import torch
 
 from . import __version__
 from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
-from .image_utils import ImageProcessingError
+from .image_utils import ImageProcessingError, image_extensions
 from .model_config import get_all_model_configs, list_available_models
 
 if TYPE_CHECKING:
@@ -250,12 +250,6 @@ def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
 # --- roundtrip ------------------------------------------------------------------------------------
 
 
-def _image_extensions() -> set[str]:
-    from PIL import Image
-
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
 def _plan(
     source: Path, output: Path | None, *, output_is_dir: bool = False, overwrite: bool = False
 ) -> list[tuple[Path, Path]]:
@@ -265,7 +259,7 @@ def _plan(
     exist yet. Files that exist before the run are refused unless ``overwrite``; inputs are never replaced.
     """
     if source.is_dir():
-        extensions = _image_extensions()
+        extensions = image_extensions()
         inputs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in extensions)
         if not inputs:
             raise _CliError(f"no image files found in directory {source}")
@@ -287,7 +281,7 @@ def _plan(
             dst = output / f"{source.stem}-roundtrip.png"
         else:
             dst = output
-            if dst.suffix.lower() not in _image_extensions():
+            if dst.suffix.lower() not in image_extensions():
                 raise _UsageError(
                     f"argument -o/--output: cannot tell the image format of {dst}; use a suffix like .png, "
                     "or end it with / for a directory"
@@ -321,18 +315,14 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
-    from .image_utils import pil_to_tensor, tensor_to_pil
+    from .image_utils import center_crop_to_multiple, pil_to_tensor, tensor_to_pil
 
     if size is not None:
         return tensor_to_pil(pil_to_tensor(rgb, target_size=size))
-    w, h = rgb.size
-    cw, ch = w - w % _MULTIPLE, h - h % _MULTIPLE
-    if cw == 0 or ch == 0:
-        raise _CliError(f"image is {w}x{h}; it needs at least {_MULTIPLE}x{_MULTIPLE} pixels")
-    if (cw, ch) != (w, h):
-        left, top = (w - cw) // 2, (h - ch) // 2
-        rgb = rgb.crop((left, top, left + cw, top + ch))
-    return rgb
+    try:
+        return center_crop_to_multiple(rgb, _MULTIPLE)
+    except ImageProcessingError as err:
+        raise _CliError(str(err)) from err
 
 
 def _psnr(a: Image.Image, b: Image.Image) -> float:

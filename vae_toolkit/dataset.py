@@ -48,7 +48,7 @@ import torch
 from torch.utils.data import Dataset
 
 from . import __version__, latents
-from .image_utils import ImageProcessingError, open_image, pil_to_tensor
+from .image_utils import ImageProcessingError, center_crop_to_multiple, image_extensions, open_image, pil_to_tensor
 from .model_config import get_all_model_configs
 
 if TYPE_CHECKING:
@@ -124,13 +124,6 @@ class EncodeSummary:
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def _image_extensions() -> frozenset[str]:
-    from PIL import Image
-
-    Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
 def find_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[Path, list[str]]:
     """List the images to encode as ``(root, sorted keys)``; a key is a path relative to ``root``, with ``/``.
 
@@ -153,7 +146,7 @@ def find_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
             return root.parent.absolute(), [root.name]
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        extensions = _image_extensions()
+        extensions = image_extensions()
         keys = []
         for folder, dirs, files in os.walk(root):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -190,14 +183,7 @@ def _load(path: Path, size: int | None) -> torch.Tensor:
     rgb = open_image(path)
     if size is not None:
         return pil_to_tensor(rgb, target_size=size)
-    w, h = rgb.size
-    cw, ch = w - w % MULTIPLE, h - h % MULTIPLE
-    if cw == 0 or ch == 0:
-        raise ValueError(f"image is {w}x{h}; it needs at least {MULTIPLE}x{MULTIPLE} pixels (or pass size=N)")
-    if (cw, ch) != (w, h):
-        left, top = (w - cw) // 2, (h - ch) // 2
-        rgb = rgb.crop((left, top, left + cw, top + ch))
-    return pil_to_tensor(rgb)
+    return pil_to_tensor(center_crop_to_multiple(rgb, MULTIPLE))
 
 
 def _stat(path: Path) -> tuple[int, int]:

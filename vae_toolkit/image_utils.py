@@ -30,6 +30,8 @@ __all__ = [
     "load_and_preprocess_image",
     "load_images",
     "open_image",
+    "image_extensions",
+    "center_crop_to_multiple",
     "tensor_to_pil",
     "pil_to_tensor",
     "ImageProcessor",
@@ -233,6 +235,36 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
     tensor = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype()).unsqueeze(0)
     logger.debug("Loaded %s as %s", image_path, tuple(tensor.shape))
     return tensor, rgb
+
+
+def image_extensions() -> frozenset[str]:
+    """File suffixes (lower case, with the dot: ``.png``, ``.jpg``, ...) of the formats PIL can open."""
+    from PIL import Image
+
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
+    """Center-crop ``image`` to the largest width and height that are multiples of ``multiple``.
+
+    VAEs that downsample 8x (SD, SDXL, FLUX) need both sides to be multiples of 8. An image that already
+    fits is returned as it is (not copied).
+
+    Raises:
+        ValueError: (also an ``ImageProcessingError``) a side is shorter than ``multiple``.
+
+    Example:
+        >>> center_crop_to_multiple(Image.new("RGB", (37, 33))).size  # doctest: +SKIP
+        (32, 32)
+    """
+    w, h = image.size
+    cw, ch = w - w % multiple, h - h % multiple
+    if cw == 0 or ch == 0:
+        raise _InputValueError(f"image is {w}x{h}; it needs at least {multiple}x{multiple} pixels")
+    if (cw, ch) == (w, h):
+        return image
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return image.crop((left, top, left + cw, top + ch))
 
 
 def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers: int | None = None) -> torch.Tensor:
