@@ -225,6 +225,7 @@ def test_second_run_encodes_nothing(vae, source, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     again = encode_dataset(vae, source, tmp_path, progress=False)
     assert (first.encoded, again.encoded, again.skipped, again.shards) == (10, 0, 10, 0)
+    assert first.rank == again.rank == 0
     after = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.name != INDEX_NAME}
     assert after == {k: v for k, v in before.items() if k != INDEX_NAME}
 

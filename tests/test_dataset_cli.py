@@ -86,7 +86,7 @@ def test_encode_bad_arguments_exit_2(capsys, src, tmp_path, args, message):
     assert code == 2 and message in err and not (tmp_path / "out").exists()
 
 
-def test_encode_missing_source_and_file_output_exit_2(capsys, src, tmp_path):
+def test_encode_missing_source_and_file_output_exit_2(hf_home, capsys, src, tmp_path):
     code, _, err = encode(capsys, tmp_path / "missing", tmp_path / "out")
     assert code == 2 and "missing does not exist" in err
     (tmp_path / "file").write_text("x")

@@ -459,56 +459,50 @@ def _log_lines(prog: str) -> Iterator[None]:
         lg.propagate = previous
 
 
-def _rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0") or 0)
-    except ValueError:
-        return 0
-
-
 def _encode(args: argparse.Namespace) -> int:
-    from .dataset import StoreMismatchError, check_store, encode_dataset, find_images
+    from .dataset import INDEX_NAME, StoreMismatchError, check_store, encode_dataset
     from .vae_loader import VAELoader
 
     if not args.source.exists():
         raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
+    expected.update({"sample": args.sample, "seed": args.seed if args.sample else None})
     try:
-        find_images(args.source)
-        expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
-        expected.update({"sample": args.sample, "seed": args.seed if args.sample else None})
         if not args.overwrite:
             check_store(args.output, **expected)  # refuse a store of another model before loading one
-    except (StoreMismatchError, NotADirectoryError, ValueError) as err:
+    except (StoreMismatchError, NotADirectoryError) as err:
         raise _UsageError(str(err)) from err
     device = args.device
-    if os.environ.get("LOCAL_RANK") is not None and device == "cuda":
+    if local_rank() is not None and device == "cuda":
         device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
     with _quiet_dependencies(args.verbose):
         vae, device = VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])
-    rank = _rank()
-    with _log_lines(args.prog):
-        summary = encode_dataset(
-            vae,
-            args.source,
-            args.output,
-            model=args.model,
-            size=args.size,
-            batch_size=args.batch_size,
-            sample=args.sample,
-            seed=args.seed,
-            dtype=_DTYPES[args.latent_dtype],
-            workers=args.workers,
-            max_shard_size=int(args.shard_size * 2**20),
-            overwrite=args.overwrite,
-            progress=not args.no_progress,
-        )
-    if rank == 0:
+    try:
+        with _log_lines(args.prog):
+            summary = encode_dataset(
+                vae,
+                args.source,
+                args.output,
+                model=args.model,
+                size=args.size,
+                batch_size=args.batch_size,
+                sample=args.sample,
+                seed=args.seed,
+                dtype=_DTYPES[args.latent_dtype],
+                workers=args.workers,
+                max_shard_size=int(args.shard_size * 2**20),
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+    except (ValueError, NotADirectoryError) as err:  # no images in SOURCE, or bad settings (StoreMismatchError)
+        raise _UsageError(str(err)) from err
+    if summary.rank == 0:
         print(f"encode: {summary}")
     if summary.failed:
-        if rank == 0:
+        if summary.rank == 0:
             print(
                 f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; they are listed "
-                f"under 'failures' in {summary.output / 'latents.safetensors.index.json'}",
+                f"under 'failures' in {summary.output / INDEX_NAME}",
                 file=sys.stderr,
             )
         return 1
@@ -592,34 +586,24 @@ def _device_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
-def _size_arg(value: str) -> int:
-    try:
-        size = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {value!r}: expected a positive integer") from None
-    if size <= 0 or size % _MULTIPLE:
-        raise argparse.ArgumentTypeError(f"invalid size {size}: expected a positive multiple of {_MULTIPLE}")
-    return size
+def _int_arg(name: str, minimum: int, expected: str, multiple: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` and a multiple of ``multiple``, else one line saying so."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {name} {value!r}: expected {expected}") from None
+        if number < minimum or number % multiple:
+            raise argparse.ArgumentTypeError(f"invalid {name} {number}: expected {expected}")
+        return number
+
+    return parse
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected a positive integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {number}: expected a positive integer")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {value!r}: expected an integer >= 0") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {number}: expected an integer >= 0")
-    return number
+_size_arg = _int_arg("size", 1, f"a positive multiple of {_MULTIPLE}", _MULTIPLE)
+_positive_int = _int_arg("value", 1, "a positive integer")
+_non_negative_int = _int_arg("value", 0, "an integer >= 0")
 
 
 def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:

@@ -98,6 +98,8 @@ class EncodeSummary:
         failed: ``key -> reason`` for images that could not be read or encoded (also in the index).
         seconds: Wall time of the run.
         shards: Shard files written by this run.
+        rank: The torchrun rank that returned this summary (0 in a single process); the counts are the
+            same on every rank.
     """
 
     output: Path
@@ -107,6 +109,7 @@ class EncodeSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     shards: int = 0
+    rank: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -358,8 +361,20 @@ def _scan(folder: Path) -> _State:
     return state
 
 
-def _mismatch(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    return [f"{k}: stored {old.get(k)!r}, requested {new.get(k)!r}" for k in _COMPATIBLE if old.get(k) != new.get(k)]
+def _mismatch(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
+    """The settings of ``requested`` (those it has) that differ from ``stored``, one line each."""
+    return [
+        f"{k}: stored {stored.get(k)!r}, requested {requested[k]!r}"
+        for k in _COMPATIBLE
+        if k in requested and stored.get(k) != requested[k]
+    ]
+
+
+def _refusal(folder: Path, problems: list[str]) -> StoreMismatchError:
+    return StoreMismatchError(
+        f"{folder} holds latents made with other settings ({'; '.join(problems)}); "
+        "use another output folder, or pass overwrite=True (--overwrite) to encode everything again"
+    )
 
 
 def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, Any] | None:
@@ -385,12 +400,9 @@ def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, An
     stored = _scan(folder).settings if folder.is_dir() else None
     if stored is None:
         return None
-    problems = [f"{k}: stored {stored.get(k)!r}, requested {v!r}" for k, v in settings.items() if stored.get(k) != v]
+    problems = _mismatch(stored, settings)
     if problems:
-        raise StoreMismatchError(
-            f"{folder} holds latents made with other settings ({'; '.join(problems)}); "
-            "use another output folder, or pass overwrite=True (--overwrite) to encode everything again"
-        )
+        raise _refusal(folder, problems)
     return stored
 
 
@@ -679,10 +691,7 @@ def encode_dataset(
         state = _scan(out)
         problems = _mismatch(state.settings, settings) if state.settings is not None else []
         if problems and not overwrite:
-            raise StoreMismatchError(
-                f"{out} holds latents made with other settings ({'; '.join(problems)}); "
-                "use another output folder, or pass overwrite=True (--overwrite) to encode everything again"
-            )
+            raise _refusal(out, problems)
         if overwrite and (state.shards or state.settings is not None):
             dist.barrier()  # everyone has scanned before rank 0 deletes
             if dist.rank == 0:
@@ -731,6 +740,7 @@ def encode_dataset(
         failed=dict(sorted(failures.items())),
         seconds=time.perf_counter() - start,
         shards=sum(r[2] for r in results),
+        rank=dist.rank,
     )
 
 
