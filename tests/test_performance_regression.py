@@ -58,14 +58,21 @@ def best_ratio(bound: float, lib: Callable[[], object], floor: Callable[[], obje
     return min(ratios)
 
 
-def photo(size: int, seed: int = 0) -> Image.Image:
-    """A photo-like RGB image (gradients, shading, sensor-like noise): realistic PNG/JPEG decode costs."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.stack([x * 200 + 30, y * 180 + 40, (x + y) * 100 + 20], axis=-1)
-    img += (40 * np.sin(x * 12 + seed) * np.cos(y * 9))[..., None]
-    img += rng.normal(0.0, 12.0, img.shape)
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+BENCH = Path(__file__).parent.parent / "benchmarks" / "run.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vae_toolkit_benchmarks_run", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)  # no side effects at import: main() sets up and cleans up
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +84,8 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory) -> dict[str, Path]:
+def images(tmp_path_factory, bench) -> dict[str, Path]:
+    photo = bench.photo  # the benchmark's photo-like images: realistic PNG/JPEG decode costs
     folder = tmp_path_factory.mktemp("perf")
     paths = {"png": folder / "photo.png", "jpg": folder / "photo.jpg"}
     photo(256).save(paths["png"])
@@ -173,22 +181,6 @@ def test_cold_load_within_1_5x_from_pretrained(tmp_path, hf_home, registry) -> N
 
 
 # --- benchmarks/run.py --check ------------------------------------------------------------------
-
-BENCH = Path(__file__).parent.parent / "benchmarks" / "run.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vae_toolkit_benchmarks_run", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)  # no side effects at import: main() sets up and cleans up
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.mark.parametrize(
