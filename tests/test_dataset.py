@@ -194,11 +194,19 @@ def test_index_records_what_a_reader_needs(store, source):
     assert meta["model"] == "tiny" and meta["dtype"] == "float32" and meta["vae_dtype"] == "float32"
     assert meta["scaling_factor"] == 0.18215 and meta["shift_factor"] == 0.0 and meta["latent_channels"] == 4
     assert meta["vae_toolkit_version"] == dataset.__version__ and meta["size"] is None and meta["sample"] is False
+    assert meta["format_version"] == 2 and meta["reader"] == "exact" and meta["source"] == str(source.absolute())
     assert meta["count"] == 10 and meta["total_size"] == sum(p.stat().st_size for p in store.glob("*.safetensors"))
-    assert sorted(index["weight_map"]) == find_images(source)[1]
-    assert set(index["weight_map"].values()) == {p.name for p in store.glob("*.safetensors")}
-    for key, entry in index["entries"].items():
+    assert {s["file"] for s in index["shards"]} == {p.name for p in store.glob("*.safetensors")}
+    for shard in index["shards"]:
+        assert shard["bytes"] == (store / shard["file"]).stat().st_size
+    table = store / index["table"]["file"]
+    assert table.stat().st_size == index["table"]["bytes"] and list(store.glob("latents-table-*.bin")) == [table]
+    assert "weight_map" not in index and "entries" not in index  # per-key data lives in the binary table
+    s = LatentStore(store)
+    assert list(s) == find_images(source)[1]
+    for key in s:
         st = (source / key).stat()
+        entry = s.entry(key)
         assert entry["source_bytes"] == st.st_size and entry["source_mtime_ns"] == st.st_mtime_ns
         assert len(entry["size"]) == 2
     assert index["failures"] == {}
@@ -246,16 +254,28 @@ def test_changed_image_is_encoded_again_and_replaces_the_old_latent(vae, tmp_pat
     assert sorted(shard_keys(out)) == keys  # the shard holding only the old latent was removed
 
 
-def test_new_images_are_added_and_removed_ones_kept(vae, tmp_path):
+@pytest.mark.parametrize("keep_missing", [False, True])
+def test_new_images_are_added_and_deleted_ones_removed_unless_kept(vae, tmp_path, keep_missing):
     src = tmp_path / "src"
     keys = write_images(src, n=4)
     out = tmp_path / "out"
     encode_dataset(vae, src, out, progress=False)
     Image.new("RGB", (16, 16), "red").save(src / "new.png")
     (src / keys[0]).unlink()
-    summary = encode_dataset(vae, src, out, progress=False)
+    summary = encode_dataset(vae, src, out, progress=False, keep_missing=keep_missing)
     assert (summary.total, summary.encoded, summary.skipped) == (4, 1, 3)
-    assert sorted(LatentStore(out)) == sorted(keys + ["new.png"])  # nothing stored is destroyed
+    assert summary.removed == (0 if keep_missing else 1)
+    expected = keys + ["new.png"] if keep_missing else keys[1:] + ["new.png"]
+    assert sorted(LatentStore(out)) == sorted(expected)
+    if not keep_missing:
+        assert "1 removed (source file gone)" in str(summary)
+
+
+def test_a_list_of_files_never_removes_other_entries(vae, source, tmp_path):
+    encode_dataset(vae, source, tmp_path, progress=False)
+    files = [source / "part0" / "img000.jpg", source / "part1" / "img001.png"]
+    summary = encode_dataset(vae, files, tmp_path, progress=False)
+    assert summary.removed == 0 and len(LatentStore(tmp_path)) == 10
 
 
 def test_leftover_temporary_files_are_removed(vae, source, tmp_path):
@@ -275,8 +295,14 @@ def test_a_corrupt_shard_is_ignored_and_its_images_encoded_again(vae, source, tm
     with caplog.at_level(logging.WARNING, logger="vae_toolkit"):
         summary = encode_dataset(vae, source, tmp_path, max_shard_size=1, progress=False)
     assert summary.encoded == 1 and summary.skipped == 9
-    assert any("unreadable shard" in r.getMessage() and victim.name in r.getMessage() for r in caplog.records)
+    warned = [r.getMessage() for r in caplog.records if victim.name in r.getMessage()]
+    assert len(warned) == 1 and "moved it to" in warned[0] and f"{victim.name}.corrupt" in warned[0]
+    assert (tmp_path / f"{victim.name}.corrupt").exists() and not victim.exists()
     assert len(LatentStore(tmp_path)) == 10
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vae_toolkit"):
+        again = encode_dataset(vae, source, tmp_path, max_shard_size=1, progress=False)
+    assert again.encoded == 0 and not caplog.records  # warned once, not on every later run
 
 
 def test_the_index_is_rebuilt_from_the_shards(vae, source, tmp_path):
@@ -285,7 +311,10 @@ def test_the_index_is_rebuilt_from_the_shards(vae, source, tmp_path):
     (tmp_path / INDEX_NAME).write_text("{ truncated")
     summary = encode_dataset(vae, source, tmp_path, progress=False)
     assert summary.encoded == 0
-    assert json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"] == expected["weight_map"]
+    rebuilt = json.loads((tmp_path / INDEX_NAME).read_text())
+    assert rebuilt["shards"] == expected["shards"] and rebuilt["metadata"]["count"] == 10
+    with LatentStore(tmp_path) as s:
+        assert list(s) == find_images(source)[1]
 
 
 @pytest.mark.parametrize(
@@ -487,22 +516,28 @@ def test_store_pickles_for_dataloader_workers(store):
     assert torch.equal(clone[0], first) and len(clone) == len(s)
 
 
-def test_opening_reads_only_the_index(store, monkeypatch):
+def test_opening_parses_no_shard_and_a_read_opens_only_its_shard(store, monkeypatch):
     import safetensors
 
-    opened = []
-    real = safetensors.safe_open
+    parsed, opened = [], []
+    real_safe_open, real_open = safetensors.safe_open, os.open
+    monkeypatch.setattr(
+        safetensors, "safe_open", lambda path, *a, **k: parsed.append(path) or real_safe_open(path, *a, **k)
+    )
 
     def spy(path, *args, **kwargs):
         opened.append(Path(path).name)
-        return real(path, *args, **kwargs)
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors, "safe_open", spy)
+    monkeypatch.setattr(os, "open", spy)
     s = LatentStore(store)
     assert opened == [] and len(s) == 10
     s[s.key(0)]
     s[s.key(0)]
-    assert opened == [json.loads((store / INDEX_NAME).read_text())["weight_map"][s.key(0)]]
+    monkeypatch.undo()
+    shards = {p.name for p in store.glob("*.safetensors")}
+    assert len(opened) == 1 and opened[0] in shards and parsed == []  # read at its offset, no header parsed
+    s.close()
 
 
 def test_missing_store_errors(vae, source, tmp_path):

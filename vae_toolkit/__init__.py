@@ -8,7 +8,7 @@ __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
-from .dataset import LatentStore, encode_dataset
+from .dataset import BucketBatchSampler, LatentStore, encode_dataset
 from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
 from .image_utils import (
     DEFAULT_PROCESSOR,
@@ -62,4 +62,5 @@ __all__ = [
     # datasets
     "encode_dataset",
     "LatentStore",
+    "BucketBatchSampler",
 ]

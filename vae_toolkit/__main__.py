@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -51,6 +52,7 @@ __all__ = ["main", "collect_env", "format_env", "format_models"]
 _GB = 1024**3
 _DISTRIBUTIONS = ("torch", "diffusers", "huggingface_hub", "numpy", "Pillow", "psutil", "tqdm", "nvidia-ml-py")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_LATENT_DTYPES = {**_DTYPES, "float64": torch.float64}
 _MULTIPLE = 8  # spatial downsampling of the SD / SDXL / FLUX VAEs
 
 
@@ -459,28 +461,43 @@ def _log_lines(prog: str) -> Iterator[None]:
         lg.propagate = previous
 
 
+def _mismatch_message(err: Any) -> str:
+    """A store refusal in command-line terms (flags, not keyword arguments)."""
+    return (
+        f"{err.folder} holds latents made with other settings ({'; '.join(err.problems)}); use another output "
+        "folder (-o), or pass --overwrite to replace that store"
+    )
+
+
 def _encode(args: argparse.Namespace) -> int:
-    from .dataset import INDEX_NAME, StoreMismatchError, check_store, encode_dataset
+    from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
     from .vae_loader import VAELoader
 
     if not args.source.exists():
         raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    reader = "exact" if args.exact_resize or args.size is None else "fast"
     expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
-    expected.update({"sample": args.sample, "seed": args.seed if args.sample else None})
+    expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
     try:
         if not args.overwrite:
             check_store(args.output, **expected)  # refuse a store of another model before loading one
-    except (StoreMismatchError, NotADirectoryError) as err:
+    except StoreMismatchError as err:
+        raise _UsageError(_mismatch_message(err)) from err
+    except NotADirectoryError as err:
         raise _UsageError(str(err)) from err
     device = args.device
     if local_rank() is not None and device == "cuda":
         device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
-    with _quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])
+    device = str(VAELoader.get_optimal_device(device))
+
+    def load() -> Any:  # only when there is something to encode
+        with _quiet_dependencies(args.verbose):
+            return VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])[0]
+
     try:
         with _log_lines(args.prog):
             summary = encode_dataset(
-                vae,
+                load,
                 args.source,
                 args.output,
                 model=args.model,
@@ -488,21 +505,28 @@ def _encode(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 sample=args.sample,
                 seed=args.seed,
-                dtype=_DTYPES[args.latent_dtype],
+                dtype=_LATENT_DTYPES[args.latent_dtype],
                 workers=args.workers,
-                max_shard_size=int(args.shard_size * 2**20),
+                max_shard_size=max(1, int(args.shard_size * 2**20)),
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                exact_resize=args.exact_resize,
+                checkpoint_every=args.checkpoint_every,
+                keep_missing=args.keep_missing,
+                device=device,
             )
-    except (ValueError, NotADirectoryError) as err:  # no images in SOURCE, or bad settings (StoreMismatchError)
-        raise _UsageError(str(err)) from err
+    except StoreMismatchError as err:
+        raise _UsageError(_mismatch_message(err)) from err
+    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError) as err:
+        # another writer, an output that cannot be written, no images in SOURCE
+        raise _UsageError(" ".join(str(err).split())) from err
     if summary.rank == 0:
         print(f"encode: {summary}")
     if summary.failed:
         if summary.rank == 0:
             print(
-                f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; they are listed "
-                f"under 'failures' in {summary.output / INDEX_NAME}",
+                f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; "
+                f"they are listed under 'failures' in {summary.output / INDEX_NAME}",
                 file=sys.stderr,
             )
         return 1
@@ -522,18 +546,26 @@ def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path]:
     return targets
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def _decode(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from . import latents
-    from .dataset import LatentStore
+    from .dataset import LatentStore, StoreDamagedError
     from .image_utils import tensor_to_pil
     from .vae_loader import VAELoader
 
     try:
         store = LatentStore(args.store)
-    except (FileNotFoundError, ValueError) as err:
-        raise _UsageError(str(err)) from err
+    except (FileNotFoundError, ValueError, StoreDamagedError) as err:
+        raise _UsageError(" ".join(str(err).split())) from err
     model = args.model or store.metadata.get("model")
     if model not in list_available_models():
         raise _UsageError(
@@ -542,6 +574,14 @@ def _decode(args: argparse.Namespace) -> int:
         )
     keys = list(store)[: args.limit] if args.limit is not None else list(store)
     targets = _decode_targets(keys, args.output)
+    source = store.metadata.get("source")
+    if source and _inside(args.output, Path(source)):
+        # never over a source image, whatever the flags; new PNGs there would be taken as images by the next encode
+        raise _UsageError(
+            f"refusing to decode into {args.output}: it is inside {source}, the folder the store was encoded from "
+            "(its images could be replaced, and the next encode would take the PNGs for source images); "
+            "choose an output folder (-o) outside it"
+        )
     existing = [t for t in targets if t.exists()]
     if existing and not args.overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
@@ -549,12 +589,18 @@ def _decode(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with _quiet_dependencies(args.verbose):
         vae, device = VAELoader().load_sd_vae(model, args.device, dtype=_DTYPES[args.dtype])
-    skipped: list[Path] = []
+    failed: dict[str, str] = {}
     for key, target in tqdm(
         list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
     ):
+        try:
+            latent = store[key]
+        except StoreDamagedError as err:  # one line per damaged shard, then the rest
+            failed[key] = " ".join(str(err).split())
+            tqdm.write(f"{args.prog}: error: {key}: {failed[key]}", file=sys.stderr)
+            continue
         with torch.inference_mode():
-            image = tensor_to_pil(latents.decode(vae, store[key].unsqueeze(0))[0])
+            image = tensor_to_pil(latents.decode(vae, latent.unsqueeze(0))[0])
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             if args.overwrite:
@@ -563,15 +609,16 @@ def _decode(args: argparse.Namespace) -> int:
                 with open(target, "xb") as file:
                     image.save(file, format="PNG")
         except FileExistsError:
-            skipped.append(target)
+            failed[key] = f"{target} appeared while running; not replaced (pass --overwrite to replace it)"
             tqdm.write(f"{args.prog}: warning: {target} appeared while running; not replaced", file=sys.stderr)
+        except (OSError, ValueError) as err:  # e.g. a name too long for the file system: go on with the rest
+            failed[key] = f"cannot write {target}: {' '.join(str(err).split())}"
+            tqdm.write(f"{args.prog}: error: {failed[key]}", file=sys.stderr)
+    store.close()
     seconds = time.perf_counter() - start
-    print(f"decode: {len(keys) - len(skipped)} of {len(store)} latents -> {args.output} in {seconds:.1f} s")
-    if skipped:
-        print(
-            f"{args.prog}: error: {len(skipped)} file(s) not written; pass --overwrite to replace them",
-            file=sys.stderr,
-        )
+    print(f"decode: {len(keys) - len(failed)} of {len(store)} latents -> {args.output} in {seconds:.1f} s")
+    if failed:
+        print(f"{args.prog}: error: {len(failed)} latent(s) not written (listed above)", file=sys.stderr)
         return 1
     return 0
 
@@ -596,6 +643,21 @@ def _int_arg(name: str, minimum: int, expected: str, multiple: int = 1) -> Calla
             raise argparse.ArgumentTypeError(f"invalid {name} {value!r}: expected {expected}") from None
         if number < minimum or number % multiple:
             raise argparse.ArgumentTypeError(f"invalid {name} {number}: expected {expected}")
+        return number
+
+    return parse
+
+
+def _positive_float(name: str) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0, else one line saying so."""
+
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {name} {value!r}: expected a number > 0") from None
+        if not math.isfinite(number) or number <= 0:
+            raise argparse.ArgumentTypeError(f"invalid {name} {value!r}: expected a finite number > 0")
         return number
 
     return parse
@@ -680,15 +742,49 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     enc.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
     enc.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
     enc.add_argument(
-        "--latent-dtype", default="float32", choices=list(_DTYPES), help="dtype of the stored latents (float32)"
+        "--latent-dtype",
+        default="float32",
+        choices=list(_LATENT_DTYPES),
+        help="dtype of the stored latents (default float32)",
     )
     enc.add_argument("--sample", action="store_true", help="store a sample of the latent distribution, not its mean")
     enc.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="noise seed with --sample")
     enc.add_argument(
-        "--workers", type=_positive_int, metavar="W", help="image decoding threads (default: CPUs, max 8)"
+        "--workers",
+        type=_positive_int,
+        metavar="W",
+        help="image decoding threads (default: the cores of this process, shared among the ranks of the machine)",
     )
-    enc.add_argument("--shard-size", type=float, default=256, metavar="MB", help="MB of latents per shard (256)")
-    enc.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+    enc.add_argument(
+        "--exact-resize",
+        action="store_true",
+        help="with --size: resize every image from its full-resolution decode (pil_to_tensor's values); by default "
+        "a large JPEG is decoded at a reduced DCT scale first, several times faster",
+    )
+    enc.add_argument(
+        "--shard-size",
+        type=_positive_float("shard size"),
+        default=256,
+        metavar="MB",
+        help="MB of latents per shard (256)",
+    )
+    enc.add_argument(
+        "--checkpoint-every",
+        type=_positive_float("checkpoint interval"),
+        default=60.0,
+        metavar="SECONDS",
+        help="write the open shard at least this often (default 60): the most work a kill can lose",
+    )
+    enc.add_argument(
+        "--keep-missing",
+        action="store_true",
+        help="keep the latents of images no longer in SOURCE (by default a run removes them)",
+    )
+    enc.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a store made with other settings (a store with the same settings is resumed)",
+    )
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     dec = commands.add_parser(
@@ -797,8 +893,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return 1
         except KeyboardInterrupt:
-            print(f"{prog}: interrupted", file=sys.stderr)
+            kept = (
+                "; the latents encoded so far are kept: run the same command to resume"
+                if args.command == "encode"
+                else ""
+            )
+            print(f"{prog}: interrupted{kept}", file=sys.stderr)
             return 130
+        except SystemExit as exit_:
+            if exit_.code != 128 + 15:  # SIGTERM during encode (SLURM preemption, torchrun teardown)
+                raise
+            print(
+                f"{prog}: terminated (SIGTERM); the latents encoded so far are kept: run the same command to resume",
+                file=sys.stderr,
+            )
+            return 143
         except _UsageError as err:
             print(f"{prog} {args.command}: error: {err} (see '{prog} {args.command} --help')", file=sys.stderr)
             return 2

@@ -1,0 +1,236 @@
+"""The per-key table of a latent store (format version 2): one binary file of numpy columns, memory-mapped.
+
+Why this form: a store of a million latents needs a lookup table that opens in milliseconds, costs a few
+bytes per key, and holds **no Python object per key**, so that forked DataLoader workers share it page for
+page instead of copying it as reference counts change (pytorch/pytorch#13246). A JSON index fails all three
+(242 B per key, ~7 µs per key to parse, a dict of strings per worker). Numpy arrays in one file, mapped with
+``mmap``, meet them: opening maps the file and wraps each column with ``np.frombuffer`` (no copy, no parse),
+a key is found by binary search over the sorted keys, and a row is a few integers read on demand.
+
+One file rather than one ``.npy`` per column, so that the table is replaced atomically as a whole (written to
+a temporary name, fsynced, renamed). Its layout::
+
+    b"VAETKTB2"                    8 bytes of magic
+    header length                  uint64, little endian
+    header                         JSON: {"count": n, "columns": {name: [dtype, shape, offset]}, "bytes": total}
+    columns                        each at a 64-byte aligned offset
+
+Columns (``n`` rows, sorted by key as UTF-8 bytes, which is also Python's ``str`` order):
+
+- ``key_offsets`` int64 ``[n + 1]`` and ``key_blob`` uint8: key ``i`` is ``key_blob[key_offsets[i]:key_offsets[i+1]]``;
+- ``shard`` int32: position of the row's shard in the index's shard list;
+- ``offset`` / ``nbytes`` int64: where the tensor's bytes lie inside that shard (absolute file offsets);
+- ``dtype`` uint8: code into :data:`DTYPES`; ``shape`` int32 ``[n, 3]``: the latent's ``(C, h, w)``;
+- ``size`` int32 ``[n, 2]``: the image size ``(w, h)`` that was encoded;
+- ``source_bytes`` / ``source_mtime_ns`` int64: the source file's size and mtime when it was encoded.
+
+A truncated or damaged file is detected on opening (magic, header, declared length, column bounds) and is never
+misread; the index records the table's length and SHA-256, which a rerun of ``encode`` checks in full.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import mmap
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+MAGIC = b"VAETKTB2"
+ALIGN = 64
+DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+# name -> (numpy dtype, columns per row); key_offsets and key_blob are special
+COLUMNS: dict[str, tuple[str, int]] = {
+    "shard": ("<i4", 1),
+    "offset": ("<i8", 1),
+    "nbytes": ("<i8", 1),
+    "dtype": ("u1", 1),
+    "shape": ("<i4", 3),
+    "size": ("<i4", 2),
+    "source_bytes": ("<i8", 1),
+    "source_mtime_ns": ("<i8", 1),
+}
+
+
+class TableError(ValueError):
+    """The table file is truncated, damaged or not a table of this format."""
+
+
+@dataclass
+class Rows:
+    """Table rows as numpy columns (used to build a table); ``keys`` as UTF-8 bytes, sorted."""
+
+    keys: list[bytes]
+    columns: dict[str, np.ndarray]
+
+    @classmethod
+    def empty(cls) -> Rows:
+        return cls([], {name: np.empty((0, width) if width > 1 else 0, dtype) for name, (dtype, width) in
+                        COLUMNS.items()})  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def encode_table(rows: Rows) -> bytearray:
+    """The bytes of a table file holding ``rows`` (keys sorted and unique)."""
+    n = len(rows.keys)
+    lengths = np.fromiter((len(k) for k in rows.keys), dtype=np.int64, count=n)
+    key_offsets = np.zeros(n + 1, dtype="<i8")
+    np.cumsum(lengths, out=key_offsets[1:])
+    blob = np.frombuffer(b"".join(rows.keys), dtype=np.uint8)
+    arrays: dict[str, np.ndarray] = {"key_offsets": key_offsets, "key_blob": blob}
+    for name, (dtype, width) in COLUMNS.items():
+        column = np.ascontiguousarray(rows.columns[name], dtype=dtype)
+        expected = (n, width) if width > 1 else (n,)
+        if column.shape != expected:
+            raise ValueError(f"table column {name} has shape {column.shape}, expected {expected}")
+        arrays[name] = column
+    # the header's length depends on the offsets, which depend on the header's length: fix it by padding
+    layout: dict[str, list[Any]] = {}
+    header_room = 1024
+    while True:
+        offset = _aligned(16 + header_room)
+        for name, array in arrays.items():
+            layout[name] = [array.dtype.str, list(array.shape), offset]
+            offset = _aligned(offset + array.nbytes)
+        header = json.dumps({"count": n, "columns": layout, "bytes": offset}, separators=(",", ":")).encode()
+        if len(header) <= header_room:
+            break
+        header_room = _aligned(len(header) * 2)
+    out = bytearray(offset)
+    out[:8] = MAGIC
+    out[8:16] = header_room.to_bytes(8, "little")
+    out[16 : 16 + len(header)] = header
+    out[16 + len(header) : 16 + header_room] = b" " * (header_room - len(header))
+    for name, array in arrays.items():
+        start = layout[name][2]
+        out[start : start + array.nbytes] = array.tobytes()
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class Table:
+    """A table file opened read-only and memory-mapped; rows are read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 16:
+                raise TableError(f"{path} is truncated ({size} bytes)")
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._columns = self._parse(size)
+        except Exception:
+            self._mmap.close()
+            raise
+        self.count = int(self._columns["shard"].shape[0])
+        self.key_offsets = self._columns["key_offsets"]
+        self.key_blob = self._columns["key_blob"]
+
+    def _parse(self, size: int) -> dict[str, np.ndarray]:
+        mm = self._mmap
+        if mm[:8] != MAGIC:
+            raise TableError(f"{self.path} is not a latent table (bad magic)")
+        room = int.from_bytes(mm[8:16], "little")
+        if not 0 < room <= size - 16:
+            raise TableError(f"{self.path} is truncated or damaged (header of {room} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(bytes(mm[16 : 16 + room]))
+            count, layout, total = int(header["count"]), header["columns"], int(header["bytes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise TableError(f"{self.path} has a damaged header ({err})") from err
+        if total != size:
+            raise TableError(f"{self.path} is truncated or damaged ({size} bytes, its header says {total})")
+        columns: dict[str, np.ndarray] = {}
+        for name in ("key_offsets", "key_blob", *COLUMNS):
+            try:
+                dtype, shape, offset = layout[name]
+                array = np.frombuffer(mm, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=int(offset))
+            except (KeyError, ValueError, TypeError) as err:
+                raise TableError(f"{self.path} has a damaged column {name!r} ({err})") from err
+            columns[name] = array.reshape(shape)
+        rows = {name: columns[name].shape[0] for name in COLUMNS}
+        if set(rows.values()) != {count} or columns["key_offsets"].shape[0] != count + 1:
+            raise TableError(f"{self.path} is damaged: columns of unequal length")
+        offsets = columns["key_offsets"]
+        if offsets[0] != 0 or offsets[-1] != columns["key_blob"].shape[0] or (count and np.any(np.diff(offsets) < 0)):
+            raise TableError(f"{self.path} is damaged: key offsets out of order")
+        return columns
+
+    def column(self, name: str) -> np.ndarray:
+        return self._columns[name]
+
+    def key_bytes(self, i: int) -> bytes:
+        start, end = self.key_offsets[i : i + 2]
+        return self.key_blob[start:end].tobytes()
+
+    def key(self, i: int) -> str:
+        return self.key_bytes(i).decode("utf-8")
+
+    def all_key_bytes(self) -> list[bytes]:
+        """Every key as bytes (one list; for a writer merging tables, never for a reader)."""
+        blob = self.key_blob.tobytes()
+        offsets = self.key_offsets.tolist()
+        return [blob[offsets[i] : offsets[i + 1]] for i in range(self.count)]
+
+    def iter_keys(self) -> Iterator[str]:
+        for i in range(self.count):
+            yield self.key(i)
+
+    def find(self, key: str) -> int:
+        """The row of ``key``, or -1 (binary search)."""
+        try:
+            target = key.encode("utf-8")
+        except UnicodeEncodeError:
+            return -1
+        i = bisect.bisect_left(_KeyView(self), target)
+        return i if i < self.count and self.key_bytes(i) == target else -1
+
+    def rows(self, select: np.ndarray | None = None) -> Rows:
+        """A copy of the rows ``select`` (all when None) as :class:`Rows`."""
+        keys = self.all_key_bytes()
+        if select is not None:
+            keys = [keys[i] for i in np.flatnonzero(select)] if select.dtype == bool else [keys[i] for i in select]
+        columns = {name: np.array(self._columns[name][select] if select is not None else self._columns[name])
+                   for name in COLUMNS}  # fmt: skip
+        return Rows(keys, columns)
+
+    def close(self) -> None:
+        self._columns = {}
+        try:
+            self._mmap.close()
+        except BufferError:  # a caller still holds a view; the mapping is freed with it
+            pass
+
+
+class _KeyView(Sequence[bytes]):
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.count
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.table.key_bytes(i)
