@@ -237,11 +237,31 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
     return tensor, rgb
 
 
-def image_extensions() -> frozenset[str]:
-    """File suffixes (lower case, with the dot: ``.png``, ``.jpg``, ...) of the formats PIL can open."""
-    from PIL import Image
+# Formats PIL registers that are not pictures it can decode here: stubs that only identify a file (BUFR, GRIB,
+# HDF5), video (MPEG), scientific arrays (FITS), metadata (IPTC), and vector or page formats that need an
+# outside renderer (EPS without Ghostscript, WMF/EMF off Windows).
+_NOT_RASTER = frozenset({"BUFR", "GRIB", "HDF5", "MPEG", "FITS", "IPTC", "WMF", "EPS"})
+# Raster formats that need an optional library of Pillow's build: kept only when it is there.
+_FEATURES = {"WEBP": "webp", "JPEG2000": "jpg_2000", "AVIF": "avif"}
 
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+def image_extensions() -> frozenset[str]:
+    """File suffixes (lower case, with the dot: ``.png``, ``.jpg``, ...) of the raster formats PIL decodes here.
+
+    Left out: formats PIL only identifies or cannot render without outside tools (``.h5``, ``.grib``,
+    ``.bufr``, ``.mpg``, ``.fits``, ``.iim``, ``.wmf``/``.emf``; ``.eps``/``.ps`` unless Ghostscript is installed),
+    and WebP / JPEG 2000 / AVIF when this Pillow was built without them.
+    """
+    from PIL import EpsImagePlugin, Image, features
+
+    excluded = set(_NOT_RASTER)
+    if EpsImagePlugin.has_ghostscript():
+        excluded.discard("EPS")
+    excluded |= {fmt for fmt, feature in _FEATURES.items() if not features.check(feature)}
+    Image.init()
+    return frozenset(
+        ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN and fmt not in excluded
+    )
 
 
 def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Image:
