@@ -421,7 +421,7 @@ def test_a_read_only_output_is_refused_before_the_model_loads(vae, src, tmp_path
     with pytest.raises(
         PermissionError, match=rf"cannot write to {out}: it is read-only .* 1 image\(s\) need encoding"
     ):
-        encode_dataset(lambda: pytest.fail("the model must not load"), src, out, model="tiny", progress=False)
+        encode_dataset(lambda: pytest.fail("the model must not load"), src, out, model="AutoencoderKL", progress=False)
 
 
 def test_a_full_disk_is_found_before_the_model_loads_and_names_the_path(vae, src, tmp_path, monkeypatch):
