@@ -170,3 +170,100 @@ def test_decode_of_an_unregistered_model_needs_model(hf_home, capsys, src, tmp_p
     assert code == 2 and "'my-own-vae', which is not registered here; pass --model NAME" in err
     args = ["decode", str(tmp_path / "out"), "-o", str(tmp_path / "png"), "--model", "sd14", "--no-progress"]
     assert run(capsys, *args)[0] == 0
+
+
+# --- what a long run relies on ---------------------------------------------------------------------
+
+
+def no_loading(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(VAELoader, "load_sd_vae", fail)
+
+
+@pytest.mark.parametrize("value", ["inf", "0", "-1", "nan", "big"])
+def test_shard_size_is_checked_in_megabytes_before_the_model_loads(capsys, src, tmp_path, monkeypatch, value):
+    no_loading(monkeypatch)
+    code, out, err = encode(capsys, src, tmp_path / "out", "--shard-size", value)
+    assert code == 2 and f"argument --shard-size: invalid shard size {value!r}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rerun_with_nothing_to_do_loads_no_model(hf_home, capsys, src, tmp_path, monkeypatch):
+    assert encode(capsys, src, tmp_path / "out")[0] == 0
+    no_loading(monkeypatch)
+    code, out, err = encode(capsys, src, tmp_path / "out")
+    assert code == 0 and "6 images: 0 encoded, 6 already stored" in out, err
+
+
+def test_an_empty_source_is_reported_before_the_model_loads(capsys, tmp_path, monkeypatch):
+    no_loading(monkeypatch)
+    (tmp_path / "empty").mkdir()
+    code, _, err = encode(capsys, tmp_path / "empty", tmp_path / "out")
+    assert code == 2 and "no image files found" in err
+
+
+def test_a_second_writer_exits_2_naming_the_first(hf_home, capsys, src, tmp_path, monkeypatch):
+    from vae_toolkit.dataset import _WriterLock
+
+    (tmp_path / "out").mkdir()
+    lock = _WriterLock(tmp_path / "out").acquire()
+    lock.claim()
+    no_loading(monkeypatch)
+    try:
+        code, out, err = encode(capsys, src, tmp_path / "out")
+    finally:
+        lock.release()
+    assert code == 2 and "another encode run is writing" in err and "PID" in err and "started" in err
+
+
+@pytest.mark.parametrize("change", [["--size", "16"], ["--latent-dtype", "float16"], ["--sample"]])
+def test_refusals_name_command_line_flags_only(hf_home, capsys, src, tmp_path, change):
+    assert encode(capsys, src, tmp_path / "out")[0] == 0
+    code, out, err = encode(capsys, src, tmp_path / "out", *change)
+    assert code == 2 and "--overwrite" in err and "overwrite=True" not in err and "-o" in err
+
+
+def test_float64_latents(hf_home, capsys, src, tmp_path):
+    code, out, err = encode(capsys, src, tmp_path / "out", "--latent-dtype", "float64")
+    assert code == 0, err
+    s = LatentStore(tmp_path / "out")
+    assert s.metadata["dtype"] == "float64" and s[s.key(0)].dtype == torch.float64
+
+
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_decode_never_writes_into_the_source_folder(hf_home, capsys, src, tmp_path, overwrite):
+    assert encode(capsys, src, tmp_path / "out")[0] == 0
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    for target in (src, src / "part0"):
+        code, out, err = run(capsys, "decode", str(tmp_path / "out"), "-o", str(target), "--no-progress", *overwrite)
+        assert code == 2 and "refusing to decode into" in err and "the folder the store was encoded from" in err
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+
+
+def test_decode_goes_on_after_a_file_it_cannot_write(hf_home, capsys, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.jpg"):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(src / name)
+    assert encode(capsys, src, tmp_path / "out")[0] == 0
+    dec = tmp_path / "dec"
+    dec.mkdir()
+    (dec / "a.png").mkdir()  # a folder where a.png must go: that one file cannot be written
+    code, out, err = run(capsys, "decode", str(tmp_path / "out"), "-o", str(dec), "--no-progress", "--overwrite")
+    assert code == 1
+    assert "decode: 2 of 3 latents" in out and "1 latent(s) not written" in err and "a.png" in err
+    assert (dec / "b.png").is_file() and (dec / "c.png").is_file()
+
+
+def test_decode_reports_a_damaged_shard_in_one_line_and_goes_on(hf_home, capsys, src, tmp_path):
+    assert encode(capsys, src, tmp_path / "out", "--shard-size", "0.000001")[0] == 0
+    index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
+    victim = tmp_path / "out" / index["shards"][0]["file"]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    code, out, err = run(capsys, "decode", str(tmp_path / "out"), "-o", str(tmp_path / "dec"), "--no-progress")
+    assert code == 1 and "decode: 5 of 6 latents" in out
+    damaged = [line for line in err.splitlines() if victim.name in line]
+    assert len(damaged) == 1 and "is damaged" in damaged[0] and "Traceback" not in err

@@ -211,3 +211,33 @@ def test_torchrun_store_is_resumed_by_a_single_process(torchrun_runs, tmp_path):
     summary = encode_dataset(vae, src, tmp / "mean", model="sd14", batch_size=3, progress=False)
     assert (summary.encoded, summary.skipped, list(summary.failed)) == (0, 13, ["part1/broken.png"])
     assert torch.is_tensor(LatentStore(tmp / "mean")[0])
+
+
+# --- SIGTERM ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_flushes_exits_143_and_the_rerun_completes(driver, source, tmp_path):
+    """SLURM preemption and torchrun teardown send SIGTERM: the open shard is written, then exit 143."""
+    out = tmp_path / "out"
+    big = [sys.executable, "-c", DRIVER.format(tests=str(TESTS)).replace("max_shard_size=1", "max_shard_size=2**30")]
+    proc = subprocess.Popen(big + [str(source), str(out), "0.1", "0"], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "latents.lock").exists():
+        time.sleep(0.01)
+    time.sleep(1.5)  # some batches encoded, none written: a 1 GB shard is far from full
+    assert not list(out.glob("*.safetensors"))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    stored = len(shard_keys(out))
+    assert 0 < stored < N_IMAGES, "the open shard was written on SIGTERM"
+    rerun = _run(driver, source, out)
+    stdout, stderr = rerun.communicate(timeout=120)
+    assert rerun.returncode == 0, stderr
+    assert json.loads(stdout.strip().splitlines()[-1]) == {
+        "encoded": N_IMAGES - stored,
+        "skipped": stored,
+        "failed": {},
+    }
+    _check_complete(out, source, make_tiny_vae())
