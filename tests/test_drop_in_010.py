@@ -15,7 +15,14 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from vae_toolkit import ImageProcessingError, ImageProcessor, load_and_preprocess_image, pil_to_tensor, tensor_to_pil
+from vae_toolkit import (
+    ImageProcessingError,
+    ImageProcessor,
+    VAEToolkitWarning,
+    load_and_preprocess_image,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 from vae_toolkit.image_utils import load_images
 
 
@@ -35,7 +42,7 @@ ENDIAN_MODES = ["I;16B", "I;16L", "I;16N"]
 def test_explicit_endian_16bit_images_convert_like_010(mode, entry):
     img = Image.frombytes(mode, (4, 4), bytes(range(32)))
     expected = sd_values(np.asarray(img.convert("RGB")))
-    with pytest.warns(RuntimeWarning, match=rf"{mode} image with values in \[\d+, \d+\] is converted to 8-bit"):
+    with pytest.warns(VAEToolkitWarning, match=rf"{mode} image with values in \[\d+, \d+\] is converted to 8-bit"):
         out = {
             "pil_to_tensor": lambda: pil_to_tensor(img),
             "transform": lambda: ImageProcessor(4).transform(img),
@@ -61,10 +68,10 @@ def test_big_endian_16bit_tiff_loads_like_010(tmp_path):
     with Image.open(path) as img:
         assert img.mode == "I;16B"  # how Pillow opens a big-endian 16-bit TIFF
         expected = sd_values(np.asarray(img.convert("RGB")))
-    with pytest.warns(RuntimeWarning, match="I;16B image"):
+    with pytest.warns(VAEToolkitWarning, match="I;16B image"):
         x, rgb = load_and_preprocess_image(path, target_size=4)
     assert torch.equal(x[0], expected) and rgb.mode == "RGB"
-    with pytest.warns(RuntimeWarning, match="I;16B image"):
+    with pytest.warns(VAEToolkitWarning, match="I;16B image"):
         assert torch.equal(load_images([path, path], target_size=4, num_workers=1)[1], expected)
 
 
@@ -145,12 +152,12 @@ def test_any_exception_while_decoding_becomes_image_processing_error(odd_png_dec
 
 @pytest.mark.parametrize("entry", ["load_and_preprocess_image", "pil_to_tensor"])
 def test_warnings_turned_into_errors_are_not_disguised(tmp_path, entry):
-    """The clipping RuntimeWarning under an "error" filter reaches the caller as itself."""
+    """The clipping VAEToolkitWarning under an "error" filter reaches the caller as itself."""
     path = tmp_path / "wide.tif"
     Image.new("I", (4, 4), 1000).save(path)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
-        with Image.open(path) as img, pytest.raises(RuntimeWarning, match="converted to 8-bit RGB by clipping"):
+        warnings.simplefilter("error", VAEToolkitWarning)
+        with Image.open(path) as img, pytest.raises(VAEToolkitWarning, match="converted to 8-bit RGB by clipping"):
             load_and_preprocess_image(path, 4) if entry == "load_and_preprocess_image" else pil_to_tensor(img)
 
 
@@ -200,7 +207,7 @@ def test_image_decoded_before_closing_still_converts(tmp_path):
 def test_huge_finite_float64_values_are_reported_as_such():
     t = torch.zeros(3, 2, 2, dtype=torch.float64)
     t[0, 0, 0], t[1, 0, 0] = 1e300, -1e300
-    with pytest.warns(RuntimeWarning) as record:
+    with pytest.warns(VAEToolkitWarning) as record:
         img = tensor_to_pil(t)
     messages = [str(w.message) for w in record]
     assert len(messages) == 1
@@ -212,7 +219,7 @@ def test_huge_finite_float64_values_are_reported_as_such():
 def test_nan_and_huge_float64_values_are_counted_apart():
     t = torch.zeros(3, 2, 2, dtype=torch.float64)
     t[0, 0, 0], t[0, 0, 1], t[0, 1, 0] = 1e300, float("nan"), float("inf")
-    with pytest.warns(RuntimeWarning) as record:
+    with pytest.warns(VAEToolkitWarning) as record:
         tensor_to_pil(t)
     messages = sorted(str(w.message) for w in record)
     assert len(messages) == 2
@@ -228,7 +235,7 @@ def test_transform_converts_every_mode_to_rgb_first(mode):
     rgb = Image.fromarray(np.random.default_rng(6).integers(0, 256, (10, 12, 3), dtype=np.uint8))
     img = rgb.convert(mode) if mode not in ("LAB", "HSV") else Image.merge(mode, rgb.split())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # I/F/I;16 hold values <= 255 here; nothing to clip
+        warnings.simplefilter("ignore", VAEToolkitWarning)  # I/F/I;16 hold values <= 255 here; nothing to clip
         out = ImageProcessor(8).transform(img)
     assert out.shape == (3, 8, 8)
     assert torch.equal(out, ImageProcessor(8).transform(img.convert("RGB")))
@@ -343,7 +350,7 @@ def test_lazily_opened_image_shared_between_threads_converts_correctly(tmp_path)
 def test_clipping_warning_points_at_the_callers_line(tmp_path, entry):
     path = tmp_path / "wide.tif"
     Image.new("I", (4, 4), 1000).save(path)
-    with Image.open(path) as img, pytest.warns(RuntimeWarning, match="converted to 8-bit RGB") as record:
+    with Image.open(path) as img, pytest.warns(VAEToolkitWarning, match="converted to 8-bit RGB") as record:
         {
             "load_and_preprocess_image": lambda: load_and_preprocess_image(path, 4),
             "pil_to_tensor": lambda: pil_to_tensor(img),

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union, cast
 import numpy as np
 import torch
 
-from ._stack import caller_stacklevel
+from ._stack import VAEToolkitWarning, caller_stacklevel
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -143,7 +143,7 @@ def _warn_if_clipped(img: Image.Image, source: object) -> None:
             f"{source}: {img.mode} image with values in [{lo}, {hi}] is converted to 8-bit RGB by clipping to "
             "[0, 255] (PIL's convert('RGB'), as in vae-toolkit 0.1.0), so its range is lost. Scale it to 8 bits "
             "first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=caller_stacklevel(),
         )
 
@@ -155,7 +155,7 @@ def open_image(path: PathLike) -> Image.Image:
 
     The conversion is PIL's ``convert("RGB")``, exactly as in 0.1.0: EXIF orientation is not applied
     (pixels come as stored), alpha is dropped (not composited), palette / grayscale / CMYK are expanded,
-    and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+    and 16/32-bit values outside [0, 255] saturate (with a ``VAEToolkitWarning``).
 
     Raises:
         ImageProcessingError: the file is missing, a directory, or cannot be decoded; the message names
@@ -211,7 +211,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
 
     The image must already be ``target_size x target_size`` (it is never resized here). Any mode is
     converted with PIL's ``convert("RGB")``, as in 0.1.0: EXIF orientation is not applied, alpha is
-    dropped, and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+    dropped, and 16/32-bit values outside [0, 255] saturate (with a ``VAEToolkitWarning``).
 
     Args:
         image_path: Path of the image file.
@@ -339,7 +339,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     Values are clamped and rounded to the nearest of the 256 levels, so
     ``tensor_to_pil(load_and_preprocess_image(p)[0])`` returns the original pixels. Any floating
     dtype and device is accepted; the input is never modified. NaN/inf values (float16 VAE
-    overflow) produce a ``RuntimeWarning`` and are written as black / clamped.
+    overflow) produce a ``VAEToolkitWarning`` and are written as black / clamped.
 
     Raises:
         TypeError: (also an ``ImageProcessingError``) for a non-tensor or a non-floating tensor.
@@ -402,7 +402,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 f"tensor_to_pil: {nonfinite} of {t.numel()} values are NaN or infinite (typically a float16 VAE "
                 "overflow); NaN is written as black and ±inf clamped. Decode in float32, or use an "
                 "fp16-safe VAE such as 'sdxl-fp16-fix'.",
-                RuntimeWarning,
+                VAEToolkitWarning,
                 stacklevel=2,
             )
         if bad > nonfinite:
@@ -410,7 +410,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 f"tensor_to_pil: {bad - nonfinite} of {t.numel()} float64 values are finite but beyond float32's "
                 "range (|x| > 3.4e38), far outside [-1, 1]; they are clamped like any value outside [-1, 1]. "
                 "Check the tensor: a decoded image should lie in [-1, 1].",
-                RuntimeWarning,
+                VAEToolkitWarning,
                 stacklevel=2,
             )
         if bad:
@@ -482,7 +482,7 @@ def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None)
         _decode(pil_image)  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
         _warn_if_clipped(pil_image, source)
         rgb = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
-    except Warning:  # e.g. the clipping RuntimeWarning under an "error" filter: the caller's to see
+    except Warning:  # e.g. the clipping VAEToolkitWarning under an "error" filter: the caller's to see
         raise
     except Exception as err:  # whatever PIL raises while decoding: corrupt data, a closed file, ...
         if getattr(pil_image, "fp", True) is None and getattr(pil_image, "tile", None):
