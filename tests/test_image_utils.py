@@ -289,8 +289,9 @@ def test_bad_image_processor_args_raise_when_the_transform_runs(kwargs, error, m
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
     assert proc.load_and_preprocess(tmp_path / "a.png")[0].shape == (1, 3, 8, 8)
     for call in (proc.transform, proc.preprocess_pil):
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as info:
             call(Image.new("RGB", (9, 9)))
+        assert isinstance(info.value, ImageProcessingError)  # what 0.1.0's preprocess_pil raised
 
 
 def test_image_processor_mean_std_tensors_that_require_grad_are_constants():

@@ -23,6 +23,8 @@ class VAEToolkitWarning(UserWarning):
     Silence them all with ``warnings.filterwarnings("ignore", category=vae_toolkit.VAEToolkitWarning)``.
     """
 
+    __module__ = "vae_toolkit"  # shown as vae_toolkit.VAEToolkitWarning, the name to filter on
+
 
 _PACKAGE_PREFIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 
