@@ -610,6 +610,7 @@ def test_pytest_w_error_with_one_filter_line_runs_010_code(tmp_path, filters):
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *filters, "test_old.py"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     if len(filters) == 2:
-        assert out.returncode == 1 and "vae_toolkit.VAEToolkitWarning: I image of size (2, 2)" in out.stdout, out.stdout
+        assert out.returncode == 1, out.stdout
+        assert "vae_toolkit.VAEToolkitWarning: I image of size (2, 2)" in out.stdout
     else:
         assert out.returncode == 0 and "1 passed" in out.stdout and "warning" not in out.stdout, out.stdout

@@ -547,7 +547,9 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
     Raises:
         TypeError: (also an ``ImageProcessingError``) for a non-image input or a non-int ``target_size``.
         ValueError: (also an ``ImageProcessingError``) for ``target_size`` < 1, or resizing an empty image.
-        ImageProcessingError: when the image cannot be decoded or converted (the cause is chained).
+        ImageProcessingError: when the image cannot be decoded or converted (the cause is chained); it is
+            also an ``OSError`` / ``ValueError`` / ``TypeError`` when PIL raised one (a truncated file, a
+            closed image), as 0.1.0's ``ImageProcessor.transform`` let those through.
 
     Example:
         >>> pil_to_tensor(Image.open("photo.jpg"), target_size=512).shape  # doctest: +SKIP
@@ -702,9 +704,12 @@ class ImageProcessor:
         normalize_mean: Per-channel mean subtracted from ``[0, 1]`` values (3 numbers, or 1 for all).
         normalize_std: Per-channel standard deviation divided by (3 numbers, or 1 for all).
 
-    ``normalize_mean`` / ``normalize_std`` are checked when ``transform`` (or ``preprocess_pil``) first
-    runs, as in 0.1.0: ``TypeError`` for non-numbers, ``ValueError`` for a wrong count, NaN/inf, or a std
-    that is 0 in float32. Tensors come in torch's default dtype (float32 unless changed), as in 0.1.0.
+    As in 0.1.0 (torchvision's ``Normalize``), a 2-D or 3-D ``normalize_mean`` / ``normalize_std``
+    broadcasts over the ``[3, H, W]`` tensor as torch broadcasts it (``[[a, b, c]]`` is per image column).
+    They are checked when ``transform`` (or ``preprocess_pil``) first runs, as in 0.1.0: ``TypeError`` for
+    non-numbers, ``ValueError`` for a wrong count or shape, NaN/inf, or a std that is 0 in float32 (both
+    also ``ImageProcessingError``). Values beyond the range of the tensor's dtype (``1e39`` in float32)
+    give a ``VAEToolkitWarning``. Tensors come in torch's default dtype (float32 unless changed), as in 0.1.0.
 
     Raises:
         TypeError, ValueError: (also ``ImageProcessingError``) for a ``target_size`` that is not an int >= 1.
@@ -742,7 +747,8 @@ class ImageProcessor:
 
         Raises:
             ImageProcessingError: the image cannot be decoded or converted (the cause is chained).
-            TypeError, ValueError: invalid ``normalize_mean`` / ``normalize_std`` (see the class).
+            TypeError, ValueError: (also ``ImageProcessingError``) invalid ``normalize_mean`` /
+                ``normalize_std`` (see the class).
         """
         return self.transform(pil_image).unsqueeze(0)
 
