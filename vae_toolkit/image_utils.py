@@ -672,18 +672,20 @@ class _Transform:
         self.target_size = target_size
         self.mean = mean
         self.std = std
-        # After the first call: (float32 table or None, checked mean/std arrays, per-channel (mean, std) or None).
-        self._table: tuple[np.ndarray | None, _Checked] | None = None
+        # After the first call: (float32 table or None, checked mean/std arrays and per-channel (mean, std) or None,
+        # the largest |value| of mean and std).
+        self._table: tuple[np.ndarray | None, _Checked, float] | None = None
 
     def __call__(self, pil_image: Image.Image) -> torch.Tensor:
         if self._table is None:  # one assignment: threads see either nothing or the complete pair
             checked = _check_norm(self.mean, self.std, self.target_size)
             norm = checked[2]
             lut = None if norm is None else _LUT_SD if norm == _SD_NORM else _lut(norm)
-            self._table = (lut, checked)
-        lut, (mean, std, norm) = self._table
+            self._table = (lut, checked, float(max(np.abs(checked[0]).max(), np.abs(checked[1]).max())))
+        lut, (mean, std, norm), largest = self._table
         dtype = torch.get_default_dtype()
-        _warn_if_beyond(mean, std, dtype)
+        if largest > torch.finfo(dtype).max:
+            _warn_if_beyond(mean, std, dtype)
 
         rgb = _resize_center_crop(_as_rgb(pil_image, "ImageProcessor.transform", self.target_size), self.target_size)
         if lut is None:  # mean or std varies across rows or columns
