@@ -22,7 +22,7 @@ import torch
 from conftest import NVMLError, gpu_uuid, mig_uuid
 
 import vae_toolkit
-from vae_toolkit import DeviceManager, VAELoader, auto_select_device
+from vae_toolkit import DeviceManager, VAELoader, VAEToolkitWarning, auto_select_device
 from vae_toolkit import device_manager as dm_module
 from vae_toolkit.device_manager import DeviceRecord
 
@@ -106,7 +106,7 @@ def test_rank_beyond_the_visible_gpus_wraps_with_a_warning(fake_cuda, monkeypatc
     fake_cuda(g((1, 8), (2, 8), (3, 8), (7, 8)))
     monkeypatch.setenv("LOCAL_RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
-    with pytest.warns(RuntimeWarning, match=r"LOCAL_RANK=5 but only 4 CUDA device\(s\) are visible; using cuda:1"):
+    with pytest.warns(VAEToolkitWarning, match=r"LOCAL_RANK=5 but only 4 CUDA device\(s\) are visible; using cuda:1"):
         assert auto_select_device() == "cuda:1"
 
 
@@ -118,7 +118,7 @@ def test_malformed_launcher_variables_warn_and_are_ignored(fake_cuda, monkeypatc
     fake_cuda(g((1, 8), (2, 8), (7, 8)))
     monkeypatch.setenv("LOCAL_RANK", local_rank)
     monkeypatch.setenv("WORLD_SIZE", world_size)
-    with pytest.warns(RuntimeWarning, match=r"Ignoring LOCAL_RANK=.*expected non-negative integers"):
+    with pytest.warns(VAEToolkitWarning, match=r"Ignoring LOCAL_RANK=.*expected non-negative integers"):
         assert auto_select_device() == "cuda:2"
 
 
@@ -135,14 +135,14 @@ def test_cpu_only_selects_cpu(cpu_only):
 def test_gpu_failing_its_probe_is_skipped_with_a_warning(fake_cuda):
     fake_cuda(g((8, 16), (2, 16), (4, 16)), failing=(0,))
     with pytest.warns(
-        RuntimeWarning, match=r"Skipping cuda:0 .*memory failed \(RuntimeError: CUDA error: device 0 unavailable\)"
+        VAEToolkitWarning, match=r"Skipping cuda:0 .*memory failed \(RuntimeError: CUDA error: device 0 unavailable\)"
     ):
         assert auto_select_device() == "cuda:2"
 
 
 def test_all_probes_failing_warns_and_uses_cuda_0(fake_cuda):
     fake_cuda(g((8, 16), (2, 16)), failing=(0, 1))
-    with pytest.warns(RuntimeWarning) as record:
+    with pytest.warns(VAEToolkitWarning) as record:
         assert auto_select_device() == "cuda:0"
     messages = [str(w.message) for w in record]
     assert any(m.startswith("Skipping cuda:1") for m in messages)
@@ -430,27 +430,27 @@ def test_mps_request(mps_only, request_):
     "request_", ["cuda", "cuda:0", "cuda:3", torch.device("cuda"), torch.device("cuda", 1)], ids=repr
 )
 def test_cuda_requested_without_cuda_warns_and_uses_cpu(cpu_only, request_):
-    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU") as record:
+    with pytest.warns(VAEToolkitWarning, match=r"CUDA is not available; using CPU") as record:
         assert DeviceManager(request_).device == "cpu"
     assert record[0].filename == __file__  # the warning points at the caller
-    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU"):
+    with pytest.warns(VAEToolkitWarning, match=r"CUDA is not available; using CPU"):
         assert VAELoader.get_optimal_device(request_) == torch.device("cpu")
-    with pytest.warns(RuntimeWarning, match=r"CUDA is not available; using CPU"):
+    with pytest.warns(VAEToolkitWarning, match=r"CUDA is not available; using CPU"):
         assert DeviceManager("cpu").get_optimal_device(request_) == torch.device("cpu")
 
 
 @pytest.mark.parametrize("request_", ["cuda:2", "cuda:99999999999999999999", torch.device("cuda", 7)], ids=repr)
 def test_cuda_index_out_of_range_warns_and_uses_cuda_0(fake_cuda, request_):
     fake_cuda(g((1, 8), (5, 8)), current=1)
-    with pytest.warns(RuntimeWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
+    with pytest.warns(VAEToolkitWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
         assert DeviceManager(request_).device == "cuda:0"
-    with pytest.warns(RuntimeWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
+    with pytest.warns(VAEToolkitWarning, match=r"only 2 CUDA device\(s\) are visible; using cuda:0"):
         assert VAELoader.get_optimal_device(request_) == torch.device("cuda:0")
 
 
 @pytest.mark.parametrize("request_", ["mps", torch.device("mps")], ids=repr)
 def test_mps_requested_without_mps_warns_and_uses_cpu(cpu_only, request_):
-    with pytest.warns(RuntimeWarning, match=r"MPS was requested but is not available; using CPU"):
+    with pytest.warns(VAEToolkitWarning, match=r"MPS was requested but is not available; using CPU"):
         assert DeviceManager(request_).device == "cpu"
 
 

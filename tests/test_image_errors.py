@@ -18,7 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vae_toolkit import ImageProcessingError, ImageProcessor, load_and_preprocess_image, pil_to_tensor, tensor_to_pil
+from vae_toolkit import (
+    ImageProcessingError,
+    ImageProcessor,
+    VAEToolkitWarning,
+    load_and_preprocess_image,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 from vae_toolkit.image_utils import load_images
 
 RNG = np.random.default_rng(20261)
@@ -244,10 +251,10 @@ def test_16bit_full_range_saturates_with_a_warning(tmp_path):
     path = _write(tmp_path, Image.fromarray(gray), "i16.png")
     expected = np.repeat(np.minimum(gray, 255)[..., None], 3, axis=-1).astype(np.uint8)  # PIL's conversion
     pattern = rf"{re.escape(str(path))}: I;16 image with values in \[\d+, \d+\] is converted .* clipping .*Scale it"
-    with pytest.warns(RuntimeWarning, match=pattern):
+    with pytest.warns(VAEToolkitWarning, match=pattern):
         tensor, image = load_and_preprocess_image(path, target_size=16)
     np.testing.assert_array_equal(np.asarray(image), expected)
-    with Image.open(path) as img, pytest.warns(RuntimeWarning, match="I;16 image with values in"):
+    with Image.open(path) as img, pytest.warns(VAEToolkitWarning, match="I;16 image with values in"):
         np.testing.assert_array_equal(np.asarray(tensor_to_pil(pil_to_tensor(img))), expected)
 
 

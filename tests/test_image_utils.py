@@ -12,7 +12,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vae_toolkit import ImageProcessingError, ImageProcessor, pil_to_tensor, tensor_to_pil
+from vae_toolkit import ImageProcessingError, ImageProcessor, VAEToolkitWarning, pil_to_tensor, tensor_to_pil
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
@@ -114,7 +114,7 @@ def test_tensor_to_pil_non_finite_warns(dtype, special, pixel):
     t[0, 0, 0] = special
     before = t.clone()
     with pytest.warns(
-        RuntimeWarning,
+        VAEToolkitWarning,
         match=r"2 of 48 values are NaN or infinite .*float16 VAE overflow.*"
         r"Decode in float32, or use an fp16-safe VAE",
     ) as record:
@@ -141,7 +141,7 @@ def test_tensor_to_pil_never_modifies_its_input(dtype):
     t[0, 1, 0, 0] = math.inf
     before = t.clone()
     ptr, version = t.data_ptr(), t._version
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(VAEToolkitWarning):
         tensor_to_pil(t)
     assert t.data_ptr() == ptr and t._version == version and t.dtype == dtype and t.shape == (1, 3, 9, 5)
     assert torch.equal(t.nan_to_num(), before.nan_to_num()) and torch.equal(t.isnan(), before.isnan())
@@ -203,7 +203,7 @@ def test_fuzz_tensor_to_pil(t, transpose):
             finite = torch.isfinite(t).all()
             if not finite:
                 assert any(
-                    issubclass(w.category, RuntimeWarning) and "NaN or infinite" in str(w.message) for w in record
+                    issubclass(w.category, VAEToolkitWarning) and "NaN or infinite" in str(w.message) for w in record
                 )
             else:
                 expected = _pixels(t.nan_to_num())
@@ -289,8 +289,9 @@ def test_bad_image_processor_args_raise_when_the_transform_runs(kwargs, error, m
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
     assert proc.load_and_preprocess(tmp_path / "a.png")[0].shape == (1, 3, 8, 8)
     for call in (proc.transform, proc.preprocess_pil):
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message) as info:
             call(Image.new("RGB", (9, 9)))
+        assert isinstance(info.value, ImageProcessingError)  # what 0.1.0's preprocess_pil raised
 
 
 def test_image_processor_mean_std_tensors_that_require_grad_are_constants():
@@ -351,7 +352,7 @@ def test_fuzz_pil_to_tensor(mode, w, h, target, normalize, use_processor, seed):
     img = _make_image(mode, w, h, seed)
     before = img.copy()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # 16/32-bit values outside [0, 255] saturate, with a warning
+        warnings.simplefilter("ignore", VAEToolkitWarning)  # 16/32-bit values outside [0, 255] saturate
         if use_processor and target is not None:
             out = ImageProcessor(target).preprocess_pil(img)
             assert out.shape == (1, 3, target, target)

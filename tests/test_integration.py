@@ -14,6 +14,7 @@ from PIL import Image
 from vae_toolkit import (
     DeviceManager,
     VAELoader,
+    VAEToolkitWarning,
     add_model_config,
     load_and_preprocess_image,
     tensor_to_pil,
@@ -31,7 +32,7 @@ def image_file(tmp_path):
 
 
 def test_010_workflow_unchanged(hf_home, cpu_only, image_file, tmp_path):
-    with pytest.warns(RuntimeWarning, match=r"(?i)cuda.* not available.*cpu"):
+    with pytest.warns(VAEToolkitWarning, match=r"(?i)cuda.* not available.*cpu"):
         vae, device = VAELoader.load_sd_vae_simple("sd14", "cuda")
     assert device == torch.device("cpu")
 

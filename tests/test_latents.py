@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_vae
 
-from vae_toolkit import latents
+from vae_toolkit import VAEToolkitWarning, latents
 
 SCALE, SHIFT = 0.5, 0.1
 
@@ -290,7 +290,7 @@ def overflowing_vae():
 def test_nan_decode_is_retried_in_float32(overflowing_vae):
     vae, reference = overflowing_vae
     z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
-    with pytest.warns(RuntimeWarning, match=r"float16 VAE produced NaN/inf.*float32.*sdxl-fp16-fix"):
+    with pytest.warns(VAEToolkitWarning, match=r"float16 VAE produced NaN/inf.*float32.*sdxl-fp16-fix"):
         with torch.no_grad():
             y = latents.decode(vae, z)
     assert torch.isfinite(y).all()
@@ -307,7 +307,7 @@ def test_nan_decode_is_retried_in_float32(overflowing_vae):
 def test_nan_retry_keeps_gradients(overflowing_vae):
     vae, _ = overflowing_vae
     z = torch.zeros(1, 4, 16, 16, requires_grad=True)
-    with pytest.warns(RuntimeWarning, match="float32"):
+    with pytest.warns(VAEToolkitWarning, match="float32"):
         y = latents.decode(vae, z)
     y.pow(2).mean().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
@@ -315,7 +315,7 @@ def test_nan_retry_keeps_gradients(overflowing_vae):
 
 def test_nan_retry_with_tiling(overflowing_vae):
     vae, _ = overflowing_vae
-    with pytest.warns(RuntimeWarning, match="float32"):
+    with pytest.warns(VAEToolkitWarning, match="float32"):
         with torch.no_grad():
             y = latents.decode(vae, torch.zeros(1, 4, 24, 24))
     assert y.shape == (1, 3, 48, 48) and torch.isfinite(y).all()
@@ -325,7 +325,7 @@ def test_nan_retry_with_tiling(overflowing_vae):
 def test_nan_latents_are_not_retried(overflowing_vae):
     vae, _ = overflowing_vae
     z = torch.full((1, 4, 8, 8), float("nan"))
-    with pytest.warns(RuntimeWarning, match="so do the latents"):
+    with pytest.warns(VAEToolkitWarning, match="so do the latents"):
         with torch.no_grad():
             y = latents.decode(vae, z)
     assert not torch.isfinite(y).any()

@@ -6,6 +6,7 @@ import pytest
 
 import vae_toolkit
 from vae_toolkit import (
+    VAEToolkitWarning,
     add_model_config,
     get_all_model_configs,
     get_default_token,
@@ -173,7 +174,7 @@ def test_add_model_config_needs_a_name(registry, name, error):
 
 def test_add_model_config_warns_about_unknown_keys(registry):
     with pytest.warns(
-        UserWarning,
+        VAEToolkitWarning,
         match=r"^Model config for 'mine' has unknown keys \['subfoler'\] \(kept, not used "
         r"for loading\)\. Accepted keys: repo_id, subfolder, revision",
     ):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import make_tiny_vae
 
-from vae_toolkit import DeviceManager, VAELoader, VAELoadError, add_model_config
+from vae_toolkit import DeviceManager, VAELoader, VAELoadError, VAEToolkitWarning, add_model_config
 from vae_toolkit import vae_loader as vae_loader_module
 from vae_toolkit.device_manager import ACCEPTED_DEVICES
 
@@ -289,7 +289,7 @@ def test_get_optimal_device_accepts_explicit_devices(request_, expected):
 
 
 def test_get_optimal_device_falls_back_to_cpu_without_cuda(cpu_only):
-    with pytest.warns(RuntimeWarning, match=r"(?i)cuda.* not available.*cpu"):
+    with pytest.warns(VAEToolkitWarning, match=r"(?i)cuda.* not available.*cpu"):
         assert VAELoader.get_optimal_device("cuda") == torch.device("cpu")
 
 
@@ -571,9 +571,9 @@ def test_cuda_fallback_warning_points_at_the_callers_line(hf_home, cpu_only, ent
         "load_sd_vae_simple": lambda: VAELoader.load_sd_vae_simple("sd14", "cuda"),
         "load_sd_vae with a device manager": lambda: VAELoader(DeviceManager("cpu")).load_sd_vae("sd14", "cuda:0"),
     }
-    with pytest.warns(RuntimeWarning, match="was requested but CUDA is not available; using CPU") as record:
+    with pytest.warns(VAEToolkitWarning, match="was requested but CUDA is not available; using CPU") as record:
         calls[entry]()
-    assert [(w.filename, w.category) for w in record] == [(__file__, RuntimeWarning)]
+    assert [(w.filename, w.category) for w in record] == [(__file__, VAEToolkitWarning)]
 
 
 def test_auto_select_device_warning_points_at_the_callers_line(fake_cuda, monkeypatch):
@@ -582,8 +582,8 @@ def test_auto_select_device_warning_points_at_the_callers_line(fake_cuda, monkey
     fake_cuda([(1, 2), (1, 2)])
     monkeypatch.setenv("LOCAL_RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.warns(RuntimeWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record:
+    with pytest.warns(VAEToolkitWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record:
         assert VAELoader.get_optimal_device() == torch.device("cuda:1")
-    with pytest.warns(RuntimeWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record2:
+    with pytest.warns(VAEToolkitWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record2:
         auto_select_device()
     assert {w.filename for w in [*record, *record2]} == {__file__}

@@ -8,6 +8,7 @@ __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
+from ._stack import VAEToolkitWarning
 from .dataset import BucketBatchSampler, LatentStore, encode_dataset
 from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
 from .image_utils import (
@@ -58,6 +59,7 @@ __all__ = [
     "load_images",
     "open_image",
     "VAELoadError",
+    "VAEToolkitWarning",
     "latents",
     # datasets
     "encode_dataset",

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import torch
 
-from . import __version__
+from . import VAEToolkitWarning, __version__
 from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
 from .image_utils import ImageProcessingError, image_extensions
 from .model_config import get_all_model_configs, list_available_models
@@ -810,7 +810,8 @@ def _prog() -> str:
 
 
 def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
-    """Print warnings as one line each; without ``--verbose`` only this library's and RuntimeWarnings."""
+    """Print warnings as one line each; without ``--verbose`` only this library's (``VAEToolkitWarning``)
+    and RuntimeWarnings."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
 
     def show(
@@ -821,7 +822,8 @@ def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
         file: TextIO | None = None,
         line: str | None = None,
     ) -> None:
-        ours = os.path.abspath(filename).startswith(package_dir) or issubclass(category, RuntimeWarning)
+        ours = issubclass(category, (VAEToolkitWarning, RuntimeWarning))
+        ours = ours or os.path.abspath(filename).startswith(package_dir)
         if verbose or ours:
             # The library's hints name its arguments; on the command line they are options.
             text = " ".join(str(message).split()).replace("device='cpu'", "--device cpu")

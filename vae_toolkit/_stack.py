@@ -1,4 +1,7 @@
-"""Where a warning should point: the caller's line, not this package's.
+"""The library's warnings: one category, ``VAEToolkitWarning``, pointing at the caller's line.
+
+Every ``warnings.warn`` in this package uses ``VAEToolkitWarning``, so one filter line silences them all
+(``warnings.filterwarnings("ignore", category=VAEToolkitWarning)``).
 
 ``warnings.warn(..., stacklevel=caller_stacklevel())`` names the first frame outside ``vae_toolkit``,
 whichever public function was called and however deep inside the package the warning is raised
@@ -11,7 +14,17 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["caller_stacklevel"]
+__all__ = ["VAEToolkitWarning", "caller_stacklevel"]
+
+
+class VAEToolkitWarning(UserWarning):
+    """Every warning vae-toolkit emits (a fallback taken, values clipped, ...): the result is still returned.
+
+    Silence them all with ``warnings.filterwarnings("ignore", category=vae_toolkit.VAEToolkitWarning)``.
+    """
+
+    __module__ = "vae_toolkit"  # shown as vae_toolkit.VAEToolkitWarning, the name to filter on
+
 
 _PACKAGE_PREFIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "")
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._stack import caller_stacklevel
+from ._stack import VAEToolkitWarning, caller_stacklevel
 
 __all__ = [
     "DeviceManager",
@@ -245,7 +245,7 @@ def _log_torch_fallback(reason: str) -> None:
 def local_rank() -> int | None:
     """``LOCAL_RANK`` when running under a distributed launcher with ``WORLD_SIZE`` > 1, else ``None``.
 
-    Malformed values are ignored with a ``RuntimeWarning``.
+    Malformed values are ignored with a ``VAEToolkitWarning``.
     """
     rank, world = os.environ.get("LOCAL_RANK"), os.environ.get("WORLD_SIZE")
     if rank is None or world is None:
@@ -257,7 +257,7 @@ def local_rank() -> int | None:
     except ValueError:
         warnings.warn(
             f"Ignoring LOCAL_RANK={rank!r} / WORLD_SIZE={world!r}: expected non-negative integers.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=caller_stacklevel(),
         )
         return None
@@ -349,7 +349,7 @@ def auto_select_device() -> str:
                     f"LOCAL_RANK={rank} but only {count} CUDA device(s) are visible; using cuda:{index}, which "
                     "another rank also uses. Launch at most one process per GPU, or set CUDA_VISIBLE_DEVICES "
                     "per rank.",
-                    RuntimeWarning,
+                    VAEToolkitWarning,
                     stacklevel=caller_stacklevel(),
                 )
             logger.info("Distributed run (LOCAL_RANK=%d): using cuda:%d", rank, index)
@@ -364,14 +364,16 @@ def auto_select_device() -> str:
             if record.free_memory is None:
                 warnings.warn(
                     f"Skipping cuda:{index} while choosing a device: querying its memory failed ({record.error}).",
-                    RuntimeWarning,
+                    VAEToolkitWarning,
                     stacklevel=caller_stacklevel(),
                 )
             else:
                 free[index] = record.free_memory
         if not free:
             warnings.warn(
-                "No CUDA device answered a memory query; using cuda:0.", RuntimeWarning, stacklevel=caller_stacklevel()
+                "No CUDA device answered a memory query; using cuda:0.",
+                VAEToolkitWarning,
+                stacklevel=caller_stacklevel(),
             )
             return "cuda:0"
         best = max(free, key=lambda i: (free[i], -i))
@@ -419,7 +421,7 @@ def resolve_device(request: str | torch.device) -> str:
         if _mps_available():
             return "mps"
         warnings.warn(
-            "MPS was requested but is not available; using CPU.", RuntimeWarning, stacklevel=caller_stacklevel()
+            "MPS was requested but is not available; using CPU.", VAEToolkitWarning, stacklevel=caller_stacklevel()
         )
         return "cpu"
     count = _cuda_device_count()
@@ -427,7 +429,7 @@ def resolve_device(request: str | torch.device) -> str:
         warnings.warn(
             f"{request!s} was requested but CUDA is not available; using CPU. "
             "Install a CUDA build of torch or pass device='cpu' to silence this.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=caller_stacklevel(),
         )
         return "cpu"
@@ -436,7 +438,7 @@ def resolve_device(request: str | torch.device) -> str:
     if index >= count:
         warnings.warn(
             f"cuda:{index} was requested but only {count} CUDA device(s) are visible; using cuda:0.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=caller_stacklevel(),
         )
         return "cuda:0"

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union, cast
 import numpy as np
 import torch
 
-from ._stack import caller_stacklevel
+from ._stack import VAEToolkitWarning, caller_stacklevel
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -53,7 +53,22 @@ class _InputTypeError(ImageProcessingError, TypeError):
 
 
 class _InputValueError(ImageProcessingError, ValueError):
-    """Wrong input value: a ``ValueError`` that is still an ``ImageProcessingError`` (as in 0.1.0)."""
+    """Wrong input value (a closed image, too): a ``ValueError`` that is still an ``ImageProcessingError``."""
+
+
+class _ImageReadError(ImageProcessingError, OSError):
+    """Image data that cannot be read (truncated, corrupt): an ``OSError``, as PIL raises, and an
+    ``ImageProcessingError``."""
+
+
+def _error_like(err: BaseException) -> type[ImageProcessingError]:
+    """The ``ImageProcessingError`` class that also has ``err``'s family (``OSError``, ``ValueError``,
+    ``TypeError``) as a base: 0.1.0's ``ImageProcessor.transform`` let PIL's error through, so code that
+    catches that family must still catch ours."""
+    for family, cls in ((OSError, _ImageReadError), (ValueError, _InputValueError), (TypeError, _InputTypeError)):
+        if isinstance(err, family):
+            return cls
+    return ImageProcessingError
 
 
 # --- uint8 -> float lookup tables ---------------------------------------------------------------
@@ -143,7 +158,7 @@ def _warn_if_clipped(img: Image.Image, source: object) -> None:
             f"{source}: {img.mode} image with values in [{lo}, {hi}] is converted to 8-bit RGB by clipping to "
             "[0, 255] (PIL's convert('RGB'), as in vae-toolkit 0.1.0), so its range is lost. Scale it to 8 bits "
             "first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=caller_stacklevel(),
         )
 
@@ -155,7 +170,7 @@ def open_image(path: PathLike) -> Image.Image:
 
     The conversion is PIL's ``convert("RGB")``, exactly as in 0.1.0: EXIF orientation is not applied
     (pixels come as stored), alpha is dropped (not composited), palette / grayscale / CMYK are expanded,
-    and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+    and 16/32-bit values outside [0, 255] saturate (with a ``VAEToolkitWarning``).
 
     Raises:
         ImageProcessingError: the file is missing, a directory, or cannot be decoded; the message names
@@ -211,7 +226,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
 
     The image must already be ``target_size x target_size`` (it is never resized here). Any mode is
     converted with PIL's ``convert("RGB")``, as in 0.1.0: EXIF orientation is not applied, alpha is
-    dropped, and 16/32-bit values outside [0, 255] saturate (with a ``RuntimeWarning``).
+    dropped, and 16/32-bit values outside [0, 255] saturate (with a ``VAEToolkitWarning``).
 
     Args:
         image_path: Path of the image file.
@@ -359,7 +374,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     Values are clamped and rounded to the nearest of the 256 levels, so
     ``tensor_to_pil(load_and_preprocess_image(p)[0])`` returns the original pixels. Any floating
     dtype and device is accepted; the input is never modified. NaN/inf values (float16 VAE
-    overflow) produce a ``RuntimeWarning`` and are written as black / clamped.
+    overflow) produce a ``VAEToolkitWarning`` and are written as black / clamped.
 
     Raises:
         TypeError: (also an ``ImageProcessingError``) for a non-tensor or a non-floating tensor.
@@ -422,7 +437,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 f"tensor_to_pil: {nonfinite} of {t.numel()} values are NaN or infinite (typically a float16 VAE "
                 "overflow); NaN is written as black and ±inf clamped. Decode in float32, or use an "
                 "fp16-safe VAE such as 'sdxl-fp16-fix'.",
-                RuntimeWarning,
+                VAEToolkitWarning,
                 stacklevel=2,
             )
         if bad > nonfinite:
@@ -430,7 +445,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
                 f"tensor_to_pil: {bad - nonfinite} of {t.numel()} float64 values are finite but beyond float32's "
                 "range (|x| > 3.4e38), far outside [-1, 1]; they are clamped like any value outside [-1, 1]. "
                 "Check the tensor: a decoded image should lie in [-1, 1].",
-                RuntimeWarning,
+                VAEToolkitWarning,
                 stacklevel=2,
             )
         if bad:
@@ -502,15 +517,15 @@ def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None)
         _decode(pil_image)  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
         _warn_if_clipped(pil_image, source)
         rgb = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
-    except Warning:  # e.g. the clipping RuntimeWarning under an "error" filter: the caller's to see
+    except Warning:  # e.g. the clipping VAEToolkitWarning under an "error" filter: the caller's to see
         raise
     except Exception as err:  # whatever PIL raises while decoding: corrupt data, a closed file, ...
         if getattr(pil_image, "fp", True) is None and getattr(pil_image, "tile", None):
-            raise ImageProcessingError(
+            raise _error_like(err)(
                 f"{caller}: cannot read {source}: it is a closed image whose pixels were never read (PIL opens "
                 "files lazily); call image.load() before closing it, or convert inside `with Image.open(...)`"
             ) from err
-        raise ImageProcessingError(
+        raise _error_like(err)(
             f"{caller}: cannot read {source} (mode {pil_image.mode!r}) as RGB: {type(err).__name__}: {err}"
         ) from err
     if target_size is not None and 0 in rgb.size:
@@ -535,25 +550,6 @@ def _check_target_size(target_size: object) -> int:
     return int(target_size)
 
 
-def _check_channels(name: str, value: object) -> tuple[float, float, float]:
-    """Per-channel normalisation values: 3 numbers, or 1 number broadcast to the 3 channels (as in 0.1.0)."""
-    if value is None or isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be 3 numbers (one per RGB channel) or one number, got {value!r}")
-    if isinstance(value, torch.Tensor):  # constants here, even when they require grad
-        value = value.detach().cpu()
-    try:
-        arr = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be 3 numbers (one per RGB channel) or one number, got {value!r}") from err
-    if arr.size == 1:
-        arr = np.repeat(arr, 3)
-    if arr.size != 3:
-        raise ValueError(f"{name} needs 3 values (one per RGB channel) or 1, got {arr.size}: {value!r}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite numbers, got {value!r}")
-    return (float(arr[0]), float(arr[1]), float(arr[2]))
-
-
 def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normalize: bool = True) -> torch.Tensor:
     """Convert a PIL image to a ``[3, H, W]`` tensor in torch's default dtype (float32 unless changed).
 
@@ -571,7 +567,9 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
     Raises:
         TypeError: (also an ``ImageProcessingError``) for a non-image input or a non-int ``target_size``.
         ValueError: (also an ``ImageProcessingError``) for ``target_size`` < 1, or resizing an empty image.
-        ImageProcessingError: when the image cannot be decoded or converted (the cause is chained).
+        ImageProcessingError: when the image cannot be decoded or converted (the cause is chained); it is
+            also an ``OSError`` / ``ValueError`` / ``TypeError`` when PIL raised one (a truncated file, a
+            closed image), as 0.1.0's ``ImageProcessor.transform`` let those through.
 
     Example:
         >>> pil_to_tensor(Image.open("photo.jpg"), target_size=512).shape  # doctest: +SKIP
@@ -587,14 +585,100 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
     return _rgb_to_dtype(rgb, _LUT_UNIT, None, torch.get_default_dtype())
 
 
-def _check_norm(mean: object, std: object) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """Validated ``(mean, std)`` for ``ImageProcessor``; ``std`` must stay non-zero in float32."""
-    m, s = _check_channels("normalize_mean", mean), _check_channels("normalize_std", std)
-    if not np.asarray(s, dtype=np.float32).all():  # 0, or so small (1e-46) that float32 holds 0: division by zero
-        raise ValueError(
-            f"normalize_std must not contain 0 or values that are 0 in float32 (values are divided by it), got {std!r}"
+_TYPE_HINT = "3 numbers (one per RGB channel), one number, or an array that broadcasts over [3, H, W]"
+
+
+def _norm_array(name: str, value: object) -> np.ndarray:
+    """``value`` as a float64 array shaped as 0.1.0 (torchvision's ``Normalize``) applied it to ``[3, H, W]``.
+
+    A 1-D sequence is per channel (``view(-1, 1, 1)``); a 0-D number applies to every value; a 2-D or 3-D
+    array broadcasts against ``[3, H, W]`` as torch broadcasts (``[[a, b, c]]`` is per image column).
+    """
+    if value is None or isinstance(value, (str, bytes)):
+        raise _InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}")
+    if isinstance(value, torch.Tensor):  # constants here, even when they require grad
+        value = value.detach().cpu()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except OverflowError as err:  # an int too large for float64
+        raise _InputValueError(f"{name} must be finite numbers, got {value!r}") from err
+    except (TypeError, ValueError) as err:
+        raise _InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}") from err
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1, 1)
+    if arr.ndim > 3:
+        raise _InputValueError(
+            f"{name} has {arr.ndim} dimensions (shape {arr.shape}), got {value!r}; pass 3 numbers (one per RGB "
+            "channel), or an array of at most 3 dimensions that broadcasts over the [3, H, W] image tensor"
         )
-    return m, s
+    if arr.ndim == 3 and arr.shape[0] not in (1, 3):
+        raise _InputValueError(f"{name} needs 3 values (one per RGB channel) or 1, got {arr.shape[0]}: {value!r}")
+    if not np.isfinite(arr).all():
+        raise _InputValueError(f"{name} must be finite numbers, got {value!r}")
+    return arr
+
+
+def _per_channel(arr: np.ndarray) -> tuple[float, float, float] | None:
+    """The 3 per-channel values of a normalisation array, or None when it varies across rows or columns."""
+    if arr.ndim >= 2 and arr.shape[-2:] != (1, 1):
+        return None
+    flat = np.broadcast_to(arr.reshape(-1), (3,))
+    return (float(flat[0]), float(flat[1]), float(flat[2]))
+
+
+_Checked: TypeAlias = "tuple[np.ndarray, np.ndarray, _Norm]"  # mean, std, (per-channel mean, std) or None
+
+
+def _check_norm(mean: object, std: object, target_size: int) -> _Checked:
+    """Validated ``mean`` and ``std`` for ``ImageProcessor.transform`` (``target_size x target_size`` output).
+
+    Raises ``TypeError`` / ``ValueError``, both also ``ImageProcessingError`` (what 0.1.0's ``preprocess_pil``
+    raised), for a wrong type, count, shape, NaN/inf, or a std that is 0 in float32 (a division by zero).
+    """
+    m, s = _norm_array("normalize_mean", mean), _norm_array("normalize_std", std)
+    image_shape = (3, target_size, target_size)
+    for name, arr, value in (("normalize_mean", m, mean), ("normalize_std", s, std)):
+        try:
+            fits = np.broadcast_shapes(arr.shape, image_shape) == image_shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise _InputValueError(
+                f"{name} of shape {arr.shape} does not broadcast over the image tensor of shape {image_shape} "
+                f"(ImageProcessor(target_size={target_size})), got {value!r}; pass 3 numbers (one per RGB channel)"
+            )
+    with np.errstate(over="ignore", under="ignore"):  # 1e39 -> inf, 1e-46 -> 0 in float32: checked here
+        if not np.asarray(s, dtype=np.float32).all():
+            raise _InputValueError(
+                "normalize_std must not contain 0 or values that are 0 in float32 (values are divided by it), "
+                f"got {std!r}"
+            )
+    pm, ps = _per_channel(m), _per_channel(s)
+    return m, s, (pm, ps) if pm is not None and ps is not None else None
+
+
+def _warn_if_beyond(mean: np.ndarray, std: np.ndarray, dtype: torch.dtype) -> None:
+    """Warn when ``mean`` / ``std`` hold finite values that ``dtype`` cannot: they become ±inf there."""
+    limit = torch.finfo(dtype).max
+    for name, arr, effect in (("normalize_mean", mean, "±inf"), ("normalize_std", std, "0")):
+        big = np.abs(arr) > limit
+        if big.any():
+            warnings.warn(
+                f"ImageProcessor.transform: {name} holds {int(big.sum())} value(s) beyond the range of "
+                f"{str(dtype).removeprefix('torch.')} (|x| > {limit:.3g}), e.g. {arr[big].flat[0]:g}; they become "
+                f"±inf, so the output values they touch are {effect} (as in vae-toolkit 0.1.0). "
+                "normalize_mean and normalize_std are statistics of pixel values in [0, 1].",
+                VAEToolkitWarning,
+                stacklevel=caller_stacklevel(),
+            )
+
+
+def _normalize_any(rgb: Image.Image, mean: np.ndarray, std: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``(v / 255 - mean) / std`` with torch broadcasting ``mean`` and ``std`` over ``[3, H, W]`` in ``dtype``:
+    the arithmetic of torchvision's ``ToTensor`` + ``Normalize``, hence 0.1.0's values, for any shape."""
+    w, h = rgb.size
+    x = torch.from_numpy(np.array(rgb, dtype=np.uint8).reshape(h, w, 3)).permute(2, 0, 1).to(dtype).div_(255)
+    return x.sub_(torch.as_tensor(mean, dtype=dtype)).div_(torch.as_tensor(std, dtype=dtype))
 
 
 class _Transform:
@@ -608,16 +692,25 @@ class _Transform:
         self.target_size = target_size
         self.mean = mean
         self.std = std
-        self._table: tuple[np.ndarray, _Norm] | None = None  # (float32 table, (mean, std)) after the first call
+        # After the first call: (float32 table or None, checked mean/std arrays and per-channel (mean, std) or None,
+        # the largest |value| of mean and std).
+        self._table: tuple[np.ndarray | None, _Checked, float] | None = None
 
     def __call__(self, pil_image: Image.Image) -> torch.Tensor:
         if self._table is None:  # one assignment: threads see either nothing or the complete pair
-            checked = _check_norm(self.mean, self.std)
-            self._table = (_LUT_SD if checked == _SD_NORM else _lut(checked), checked)
-        lut, norm = self._table
+            checked = _check_norm(self.mean, self.std, self.target_size)
+            norm = checked[2]
+            lut = None if norm is None else _LUT_SD if norm == _SD_NORM else _lut(norm)
+            self._table = (lut, checked, float(max(np.abs(checked[0]).max(), np.abs(checked[1]).max())))
+        lut, (mean, std, norm), largest = self._table
+        dtype = torch.get_default_dtype()
+        if largest > torch.finfo(dtype).max:
+            _warn_if_beyond(mean, std, dtype)
 
-        rgb = _as_rgb(pil_image, "ImageProcessor.transform", self.target_size)
-        return _rgb_to_dtype(_resize_center_crop(rgb, self.target_size), lut, norm, torch.get_default_dtype())
+        rgb = _resize_center_crop(_as_rgb(pil_image, "ImageProcessor.transform", self.target_size), self.target_size)
+        if lut is None:  # mean or std varies across rows or columns
+            return _normalize_any(rgb, mean, std, dtype)
+        return _rgb_to_dtype(rgb, lut, norm, dtype)
 
     def __repr__(self) -> str:
         return (
@@ -633,9 +726,12 @@ class ImageProcessor:
         normalize_mean: Per-channel mean subtracted from ``[0, 1]`` values (3 numbers, or 1 for all).
         normalize_std: Per-channel standard deviation divided by (3 numbers, or 1 for all).
 
-    ``normalize_mean`` / ``normalize_std`` are checked when ``transform`` (or ``preprocess_pil``) first
-    runs, as in 0.1.0: ``TypeError`` for non-numbers, ``ValueError`` for a wrong count, NaN/inf, or a std
-    that is 0 in float32. Tensors come in torch's default dtype (float32 unless changed), as in 0.1.0.
+    As in 0.1.0 (torchvision's ``Normalize``), a 2-D or 3-D ``normalize_mean`` / ``normalize_std``
+    broadcasts over the ``[3, H, W]`` tensor as torch broadcasts it (``[[a, b, c]]`` is per image column).
+    They are checked when ``transform`` (or ``preprocess_pil``) first runs, as in 0.1.0: ``TypeError`` for
+    non-numbers, ``ValueError`` for a wrong count or shape, NaN/inf, or a std that is 0 in float32 (both
+    also ``ImageProcessingError``). Values beyond the range of the tensor's dtype (``1e39`` in float32)
+    give a ``VAEToolkitWarning``. Tensors come in torch's default dtype (float32 unless changed), as in 0.1.0.
 
     Raises:
         TypeError, ValueError: (also ``ImageProcessingError``) for a ``target_size`` that is not an int >= 1.
@@ -673,7 +769,8 @@ class ImageProcessor:
 
         Raises:
             ImageProcessingError: the image cannot be decoded or converted (the cause is chained).
-            TypeError, ValueError: invalid ``normalize_mean`` / ``normalize_std`` (see the class).
+            TypeError, ValueError: (also ``ImageProcessingError``) invalid ``normalize_mean`` /
+                ``normalize_std`` (see the class).
         """
         return self.transform(pil_image).unsqueeze(0)
 

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ._stack import VAEToolkitWarning
+
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
@@ -116,7 +118,7 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | None = Non
     Computes ``vae.decode(latents / scaling_factor + shift_factor)``. The result is not clamped, and
     gradients flow back to ``latents``. When a float16/bfloat16 VAE overflows (NaN or inf in the output,
     typical of the original SDXL VAE), the decode is run again on a float32 copy of the VAE with a
-    ``RuntimeWarning``; the VAE itself is left unchanged. This check reads the output once (a device sync).
+    ``VAEToolkitWarning``; the VAE itself is left unchanged. This check reads the output once (a device sync).
 
     Args:
         vae: A diffusers ``AutoencoderKL`` (or a model with the same ``decode`` and ``config``).
@@ -255,7 +257,7 @@ def _decode_float32_retry(
         warnings.warn(
             f"decode: the output of the {name} VAE contains NaN/inf, and so do the latents given to it; "
             "not retrying in float32. Check the code that produced the latents.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=3,
         )
         return images
@@ -263,7 +265,7 @@ def _decode_float32_retry(
         f"decode: the {name} VAE produced NaN/inf (a {name} overflow, typical of the original SDXL VAE); "
         "decoded again on a float32 copy, which costs time and memory. Load the VAE in float32 "
         "(load_sd_vae(..., dtype=torch.float32)) or use an fp16-safe VAE such as 'sdxl-fp16-fix'.",
-        RuntimeWarning,
+        VAEToolkitWarning,
         stacklevel=3,
     )
     logger.info("Retrying a %s decode in float32", name)
@@ -273,7 +275,7 @@ def _decode_float32_retry(
     if not _all_finite(images):
         warnings.warn(
             "decode: the float32 retry also produced NaN/inf; the VAE weights or the latents are likely broken.",
-            RuntimeWarning,
+            VAEToolkitWarning,
             stacklevel=3,
         )
     return images

@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+from ._stack import VAEToolkitWarning
+
 __all__ = [
     "MODEL_CONFIGS",
     "ACCEPTED_CONFIG_KEYS",
@@ -180,7 +182,7 @@ def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
         warnings.warn(
             f"Model config for {model_name!r} has unknown keys {unknown} (kept, not used for loading). "
             f"Accepted keys: {', '.join(ACCEPTED_CONFIG_KEYS)}.",
-            UserWarning,
+            VAEToolkitWarning,
             stacklevel=2,
         )
     MODEL_CONFIGS[model_name] = dict(config)
