@@ -23,7 +23,6 @@ from test_dataset import reference, write_images
 from vae_toolkit import _table, dataset
 from vae_toolkit.dataset import (
     INDEX_NAME,
-    LOCK_NAME,
     BucketBatchSampler,
     LatentStore,
     StoreDamagedError,

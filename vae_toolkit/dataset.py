@@ -984,8 +984,16 @@ def _plan(state: _State, src: _Source, keep_missing: bool) -> tuple[_Plan, _Merg
     todo = [src.keys[j] for j in todo_idx]
     old_failures = state.index.get("failures", {}) if state.index is not None else None
     up_to_date = not todo and not state.orphans and not state.damaged and not removed and old_failures == dict(src.bad)
-    plan = _Plan(src.root, todo, len(src.keys) + len(src.bad), len(src.keys) - len(todo), dict(src.bad), removed,
-                 state.settings, up_to_date)
+    plan = _Plan(
+        src.root,
+        todo,
+        len(src.keys) + len(src.bad),
+        len(src.keys) - len(todo),
+        dict(src.bad),
+        removed,
+        state.settings,
+        up_to_date,
+    )
     return plan, _Merge(state, keep, table_keys, orphans)
 
 
