@@ -12,7 +12,7 @@ Run from the repository root, with nothing else running::
 2. Peak RSS of ``encode_dataset`` in a fresh process for 200 and for 2,000 images. Target: within 100 MB.
 3. A store of 10,000 latents: time to open it and to read one latent at random. Targets: < 50 ms, < 1 ms.
 
-The stages are timed with the pipeline's own internals (``_prefetch``, ``_Encoder``), so that they do
+The stages are timed with the pipeline's own internals (``iter_images``, ``_Encoder``), so that they do
 exactly the work the pipeline does. On a small shared machine the stages slow each other down even on
 separate cores (caches, memory bandwidth, host hyper-threads): the benchmark also measures stage 2 while
 a thread does stage 1's work at the pipeline's rate, which is the most the pipeline can reach there.
@@ -77,14 +77,14 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 def stage_decode(root: Path, keys: list[str], workers: int, batch_size: int) -> float:
     items = [(k, root / k) for k in keys]
     start = time.perf_counter()
-    n = sum(1 for _ in dataset._prefetch(items, None, workers, max(2 * batch_size, 2 * workers)))
+    n = sum(1 for _ in dataset.iter_images(items, None, workers=workers, window=max(2 * batch_size, 2 * workers)))
     return n / (time.perf_counter() - start)
 
 
 def stage_encode(vae, root: Path, keys: list[str], batch_size: int) -> float:
     by_size: dict[tuple[int, ...], list] = {}
     for key in keys:
-        x = dataset._load(root / key, None)
+        x = load_for_encoding(root / key, None)
         by_size.setdefault(tuple(x.shape), []).append(dataset._Item(key, (0, 0), x))
     encoder = dataset._Encoder(vae, False, 0, torch.float32)
     batches = [items[i : i + batch_size] for items in by_size.values() for i in range(0, len(items), batch_size)]
@@ -103,7 +103,7 @@ def stage_encode_beside_decoding(vae, root: Path, keys: list[str], batch_size: i
     def decode() -> None:
         i = 0
         while not stop.wait(1 / rate):
-            dataset._load(root / keys[i % len(keys)], None)
+            load_for_encoding(root / keys[i % len(keys)], None)
             i += 1
 
     thread = threading.Thread(target=decode, daemon=True)
@@ -173,15 +173,17 @@ def peak_rss(tmp: Path, n: int) -> float:
 def big_store(folder: Path, n: int) -> None:
     """A store of ``n`` SD-shaped latents ([4, 64, 64] float16 = 32 KiB each), written by the store's writer."""
     folder.mkdir(parents=True)
-    settings = dataset._settings(make_vae(), "bench", 512, torch.float16, False, 0)
-    writer = dataset._ShardWriter(folder, "0123456789ab", 0, settings, 256 * 2**20)
+    settings = dataset._settings(make_vae(), "bench", 512, torch.float16, False, 0, "fast")
+    writer = dataset._ShardWriter(folder, "0123456789ab", 0, settings, 256 * 2**20, float("inf"))
     z = torch.randn(4, 64, 64).half()
-    for i in range(n):
-        writer.add(
-            f"d{i % 100:02d}/{i:06d}.jpg", z.clone(), {"size": [512, 512], "source_bytes": 1, "source_mtime_ns": 1}
-        )
+    keys = sorted(f"d{i % 100:02d}/{i:06d}.jpg" for i in range(n))
+    for key in keys:
+        writer.add(key, z.clone(), {"size": [512, 512], "source_bytes": 1, "source_mtime_ns": 1})
     writer.flush()
-    dataset._write_index(folder, settings, {}, set())
+    state = dataset._scan(folder)  # the shards as a killed run leaves them: the commit lists them
+    _, merge = dataset._plan(state, dataset._Source(folder, keys, [(1, 1)] * n, {}, True), keep_missing=False)
+    dataset._commit(folder, merge, [], settings, {}, folder)
+    state.close()
 
 
 def store_timings(tmp: Path, n: int, reads: int) -> dict[str, float]:

@@ -59,7 +59,7 @@ def rows_for(keys: list[str]) -> _table.Rows:
     for name, (dtype, width) in _table.COLUMNS.items():
         shape = (n, width) if width > 1 else (n,)
         columns[name] = rng.integers(0, 1000, shape).astype(dtype)
-    return _table.Rows(sorted(k.encode() for k in keys), columns)
+    return _table.Rows.from_keys(sorted(k.encode() for k in keys), columns)
 
 
 KEY_SETS = {
@@ -77,9 +77,13 @@ def test_the_table_round_trips(tmp_path, label):
     path.write_bytes(_table.encode_table(rows))
     table = _table.Table(path)
     assert table.count == len(rows)
-    assert list(table.iter_keys()) == [k.decode() for k in rows.keys] == sorted(KEY_SETS[label])
-    for i, key in enumerate(rows.keys):
-        assert table.find(key.decode()) == i
+    keys = sorted(KEY_SETS[label])
+    assert list(table.iter_keys()) == keys and [table.key(i) for i in range(len(keys))] == keys
+    assert table.same_keys(keys)
+    if keys:
+        assert not table.same_keys(keys[:-1] + ["zzz"]) and not table.same_keys(keys[1:])
+    for i, key in enumerate(keys):
+        assert table.find(key) == i
     for name in _table.COLUMNS:
         np.testing.assert_array_equal(table.column(name), rows.columns[name])
     assert table.find("not there.png") == -1 and table.find("") == -1

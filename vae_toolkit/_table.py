@@ -17,7 +17,8 @@ a temporary name, fsynced, renamed). Its layout::
 
 Columns (``n`` rows, sorted by key as UTF-8 bytes, which is also Python's ``str`` order):
 
-- ``key_offsets`` int64 ``[n + 1]`` and ``key_blob`` uint8: key ``i`` is ``key_blob[key_offsets[i]:key_offsets[i+1]]``;
+- ``key_offsets`` int64 ``[n + 1]`` and ``key_blob`` uint8: key ``i`` is ``key_blob[key_offsets[i]:key_offsets[i+1] - 1]``
+  (each key is followed by a NUL byte, which no file name holds);
 - ``shard`` int32: position of the row's shard in the index's shard list;
 - ``offset`` / ``nbytes`` int64: where the tensor's bytes lie inside that shard (absolute file offsets);
 - ``dtype`` uint8: code into :data:`DTYPES`; ``shape`` int32 ``[n, 3]``: the latent's ``(C, h, w)``;
@@ -38,7 +39,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -67,32 +68,40 @@ class TableError(ValueError):
 
 @dataclass
 class Rows:
-    """Table rows as numpy columns (used to build a table); ``keys`` as UTF-8 bytes, sorted."""
+    """Table rows to write: keys as one UTF-8 blob (each key followed by a NUL byte) with offsets, and columns.
 
-    keys: list[bytes]
+    Keys are sorted and unique. ``key_offsets[i]`` is where key ``i`` starts; it ends one byte before
+    ``key_offsets[i + 1]`` (its NUL). File names cannot hold NUL, so the blob of a list of keys is simply
+    ``"\\0".join(keys) + "\\0"``, which lets a writer compare a whole source listing with a table in one step.
+    """
+
+    key_offsets: np.ndarray
+    key_blob: np.ndarray
     columns: dict[str, np.ndarray]
 
     @classmethod
-    def empty(cls) -> Rows:
-        return cls([], {name: np.empty((0, width) if width > 1 else 0, dtype) for name, (dtype, width) in
-                        COLUMNS.items()})  # fmt: skip
+    def from_keys(cls, keys: Sequence[bytes], columns: dict[str, np.ndarray]) -> Rows:
+        lengths = np.fromiter((len(k) + 1 for k in keys), dtype=np.int64, count=len(keys))
+        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        blob = np.frombuffer(b"".join(k + b"\0" for k in keys), dtype=np.uint8)
+        return cls(offsets, blob, columns)
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return len(self.key_offsets) - 1
 
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def encode_table(rows: Rows) -> bytearray:
-    """The bytes of a table file holding ``rows`` (keys sorted and unique)."""
-    n = len(rows.keys)
-    lengths = np.fromiter((len(k) for k in rows.keys), dtype=np.int64, count=n)
-    key_offsets = np.zeros(n + 1, dtype="<i8")
-    np.cumsum(lengths, out=key_offsets[1:])
-    blob = np.frombuffer(b"".join(rows.keys), dtype=np.uint8)
-    arrays: dict[str, np.ndarray] = {"key_offsets": key_offsets, "key_blob": blob}
+def write_table(f: BinaryIO, rows: Rows) -> tuple[int, str]:
+    """Write ``rows`` as a table file to ``f`` (column by column, no copy of the whole); ``(bytes, sha256)``."""
+    n = len(rows)
+    arrays: dict[str, np.ndarray] = {
+        "key_offsets": np.ascontiguousarray(rows.key_offsets, dtype="<i8"),
+        "key_blob": np.ascontiguousarray(rows.key_blob, dtype=np.uint8),
+    }
     for name, (dtype, width) in COLUMNS.items():
         column = np.ascontiguousarray(rows.columns[name], dtype=dtype)
         expected = (n, width) if width > 1 else (n,)
@@ -111,15 +120,30 @@ def encode_table(rows: Rows) -> bytearray:
         if len(header) <= header_room:
             break
         header_room = _aligned(len(header) * 2)
-    out = bytearray(offset)
-    out[:8] = MAGIC
-    out[8:16] = header_room.to_bytes(8, "little")
-    out[16 : 16 + len(header)] = header
-    out[16 + len(header) : 16 + header_room] = b" " * (header_room - len(header))
+    digest = hashlib.sha256()
+    written = 0
+
+    def put(data: bytes | memoryview) -> None:
+        nonlocal written
+        f.write(data)
+        digest.update(data)
+        written += len(data)
+
+    put(MAGIC + header_room.to_bytes(8, "little") + header + b" " * (header_room - len(header)))
     for name, array in arrays.items():
-        start = layout[name][2]
-        out[start : start + array.nbytes] = array.tobytes()
-    return out
+        put(b"\0" * (layout[name][2] - written))
+        put(memoryview(array.reshape(-1).view(np.uint8)))  # type: ignore[arg-type,unused-ignore]
+    put(b"\0" * (offset - written))
+    return written, digest.hexdigest()
+
+
+def encode_table(rows: Rows) -> bytes:
+    """The bytes of a table file holding ``rows`` (for tests; writers stream with :func:`write_table`)."""
+    import io
+
+    buffer = io.BytesIO()
+    write_table(buffer, rows)
+    return buffer.getvalue()
 
 
 def sha256_file(path: Path) -> str:
@@ -175,7 +199,7 @@ class Table:
         if set(rows.values()) != {count} or columns["key_offsets"].shape[0] != count + 1:
             raise TableError(f"{self.path} is damaged: columns of unequal length")
         offsets = columns["key_offsets"]
-        if offsets[0] != 0 or offsets[-1] != columns["key_blob"].shape[0] or (count and np.any(np.diff(offsets) < 0)):
+        if offsets[0] != 0 or offsets[-1] != columns["key_blob"].shape[0] or (count and np.any(np.diff(offsets) < 1)):
             raise TableError(f"{self.path} is damaged: key offsets out of order")
         return columns
 
@@ -184,20 +208,34 @@ class Table:
 
     def key_bytes(self, i: int) -> bytes:
         start, end = self.key_offsets[i : i + 2]
-        return self.key_blob[start:end].tobytes()
+        return self.key_blob[start : end - 1].tobytes()
 
     def key(self, i: int) -> str:
         return self.key_bytes(i).decode("utf-8")
 
-    def all_key_bytes(self) -> list[bytes]:
-        """Every key as bytes (one list; for a writer merging tables, never for a reader)."""
-        blob = self.key_blob.tobytes()
-        offsets = self.key_offsets.tolist()
-        return [blob[offsets[i] : offsets[i + 1]] for i in range(self.count)]
+    def iter_key_bytes(self, chunk: int = 65536) -> Iterator[bytes]:
+        """Every key as bytes, in order, made a chunk at a time (no list of all keys)."""
+        for start in range(0, self.count, chunk):
+            stop = min(start + chunk, self.count)
+            offsets = self.key_offsets[start : stop + 1].tolist()
+            blob = self.key_blob[offsets[0] : offsets[-1]].tobytes()
+            base = offsets[0]
+            for i in range(stop - start):
+                yield blob[offsets[i] - base : offsets[i + 1] - base - 1]
 
     def iter_keys(self) -> Iterator[str]:
-        for i in range(self.count):
-            yield self.key(i)
+        for key in self.iter_key_bytes():
+            yield key.decode("utf-8")
+
+    def same_keys(self, keys: Sequence[str]) -> bool:
+        """Whether ``keys`` (sorted) are exactly this table's keys: one comparison of blobs, no object per key."""
+        if len(keys) != self.count:
+            return False
+        joined = memoryview(("\0".join(keys) + "\0").encode("utf-8") if keys else b"")
+        if len(joined) != len(self.key_blob):
+            return False
+        step = 1 << 22
+        return all(self.key_blob[i : i + step].tobytes() == joined[i : i + step] for i in range(0, len(joined), step))
 
     def find(self, key: str) -> int:
         """The row of ``key``, or -1 (binary search)."""
@@ -207,15 +245,6 @@ class Table:
             return -1
         i = bisect.bisect_left(_KeyView(self), target)
         return i if i < self.count and self.key_bytes(i) == target else -1
-
-    def rows(self, select: np.ndarray | None = None) -> Rows:
-        """A copy of the rows ``select`` (all when None) as :class:`Rows`."""
-        keys = self.all_key_bytes()
-        if select is not None:
-            keys = [keys[i] for i in np.flatnonzero(select)] if select.dtype == bool else [keys[i] for i in select]
-        columns = {name: np.array(self._columns[name][select] if select is not None else self._columns[name])
-                   for name in COLUMNS}  # fmt: skip
-        return Rows(keys, columns)
 
     def close(self) -> None:
         self._columns = {}

@@ -55,7 +55,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import torch
@@ -448,12 +448,19 @@ def _write_error(path: Path, err: OSError) -> OSError:
     return type(err)(err.errno, f"cannot write {path}: {reason}{hint}; free space or choose another output folder")
 
 
-def _atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
-    """Write ``data`` to ``path`` so that a reader (or a crash) never sees a partial file."""
+def _atomic_write(path: Path, data: bytes | bytearray | memoryview | Callable[[BinaryIO], Any]) -> Any:
+    """Write ``data`` (or what the function ``data(file)`` writes) to ``path``; a reader never sees a partial file.
+
+    Returns what ``data(file)`` returned (None for bytes).
+    """
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    result = None
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            if callable(data):
+                result = data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -464,6 +471,7 @@ def _atomic_write(path: Path, data: bytes | bytearray | memoryview) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    return result
 
 
 def _is_temporary(name: str) -> bool:
@@ -914,7 +922,6 @@ class _Merge:
 
     state: _State
     keep: np.ndarray  # table rows kept as they are
-    table_keys: list[bytes]
     orphans: dict[str, _Record]  # latest valid record per key from unlisted shards
 
 
@@ -924,29 +931,21 @@ def _plan(state: _State, src: _Source, keep_missing: bool) -> tuple[_Plan, _Merg
     O(N) simple steps and no per-key dict of the store: the table's keys are compared as bytes in one pass.
     """
     table = state.table
-    table_keys = table.all_key_bytes() if table is not None else []
-    n = len(table_keys)
+    n = table.count if table is not None else 0
     keep = state.keep.copy() if state.keep is not None else np.ones(0, dtype=bool)
-    source_keys = [k.encode("utf-8") for k in src.keys]
-    row_of = np.full(len(source_keys), -1, dtype=np.int64)
-    in_source = np.zeros(n, dtype=bool)
-    if source_keys == table_keys:
-        row_of[:] = np.arange(n)
-        in_source[:] = True
+    if table is not None and table.same_keys(src.keys):  # the usual rerun: one comparison of two blobs
+        row_of = np.arange(n, dtype=np.int64)
+    elif table is not None:
+        row_of = _match(table.iter_key_bytes(), (k.encode("utf-8") for k in src.keys), len(src.keys))
     else:
-        i = 0
-        for j, key in enumerate(source_keys):
-            while i < n and table_keys[i] < key:
-                i += 1
-            if i < n and table_keys[i] == key:
-                row_of[j] = i
-                in_source[i] = True
-                i += 1
+        row_of = np.full(len(src.keys), -1, dtype=np.int64)
+    in_source = np.zeros(n, dtype=bool)
+    in_source[row_of[row_of >= 0]] = True
     sizes = np.fromiter((s[0] for s in src.stats), dtype=np.int64, count=len(src.stats))
     mtimes = np.fromiter((s[1] for s in src.stats), dtype=np.int64, count=len(src.stats))
     stored = row_of >= 0
     rows = row_of[stored]
-    ok = np.zeros(len(source_keys), dtype=bool)
+    ok = np.zeros(len(src.keys), dtype=bool)
     if table is not None and len(rows):
         ok[stored] = (
             keep[rows]
@@ -994,7 +993,29 @@ def _plan(state: _State, src: _Source, keep_missing: bool) -> tuple[_Plan, _Merg
         state.settings,
         up_to_date,
     )
-    return plan, _Merge(state, keep, table_keys, orphans)
+    return plan, _Merge(state, keep, orphans)
+
+
+def _match(table_keys: Iterator[bytes], keys: Iterator[bytes], count: int) -> np.ndarray:
+    """For each of ``count`` sorted ``keys``, its row in the sorted ``table_keys``, or -1 (one merging pass)."""
+    import array
+
+    rows = array.array("q")
+    cursor = iter(table_keys)
+    current = next(cursor, None)
+    i = 0
+    for key in keys:
+        while current is not None and current < key:
+            current = next(cursor, None)
+            i += 1
+        if current is not None and current == key:
+            rows.append(i)
+            current = next(cursor, None)
+            i += 1
+        else:
+            rows.append(-1)
+    assert len(rows) == count
+    return np.frombuffer(rows, dtype=np.int64) if count else np.zeros(0, dtype=np.int64)
 
 
 def _find(sorted_keys: list[str], key: str) -> int:
@@ -1015,29 +1036,20 @@ def _commit(
     retired shards are deleted. The kept rows of the old table are merged with the records of the unlisted
     and new shards; both sides are sorted, so the work beyond copying arrays is O(new entries).
     """
-    import bisect
 
     state = merge.state
     records = dict(merge.orphans)
     for shard in sorted((_read_shard(folder / name) for name in new_shards), key=lambda s: (s.created, s.name)):
         for record in shard.records:
             records[record.key] = record
-    keep_rows = np.flatnonzero(merge.keep) if state.table is not None else np.zeros(0, dtype=np.int64)
-    old_keys = (
-        [merge.table_keys[i] for i in keep_rows] if len(keep_rows) != len(merge.table_keys) else merge.table_keys
-    )
+    table = state.table
+    keep_rows = np.flatnonzero(merge.keep) if table is not None else np.zeros(0, dtype=np.int64)
     new_items = sorted((key.encode("utf-8"), record) for key, record in records.items())
     new_keys = [k for k, _ in new_items]
-    # positions in the merged order: each new key goes before the first old key that is greater
-    inserts = np.fromiter((bisect.bisect_left(old_keys, k) for k in new_keys), dtype=np.int64, count=len(new_keys))
+    inserts = _insertion_points(table, keep_rows, new_keys)
     pos_new = inserts + np.arange(len(new_keys))
-    pos_old = np.arange(len(old_keys)) + np.searchsorted(inserts, np.arange(len(old_keys)), side="right")
-    total = len(old_keys) + len(new_keys)
-    order = np.empty(total, dtype=np.int64)
-    order[pos_old] = np.arange(len(old_keys))
-    order[pos_new] = len(old_keys) + np.arange(len(new_keys))
-    combined = old_keys + new_keys
-    keys = [combined[i] for i in order] if len(new_keys) else old_keys
+    pos_old = np.arange(len(keep_rows)) + np.searchsorted(inserts, np.arange(len(keep_rows)), side="right")
+    total = len(keep_rows) + len(new_keys)
 
     # shards: the listed ones that keep a row, then the new ones (oldest first); the rest is retired
     old_ids = state.table.column("shard")[keep_rows] if state.table is not None else np.zeros(0, dtype=np.int32)
@@ -1060,19 +1072,18 @@ def _commit(
     for name, (dtype, width) in _table.COLUMNS.items():
         shape = (total, width) if width > 1 else (total,)
         column = np.empty(shape, dtype=dtype)
-        if len(old_keys):
-            values = state.table.column(name)[keep_rows] if state.table is not None else None
-            assert values is not None
+        if table is not None and len(keep_rows):
+            values = table.column(name)[keep_rows]
             column[pos_old] = remap[values] if name == "shard" else values
         if len(new_keys):
             column[pos_new] = np.array([_record_value(r, name, new_id) for _, r in new_items], dtype=dtype)
         columns[name] = column
-    rows = _table.Rows(keys, columns)
+    offsets, blob = _merged_keys(table, keep_rows, pos_old, new_keys, pos_new)
 
     table_name = f"latents-table-{uuid.uuid4().hex[:12]}.bin"
-    table_path = folder / table_name
-    data = _table.encode_table(rows)
-    _atomic_write(table_path, data)
+    merged = _table.Rows(offsets, blob, columns)
+    table_bytes, table_sha = _atomic_write(folder / table_name, lambda f: _table.write_table(f, merged))
+    del merged, columns, blob
     index = {
         "metadata": {
             **settings,
@@ -1084,11 +1095,10 @@ def _commit(
             "updated": _now(),
         },
         "shards": shard_records,
-        "table": {"file": table_name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+        "table": {"file": table_name, "bytes": table_bytes, "sha256": table_sha},
         "failures": dict(sorted(failures.items())),
         "retired": retired,
     }
-    del data
     _atomic_write(folder / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8"))
     for name in retired:
         (folder / name).unlink(missing_ok=True)
@@ -1096,6 +1106,67 @@ def _commit(
     for path in folder.iterdir():
         if _TABLE_RE.match(path.name) and path.name != table_name:
             path.unlink(missing_ok=True)
+
+
+def _insertion_points(table: _table.Table | None, keep_rows: np.ndarray, new_keys: list[bytes]) -> np.ndarray:
+    """For each sorted new key, how many kept table keys sort before it (binary searches, or one merge)."""
+    import bisect
+
+    if table is None or not len(keep_rows) or not new_keys:
+        return np.zeros(len(new_keys), dtype=np.int64)
+
+    found = table
+
+    class Kept(Sequence[bytes]):
+        def __len__(self) -> int:
+            return len(keep_rows)
+
+        def __getitem__(self, i: Any) -> Any:
+            return found.key_bytes(int(keep_rows[i]))
+
+    if len(new_keys) * 32 < len(keep_rows):  # few new keys: K log N key reads
+        kept = Kept()
+        points = [bisect.bisect_left(kept, key) for key in new_keys]
+    else:  # many: one pass over the kept keys
+        keep = np.zeros(table.count, dtype=bool)
+        keep[keep_rows] = True
+        points, before = [], 0
+        kept_keys = (k for k, kept_row in zip(table.iter_key_bytes(), keep, strict=True) if kept_row)
+        current = next(kept_keys, None)
+        for key in new_keys:
+            while current is not None and current < key:
+                before += 1
+                current = next(kept_keys, None)
+            points.append(before)
+    return np.array(points, dtype=np.int64)
+
+
+def _merged_keys(
+    table: _table.Table | None, keep_rows: np.ndarray, pos_old: np.ndarray, new_keys: list[bytes], pos_new: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The merged key blob and offsets: runs of kept table keys are copied as slices, new keys one by one."""
+    total = len(keep_rows) + len(new_keys)
+    lengths = np.empty(total, dtype=np.int64)
+    old_offsets = table.key_offsets if table is not None else np.zeros(1, dtype=np.int64)
+    if len(keep_rows):
+        lengths[pos_old] = old_offsets[keep_rows + 1] - old_offsets[keep_rows]
+    lengths[pos_new] = np.fromiter((len(k) + 1 for k in new_keys), dtype=np.int64, count=len(new_keys))
+    offsets = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.zeros(int(offsets[-1]), dtype=np.uint8)
+    if len(keep_rows):
+        assert table is not None
+        breaks = np.flatnonzero((np.diff(keep_rows) != 1) | (np.diff(pos_old) != 1)) + 1
+        starts = np.concatenate([[0], breaks])
+        ends = np.concatenate([breaks, [len(keep_rows)]])
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            a, b = int(old_offsets[keep_rows[s]]), int(old_offsets[keep_rows[e - 1] + 1])
+            dst = int(offsets[pos_old[s]])
+            blob[dst : dst + b - a] = table.key_blob[a:b]
+    for key, p in zip(new_keys, pos_new.tolist(), strict=True):
+        start = int(offsets[p])
+        blob[start : start + len(key)] = np.frombuffer(key, dtype=np.uint8)  # the NUL after it is already 0
+    return offsets, blob
 
 
 def _read_shard_info(path: Path) -> dict[str, Any]:
