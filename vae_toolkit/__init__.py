@@ -15,7 +15,9 @@ from .image_utils import (
     SD_PROCESSOR,
     ImageProcessingError,
     ImageProcessor,
+    available_cpus,
     load_and_preprocess_image,
+    load_for_encoding,
     load_images,
     open_image,
     pil_to_tensor,
@@ -57,6 +59,8 @@ __all__ = [
     "DeviceRecord",
     "load_images",
     "open_image",
+    "load_for_encoding",
+    "available_cpus",
     "VAELoadError",
     "latents",
     # datasets
