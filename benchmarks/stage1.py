@@ -8,7 +8,8 @@ Run from the repository root::
 It generates photo-like JPEGs (quality 90) at 4000x3000 (12 MP) and 1920x1080 (2 MP) into a temporary
 directory, and prints, measured in this one run:
 
-- images/s per core (one thread) of three readers: the one the dataset encoder used before the fast reader
+- images/s per core (one thread; CPU time of the thread, so that other processes on the machine do not count)
+  of three readers: the one the dataset encoder used before the fast reader
   (``open_image`` + ``pil_to_tensor(target_size=512)`` when ``open_image`` still copied RGB images with
   ``convert("RGB")``); the exact reader now, ``load_for_encoding(p, 512, exact=True)`` (the same values, without
   that copy); and the fast reader ``load_for_encoding(p, 512)``. The targets are on the fast reader against the
@@ -130,17 +131,20 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def per_image_seconds(paths: Sequence[Path], readers: dict[str, Callable[[Path], object]], rounds: int):
-    """Median seconds per call of each reader on each photo, alternating readers (and their order) each round."""
+    """CPU seconds per image of each reader: the mean over photos of the median over rounds.
+
+    CPU time of the calling thread (``time.thread_time``, user + system), so that other processes taking the
+    core away do not count; readers (and their order) alternate on each photo and round.
+    """
     names = list(readers)
     times: dict[str, list[list[float]]] = {n: [[] for _ in paths] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
         for i, p in enumerate(paths):
             for n in order:
-                t0 = time.perf_counter()
+                t0 = time.thread_time()
                 readers[n](p)
-                times[n][i].append(time.perf_counter() - t0)
-    # images/s over the set = 1 / mean of the per-photo medians
+                times[n][i].append(time.thread_time() - t0)
     return {n: statistics.fmean(statistics.median(t) for t in times[n]) for n in names}
 
 

@@ -17,12 +17,12 @@ from vae_toolkit import (
     ImageProcessingError,
     ImageProcessor,
     available_cpus,
+    image_utils,
     load_and_preprocess_image,
     load_for_encoding,
     open_image,
     pil_to_tensor,
 )
-from vae_toolkit import image_utils
 from vae_toolkit.image_utils import center_crop_to_multiple
 
 
@@ -108,7 +108,9 @@ def test_exact_reader_never_drafts(files, monkeypatch):
 # --- the fast reader ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "decoded"), [(384, (512, 384)), (256, (512, 384)), (128, (256, 192)), (64, (128, 96))])
+@pytest.mark.parametrize(
+    ("size", "decoded"), [(384, (512, 384)), (256, (512, 384)), (128, (256, 192)), (64, (128, 96))]
+)
 def test_fast_reader_decodes_a_large_jpeg_at_the_largest_scale_that_covers_size(files, monkeypatch, size, decoded):
     spy = _DraftSpy(monkeypatch)
     fast = load_for_encoding(files["big_jpeg"], size)
@@ -211,7 +213,7 @@ def test_no_size_on_an_odd_image_keeps_the_centre(files):
 @pytest.mark.parametrize("exact", [False, True])
 def test_missing_file_names_the_path(tmp_path, size, exact):
     path = tmp_path / "nope.jpg"
-    with pytest.raises(ImageProcessingError, match=rf"Image file not found: .*nope\.jpg"):
+    with pytest.raises(ImageProcessingError, match=r"Image file not found: .*nope\.jpg"):
         load_for_encoding(path, size, exact=exact)
 
 

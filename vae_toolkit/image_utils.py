@@ -91,9 +91,10 @@ def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None =
     """RGB PIL image → contiguous float32 ``[3, H, W]`` holding ``lut[c, v]`` for each pixel value ``v``.
 
     PIL packs each band straight into a planar uint8 buffer (no interleaved copy, no index arrays).
-    For the two built-in tables the values are computed with float32 arithmetic straight from the plane, which
-    gives the table's values bit for bit (float32 IEEE division/subtraction): ``v / 127.5 - 1`` for ``_LUT_SD`` and ``v / 255``
-    for ``_LUT_UNIT``. Other tables are gathered per channel. numpy releases the GIL in these loops.
+    For the two built-in tables the values are computed with float32 arithmetic straight from the plane,
+    which gives the table's values bit for bit (float32 IEEE division/subtraction): ``v / 127.5 - 1`` for
+    ``_LUT_SD`` and ``v / 255`` for ``_LUT_UNIT``. Other tables are gathered per channel. numpy releases the
+    GIL in these loops.
     """
     w, h = rgb.size
     if out is None:
@@ -372,7 +373,7 @@ _CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
 
 
 def _cgroup_cpu_quota() -> int | None:
-    """CPUs allowed by the cgroup v2 quota (``"200000 100000"`` -> 2, rounded up), or None when unlimited or unknown."""
+    """CPUs the cgroup v2 quota allows (``"200000 100000"`` -> 2, rounded up); None when unlimited or unknown."""
     try:
         with open(_CGROUP_CPU_MAX) as f:
             quota, period = f.read().split()[:2]
