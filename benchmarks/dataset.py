@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_toolkit import dataset
+from vae_toolkit import dataset, load_for_encoding
 from vae_toolkit.dataset import LatentStore, encode_dataset, find_images
 
 VAE_KWARGS = dict(

@@ -512,3 +512,30 @@ def test_bucket_sampler_bad_arguments(vae, src, tmp_path, kwargs, exc, match):
     encode_dataset(vae, src, tmp_path / "out", progress=False)
     with pytest.raises(exc, match=match):
         BucketBatchSampler(LatentStore(tmp_path / "out"), **kwargs)
+
+
+# --- the reader ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exact_resize", [False, True])
+def test_stored_latents_equal_encoding_load_for_encoding_alone(vae, tmp_path, exact_resize):
+    from vae_toolkit import latents, load_for_encoding, pil_to_tensor
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i, (w, h) in enumerate([(128, 96), (96, 160), (24, 24)]):  # the first two are >= 2x the size
+        yy, xx = np.mgrid[0:h, 0:w]
+        smooth = (np.sin(xx / 7.0 + i) * 60 + np.cos(yy / 5.0) * 60 + 128)[..., None] + rng.normal(0, 8, (h, w, 3))
+        Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8)).save(src / f"{i}.jpg", quality=90)
+    out = tmp_path / "out"
+    encode_dataset(vae, src, out, size=16, exact_resize=exact_resize, batch_size=2, progress=False)
+    with LatentStore(out) as s, torch.no_grad():
+        for key in s:
+            x = load_for_encoding(src / key, 16, exact=exact_resize)
+            assert (s[key] - latents.encode(vae, x[None])[0]).abs().max().item() <= 1e-5
+            exact = pil_to_tensor(Image.open(src / key), target_size=16)
+            if exact_resize or key == "2.jpg":
+                assert torch.equal(x, exact)
+            else:  # decoded at a reduced DCT scale: close to the exact values, not equal
+                assert not torch.equal(x, exact) and (x - exact).abs().mean().item() < 0.05

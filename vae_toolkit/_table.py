@@ -17,8 +17,8 @@ a temporary name, fsynced, renamed). Its layout::
 
 Columns (``n`` rows, sorted by key as UTF-8 bytes, which is also Python's ``str`` order):
 
-- ``key_offsets`` int64 ``[n + 1]`` and ``key_blob`` uint8: key ``i`` is ``key_blob[key_offsets[i]:key_offsets[i+1] - 1]``
-  (each key is followed by a NUL byte, which no file name holds);
+- ``key_offsets`` int64 ``[n + 1]`` and ``key_blob`` uint8: key ``i`` is the bytes from ``key_offsets[i]`` to one
+  before ``key_offsets[i + 1]`` (each key is followed by a NUL byte, which no file name holds);
 - ``shard`` int32: position of the row's shard in the index's shard list;
 - ``offset`` / ``nbytes`` int64: where the tensor's bytes lie inside that shard (absolute file offsets);
 - ``dtype`` uint8: code into :data:`DTYPES`; ``shape`` int32 ``[n, 3]``: the latent's ``(C, h, w)``;

@@ -62,7 +62,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import __version__, _table, latents
-from .image_utils import ImageProcessingError, center_crop_to_multiple, image_extensions, open_image, pil_to_tensor
+from .image_utils import ImageProcessingError, available_cpus, image_extensions, load_for_encoding
 from .model_config import get_all_model_configs
 
 if TYPE_CHECKING:
@@ -321,19 +321,18 @@ def _stat(path: Path) -> tuple[int, int]:
 def default_workers() -> int:
     """Decoding threads for this process: the cores it may use, shared among the ranks of this machine.
 
-    The cores come from ``os.sched_getaffinity`` where the OS has it (a container's or SLURM's limit), else
-    ``os.cpu_count()``; under torchrun they are divided by ``LOCAL_WORLD_SIZE``, so that the ranks of one
-    machine do not each start a thread per core.
+    The cores are :func:`vae_toolkit.available_cpus` (the affinity mask and a cgroup's CPU quota, a
+    container's or SLURM's limit); under torchrun they are divided by ``LOCAL_WORLD_SIZE``, so that the ranks
+    of one machine do not each start a thread per core.
     """
+    return max(1, available_cpus() // _local_world_size())
+
+
+def _local_world_size() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))  # type: ignore[attr-defined,unused-ignore]
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     except ValueError:
-        local = 1
-    return max(1, cores // local)
+        return 1
 
 
 def _share_cores(workers: int) -> None:
@@ -342,8 +341,7 @@ def _share_cores(workers: int) -> None:
     Under torchrun with ``OMP_NUM_THREADS`` unset, torch's threads are limited to ``cores / LOCAL_WORLD_SIZE``;
     a warning says when the threads asked for clearly exceed the cores (one run was ~100x slower so).
     """
-    cores = default_workers() * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    cores, local = available_cpus(), _local_world_size()
     if local > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, cores // local))
     threads = torch.get_num_threads()
@@ -417,13 +415,6 @@ class _Dist:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def load_for_encoding(path: str | os.PathLike[str], size: int | None = None, *, exact: bool = False) -> torch.Tensor:
-    rgb = open_image(path)
-    if size is not None:
-        return pil_to_tensor(rgb, target_size=size)
-    return pil_to_tensor(center_crop_to_multiple(rgb, MULTIPLE))
 
 
 # --- store files ----------------------------------------------------------------------------------
@@ -1083,7 +1074,6 @@ def _commit(
     table_name = f"latents-table-{uuid.uuid4().hex[:12]}.bin"
     merged = _table.Rows(offsets, blob, columns)
     table_bytes, table_sha = _atomic_write(folder / table_name, lambda f: _table.write_table(f, merged))
-    del merged, columns, blob
     index = {
         "metadata": {
             **settings,
