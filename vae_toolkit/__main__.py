@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import torch
 
 from . import __version__
-from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
+from .device_manager import DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
 from .image_utils import ImageProcessingError, image_extensions
 from .model_config import get_all_model_configs, list_available_models
 
@@ -350,23 +350,12 @@ def _roundtrip_one(
     dst: Path,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    from . import latents
-    from .image_utils import tensor_to_pil
+    from .evaluate import psnr, reconstruct
 
     rgb, x, load_time = image
-    sync = DeviceManager(device).synchronize
     times = {"load": load_time}
-    with torch.inference_mode():
-        start = time.perf_counter()
-        z = latents.encode(vae, x)
-        sync()
-        times["encode"] = time.perf_counter() - start
-        start = time.perf_counter()
-        y = latents.decode(vae, z)
-        sync()
-        times["decode"] = time.perf_counter() - start
+    (recon,) = reconstruct(vae, x, timings=times)  # the same path as evaluate: encode, decode, tensor_to_pil
     start = time.perf_counter()
-    recon = tensor_to_pil(y[0])
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -379,7 +368,7 @@ def _roundtrip_one(
     except (OSError, ValueError) as err:
         raise _CliError(f"cannot write {dst}: {err}") from err
     times["save"] = time.perf_counter() - start
-    return {"input": src, "output": dst, "size": rgb.size, "psnr": _psnr(rgb, recon), "times": times}
+    return {"input": src, "output": dst, "size": rgb.size, "psnr": psnr(rgb, recon), "times": times}
 
 
 def _ms(seconds: float) -> str:
@@ -465,7 +454,8 @@ def _encode(args: argparse.Namespace) -> int:
 
     if not args.source.exists():
         raise _UsageError(f"argument SOURCE: {args.source} does not exist")
-    expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
+    model = _model_name(args.model)  # a folder is recorded as its resolved path
+    expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None})
     try:
         if not args.overwrite:
@@ -476,14 +466,14 @@ def _encode(args: argparse.Namespace) -> int:
     if local_rank() is not None and device == "cuda":
         device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
     with _quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])
+        vae, device = VAELoader().load_sd_vae(model, device, dtype=_DTYPES[args.dtype])
     try:
         with _log_lines(args.prog):
             summary = encode_dataset(
                 vae,
                 args.source,
                 args.output,
-                model=args.model,
+                model=model,
                 size=args.size,
                 batch_size=args.batch_size,
                 sample=args.sample,
@@ -534,11 +524,13 @@ def _decode(args: argparse.Namespace) -> int:
         store = LatentStore(args.store)
     except (FileNotFoundError, ValueError) as err:
         raise _UsageError(str(err)) from err
-    model = args.model or store.metadata.get("model")
-    if model not in list_available_models():
+    from .vae_loader import local_model_config
+
+    model = str(args.model or store.metadata.get("model"))
+    if model not in list_available_models() and local_model_config(model) is None:
         raise _UsageError(
             f"the store was made with model {model!r}, which is not registered here; pass --model NAME "
-            f"({', '.join(list_available_models())})"
+            f"({', '.join(list_available_models())}) or --model FOLDER (one holding a diffusers AutoencoderKL)"
         )
     keys = list(store)[: args.limit] if args.limit is not None else list(store)
     targets = _decode_targets(keys, args.output)
@@ -601,6 +593,27 @@ def _int_arg(name: str, minimum: int, expected: str, multiple: int = 1) -> Calla
     return parse
 
 
+def _model_arg(value: str) -> str:
+    """A registered model name, or a local folder holding a diffusers AutoencoderKL (kept as written)."""
+    from .vae_loader import local_model_config
+
+    if value in list_available_models() or local_model_config(value) is not None:
+        return value
+    hint = " (the folder has no config.json, nor vae/config.json)" if Path(value).expanduser().is_dir() else ""
+    raise argparse.ArgumentTypeError(
+        f"invalid model {value!r}: neither a registered name ({', '.join(list_available_models())}) nor a folder "
+        f"holding a diffusers AutoencoderKL (config.json + safetensors){hint}"
+    )
+
+
+def _model_name(value: str) -> str:
+    """The name a store records for ``--model``: a registered name as is, a folder as its resolved path."""
+    from .vae_loader import local_model_config
+
+    local = local_model_config(value)
+    return value if local is None else str(local["repo_id"])
+
+
 _size_arg = _int_arg("size", 1, f"a positive multiple of {_MULTIPLE}", _MULTIPLE)
 _positive_int = _int_arg("value", 1, "a positive integer")
 _non_negative_int = _int_arg("value", 0, "an integer >= 0")
@@ -630,21 +643,29 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
-    names = list_available_models()
+    names = ", ".join(list_available_models())
+    model_help = f"registered model ({names}) or a folder holding a diffusers AutoencoderKL"
+    # --device and --dtype, the same in every command that loads a VAE
+    vae_options = _Parser(add_help=False)
+    vae_options.add_argument(
+        "--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N"
+    )
+    vae_options.add_argument(
+        "--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)"
+    )
+    # one required --model, as roundtrip and encode take it
+    one_model = _Parser(add_help=False)
+    one_model.add_argument("--model", "-m", required=True, type=_model_arg, metavar="NAME", help=model_help)
+
     rt = commands.add_parser(
         "roundtrip",
-        parents=[common],
+        parents=[common, one_model, vae_options],
         help="encode and decode images, print PSNR and timings",
         description="Encode and decode an image (or every image in a directory), save the reconstruction and "
         "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of 8 pixels "
         "(or, with --size N, resized and center-cropped to N x N).",
     )
     rt.add_argument("image", type=Path, metavar="IMAGE", help="an image file or a directory of images")
-    rt.add_argument(
-        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
-    )
-    rt.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    rt.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
     rt.add_argument(
         "--size",
         type=_size_arg,
@@ -664,7 +685,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
 
     enc = commands.add_parser(
         "encode",
-        parents=[common],
+        parents=[common, one_model, vae_options],
         help="encode a folder of images into a latent store (resumable; torchrun for many GPUs)",
         description="Encode every image under SOURCE (recursively) into a store of safetensors shards in OUT. "
         "Run the same command again to resume after a crash: images already stored are skipped. Under torchrun "
@@ -672,13 +693,8 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     enc.add_argument("source", type=Path, metavar="SOURCE", help="a folder of images (searched recursively)")
     enc.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the store folder")
-    enc.add_argument(
-        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
-    )
     enc.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
     enc.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
-    enc.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    enc.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
     enc.add_argument(
         "--latent-dtype", default="float32", choices=list(_DTYPES), help="dtype of the stored latents (float32)"
     )
@@ -693,7 +709,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
 
     dec = commands.add_parser(
         "decode",
-        parents=[common],
+        parents=[common, vae_options],
         help="decode stored latents back to PNG images",
         description="Decode the latents of a store (in key order) and write them as PNG files under DIR, "
         "keeping the folders of the keys, so that a person can look at what was stored.",
@@ -701,9 +717,9 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     dec.add_argument("store", type=Path, metavar="OUT", help="a store folder written by encode")
     dec.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the PNG files")
     dec.add_argument("--limit", type=_positive_int, metavar="K", help="decode the first K latents only")
-    dec.add_argument("--model", "-m", choices=names, metavar="NAME", help="default: the model the store records")
-    dec.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    dec.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
+    dec.add_argument(
+        "--model", "-m", type=_model_arg, metavar="NAME", help=f"{model_help}; default: the model the store records"
+    )
     dec.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
