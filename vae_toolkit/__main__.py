@@ -10,6 +10,10 @@ Commands::
                                     encode a folder of images into a resumable latent store (torchrun: many GPUs)
     vae-toolkit decode OUT -o DIR [--limit K]
                                     decode stored latents back to PNG images, to look at them
+    vae-toolkit evaluate SOURCE -o REPORT --model A [--model B ...] [--size N] [--limit K] [--overwrite]
+                                    metrics per image and model, a ranking, pictures and an HTML report
+
+``--model`` takes a registered name or a local folder holding a diffusers ``AutoencoderKL``.
 
 ``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
 (``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
@@ -568,6 +572,72 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import ReportExistsError, check_report_folder, evaluate
+    from .vae_loader import VAELoader
+
+    if len(set(args.model)) != len(args.model):
+        twice = next(m for m in args.model if args.model.count(m) > 1)
+        raise _UsageError(f"argument --model: {twice!r} is given twice; name each model once")
+    if not args.source.exists():
+        raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    try:  # before any model loads
+        check_report_folder(args.output, args.overwrite)
+    except (ReportExistsError, NotADirectoryError) as err:
+        raise _UsageError(str(err)) from err
+    device = args.device
+    if local_rank() is not None and device == "cuda":
+        device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
+    loader = VAELoader()
+    vaes = {}
+    with _quiet_dependencies(args.verbose):
+        for model in args.model:
+            vaes[model] = loader.load_sd_vae(_model_name(model), device, dtype=_DTYPES[args.dtype])[0]
+    try:
+        with _log_lines(args.prog):
+            result = evaluate(
+                vaes,
+                args.source,
+                args.output,
+                size=args.size,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                workers=args.workers,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+    except (ValueError, NotADirectoryError, ReportExistsError) as err:
+        raise _UsageError(str(err)) from err
+    if result.rank != 0:
+        return 1 if result.failures else 0
+    for note in result.notes:
+        print(f"{args.prog}: note: {note}", file=sys.stderr)
+    summary = result.summary
+    width = max(len(m) for m in result.models)
+    count = len({r["image"] for r in result.rows})
+    print(f"evaluate: {count} image(s), {len(result.failures)} failed, in {result.seconds:.1f} s -> {args.output}")
+    for rank, model in enumerate(result.ranking, 1):
+        stats = summary[model]
+        cells = []
+        for metric in result.metrics:
+            s = stats[metric]
+            cells.append(f"{metric} " + ("-" if s is None else f"{s['mean']:.4g}"))
+        print(f"{rank}. {model:<{width}}  " + "  ".join(cells) + "  (means)")
+    print(f"report: {args.output / 'index.html'}")
+    if result.failures:
+        print(
+            f"{args.prog}: error: {len(result.failures)} image(s) failed; they are listed under 'failures' in "
+            f"{args.output / 'summary.json'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # --- parser and entry point -----------------------------------------------------------------------
 
 
@@ -722,6 +792,34 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     dec.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = commands.add_parser(
+        "evaluate",
+        parents=[common, vae_options],
+        help="how much VAEs lose on a folder of images: metrics, pictures and an HTML report",
+        description="Reconstruct every image under SOURCE (recursively) with each --model and compare it with the "
+        "prepared original: PSNR, SSIM, MS-SSIM, MAE (and LPIPS when installed) per image, a summary and ranking "
+        "per model, and pictures, in REPORT/ (metrics.csv, summary.json, images/, index.html). Images are prepared "
+        "as encode prepares them. Under torchrun the ranks split the images and rank 0 writes the report.",
+    )
+    ev.add_argument("source", type=Path, metavar="SOURCE", help="an image file, or a folder (searched recursively)")
+    ev.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT", help="the report folder")
+    ev.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        action="append",
+        type=_model_arg,
+        metavar="NAME",
+        help=f"{model_help}; repeat it to compare models",
+    )
+    ev.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
+    ev.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
+    ev.add_argument("--limit", type=_positive_int, metavar="K", help="evaluate the first K images only")
+    ev.add_argument("--workers", type=_positive_int, metavar="W", help="image decoding threads (default: CPUs, max 8)")
+    ev.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the pictured picks (0)")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty REPORT folder")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -807,6 +905,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _encode(args)
             if args.command == "decode":
                 return _decode(args)
+            if args.command == "evaluate":
+                return _evaluate(args)
             return _roundtrip(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)
