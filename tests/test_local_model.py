@@ -1,4 +1,4 @@
-"""``--model FOLDER`` and ``load_sd_vae(FOLDER)``: a local folder holding a diffusers AutoencoderKL, in every command."""
+"""``--model FOLDER`` and ``load_sd_vae(FOLDER)``: a local folder holding a diffusers AutoencoderKL."""
 
 from __future__ import annotations
 

@@ -635,47 +635,50 @@ def evaluate(
             progress and dist.rank == 0,
         )
         gathered = dist.gather((rows, failures, keeper))
+        order = {m: i for i, m in enumerate(models)}
+        all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (r["image"], order[r["model"]]))
+        all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
+        merged = _Keeper(models, worst, picks, seed)
+        merged.merge([g[2] for g in gathered])
+        settings = {
+            "source": str(root),
+            "images": len(keys),
+            "limit": limit,
+            "size": size,
+            "preparation": "resized and center-cropped to size x size"
+            if size
+            else "center-cropped to a multiple of 8",
+            "batch_size": batch_size,
+            "models": {
+                m: {
+                    "dtype": _dtype(v),
+                    "device": str(_device(v)),
+                    "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
+                }
+                for m, v in vaes.items()
+            },
+            "world_size": dist.world_size,
+            "worst": worst,
+            "picks": picks,
+            "seed": seed,
+            "versions": _versions(lpips_net is not None),
+        }
+        result = EvaluationResult(
+            models=models,
+            metrics=metrics,
+            rows=all_rows,
+            failures=all_failures,
+            settings=settings,
+            notes=notes,
+            seconds=time.perf_counter() - start,
+            rank=dist.rank,
+            _shown=merged,
+        )
+        if output is not None and dist.rank == 0:
+            result.save_report(output, overwrite=overwrite)
+        dist.barrier()  # the report is written when evaluate returns on any rank
     finally:
         dist.close()
-    order = {m: i for i, m in enumerate(models)}
-    all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (r["image"], order[r["model"]]))
-    all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
-    merged = _Keeper(models, worst, picks, seed)
-    merged.merge([g[2] for g in gathered])
-    settings = {
-        "source": str(root),
-        "images": len(keys),
-        "limit": limit,
-        "size": size,
-        "preparation": "resized and center-cropped to size x size" if size else "center-cropped to a multiple of 8",
-        "batch_size": batch_size,
-        "models": {
-            m: {
-                "dtype": _dtype(v),
-                "device": str(_device(v)),
-                "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
-            }
-            for m, v in vaes.items()
-        },
-        "world_size": dist.world_size,
-        "worst": worst,
-        "picks": picks,
-        "seed": seed,
-        "versions": _versions(lpips_net is not None),
-    }
-    result = EvaluationResult(
-        models=models,
-        metrics=metrics,
-        rows=all_rows,
-        failures=all_failures,
-        settings=settings,
-        notes=notes,
-        seconds=time.perf_counter() - start,
-        rank=dist.rank,
-        _shown=merged,
-    )
-    if output is not None and dist.rank == 0:
-        result.save_report(output, overwrite=overwrite)
     return result
 
 
