@@ -174,7 +174,7 @@ def _one_line_error(capsys) -> str:
         (["roundtrip", "--model", "sd14"], "the following arguments are required: IMAGE"),
         (["roundtrip", "x.png"], "required: --model"),
         (["roundtrip", "x.png", "--model", "sd14", "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
-        (["roundtrip", "x.png", "--model", "nope"], "invalid choice: 'nope'"),
+        (["roundtrip", "x.png", "--model", "nope"], "invalid model 'nope'"),
         (["roundtrip", "x.png", "--model", "sd14", "--device", "gpu"], "argument --device: Invalid device 'gpu'"),
         (["roundtrip", "x.png", "--model", "sd14", "--size", "30"], "multiple of 8"),
         (["models", "--bogus"], "unrecognized arguments: --bogus"),

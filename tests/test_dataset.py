@@ -18,6 +18,7 @@ from conftest import make_tiny_vae
 from PIL import Image
 
 from vae_toolkit import dataset, latents, pil_to_tensor
+from vae_toolkit._dist import ProcessGroup
 from vae_toolkit.dataset import (
     INDEX_NAME,
     LatentStore,
@@ -578,7 +579,7 @@ def test_process_group_backend_follows_the_vae_device(monkeypatch, device, backe
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append(("destroy", None)))
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
-    group = dataset._Dist.from_env(torch.device(device))
+    group = ProcessGroup.from_env(torch.device(device))
     assert (group.rank, group.world_size, group.owns_group) == (1, 2, True)
     group.close()
     expected = [("set_device", device)] if backend == "nccl" else []
@@ -590,6 +591,6 @@ def test_no_process_group_for_one_process(monkeypatch):
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: pytest.fail("initialised"))
-    group = dataset._Dist.from_env(torch.device("cpu"))
+    group = ProcessGroup.from_env(torch.device("cpu"))
     assert (group.rank, group.world_size, group.owns_group) == (0, 1, False)
     group.close()

@@ -10,6 +10,10 @@ Commands::
                                     encode a folder of images into a resumable latent store (torchrun: many GPUs)
     vae-toolkit decode OUT -o DIR [--limit K]
                                     decode stored latents back to PNG images, to look at them
+    vae-toolkit evaluate SOURCE -o REPORT --model A [--model B ...] [--size N] [--limit K] [--overwrite]
+                                    metrics per image and model, a ranking, pictures and an HTML report
+
+``--model`` takes a registered name or a local folder holding a diffusers ``AutoencoderKL``.
 
 ``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
 (``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
@@ -40,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 import torch
 
 from . import VAEToolkitWarning, __version__
-from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
+from .device_manager import DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
 from .image_utils import ImageProcessingError, image_extensions
 from .model_config import get_all_model_configs, list_available_models
 
@@ -352,23 +356,12 @@ def _roundtrip_one(
     dst: Path,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    from . import latents
-    from .image_utils import tensor_to_pil
+    from .evaluate import psnr, reconstruct
 
     rgb, x, load_time = image
-    sync = DeviceManager(device).synchronize
     times = {"load": load_time}
-    with torch.inference_mode():
-        start = time.perf_counter()
-        z = latents.encode(vae, x)
-        sync()
-        times["encode"] = time.perf_counter() - start
-        start = time.perf_counter()
-        y = latents.decode(vae, z)
-        sync()
-        times["decode"] = time.perf_counter() - start
+    (recon,) = reconstruct(vae, x, timings=times)  # the same path as evaluate: encode, decode, tensor_to_pil
     start = time.perf_counter()
-    recon = tensor_to_pil(y[0])
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -381,7 +374,7 @@ def _roundtrip_one(
     except (OSError, ValueError) as err:
         raise _CliError(f"cannot write {dst}: {err}") from err
     times["save"] = time.perf_counter() - start
-    return {"input": src, "output": dst, "size": rgb.size, "psnr": _psnr(rgb, recon), "times": times}
+    return {"input": src, "output": dst, "size": rgb.size, "psnr": psnr(rgb, recon), "times": times}
 
 
 def _ms(seconds: float) -> str:
@@ -475,8 +468,9 @@ def _encode(args: argparse.Namespace) -> int:
 
     if not args.source.exists():
         raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    model = _model_name(args.model)  # a folder is recorded as its resolved path
     reader = "exact" if args.exact_resize or args.size is None else "fast"
-    expected = {"model": args.model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
+    expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
     try:
         if not args.overwrite:
@@ -492,7 +486,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     def load() -> Any:  # only when there is something to encode
         with _quiet_dependencies(args.verbose):
-            return VAELoader().load_sd_vae(args.model, device, dtype=_DTYPES[args.dtype])[0]
+            return VAELoader().load_sd_vae(model, device, dtype=_DTYPES[args.dtype])[0]
 
     try:
         with _log_lines(args.prog):
@@ -500,7 +494,7 @@ def _encode(args: argparse.Namespace) -> int:
                 load,
                 args.source,
                 args.output,
-                model=args.model,
+                model=model,
                 size=args.size,
                 batch_size=args.batch_size,
                 sample=args.sample,
@@ -566,11 +560,13 @@ def _decode(args: argparse.Namespace) -> int:
         store = LatentStore(args.store)
     except (FileNotFoundError, ValueError, StoreDamagedError) as err:
         raise _UsageError(" ".join(str(err).split())) from err
-    model = args.model or store.metadata.get("model")
-    if model not in list_available_models():
+    from .vae_loader import local_model_config
+
+    model = str(args.model or store.metadata.get("model"))
+    if model not in list_available_models() and local_model_config(model) is None:
         raise _UsageError(
             f"the store was made with model {model!r}, which is not registered here; pass --model NAME "
-            f"({', '.join(list_available_models())})"
+            f"({', '.join(list_available_models())}) or --model FOLDER (one holding a diffusers AutoencoderKL)"
         )
     keys = list(store)[: args.limit] if args.limit is not None else list(store)
     targets = _decode_targets(keys, args.output)
@@ -623,6 +619,72 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import ReportExistsError, check_report_folder, evaluate
+    from .vae_loader import VAELoader
+
+    if len(set(args.model)) != len(args.model):
+        twice = next(m for m in args.model if args.model.count(m) > 1)
+        raise _UsageError(f"argument --model: {twice!r} is given twice; name each model once")
+    if not args.source.exists():
+        raise _UsageError(f"argument SOURCE: {args.source} does not exist")
+    try:  # before any model loads
+        check_report_folder(args.output, args.overwrite)
+    except (ReportExistsError, NotADirectoryError) as err:
+        raise _UsageError(str(err)) from err
+    device = args.device
+    if local_rank() is not None and device == "cuda":
+        device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
+    loader = VAELoader()
+    vaes = {}
+    with _quiet_dependencies(args.verbose):
+        for model in args.model:
+            vaes[model] = loader.load_sd_vae(_model_name(model), device, dtype=_DTYPES[args.dtype])[0]
+    try:
+        with _log_lines(args.prog):
+            result = evaluate(
+                vaes,
+                args.source,
+                args.output,
+                size=args.size,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                workers=args.workers,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
+            )
+    except (ValueError, NotADirectoryError, ReportExistsError) as err:
+        raise _UsageError(str(err)) from err
+    if result.rank != 0:  # rank 0 reports the failures of every rank and carries the exit status
+        return 0
+    for note in result.notes:
+        print(f"{args.prog}: note: {note}", file=sys.stderr)
+    summary = result.summary
+    width = max(len(m) for m in result.models)
+    count = len({r["image"] for r in result.rows})
+    print(f"evaluate: {count} image(s), {len(result.failures)} failed, in {result.seconds:.1f} s -> {args.output}")
+    for rank, model in enumerate(result.ranking, 1):
+        stats = summary[model]
+        cells = []
+        for metric in result.metrics:
+            s = stats[metric]
+            cells.append(f"{metric} " + ("-" if s is None else f"{s['mean']:.4g}"))
+        print(f"{rank}. {model:<{width}}  " + "  ".join(cells) + "  (means)")
+    print(f"report: {args.output / 'index.html'}")
+    if result.failures:
+        print(
+            f"{args.prog}: error: {len(result.failures)} image(s) failed; they are listed under 'failures' in "
+            f"{args.output / 'summary.json'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # --- parser and entry point -----------------------------------------------------------------------
 
 
@@ -663,6 +725,27 @@ def _positive_float(name: str) -> Callable[[str], float]:
     return parse
 
 
+def _model_arg(value: str) -> str:
+    """A registered model name, or a local folder holding a diffusers AutoencoderKL (kept as written)."""
+    from .vae_loader import local_model_config
+
+    if value in list_available_models() or local_model_config(value) is not None:
+        return value
+    hint = " (the folder has no config.json, nor vae/config.json)" if Path(value).expanduser().is_dir() else ""
+    raise argparse.ArgumentTypeError(
+        f"invalid model {value!r}: neither a registered name ({', '.join(list_available_models())}) nor a folder "
+        f"holding a diffusers AutoencoderKL (config.json + safetensors){hint}"
+    )
+
+
+def _model_name(value: str) -> str:
+    """The name a store records for ``--model``: a registered name as is, a folder as its resolved path."""
+    from .vae_loader import local_model_config
+
+    local = local_model_config(value)
+    return value if local is None else str(local["repo_id"])
+
+
 _size_arg = _int_arg("size", 1, f"a positive multiple of {_MULTIPLE}", _MULTIPLE)
 _positive_int = _int_arg("value", 1, "a positive integer")
 _non_negative_int = _int_arg("value", 0, "an integer >= 0")
@@ -692,21 +775,29 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
-    names = list_available_models()
+    names = ", ".join(list_available_models())
+    model_help = f"registered model ({names}) or a folder holding a diffusers AutoencoderKL"
+    # --device and --dtype, the same in every command that loads a VAE
+    vae_options = _Parser(add_help=False)
+    vae_options.add_argument(
+        "--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N"
+    )
+    vae_options.add_argument(
+        "--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)"
+    )
+    # one required --model, as roundtrip and encode take it
+    one_model = _Parser(add_help=False)
+    one_model.add_argument("--model", "-m", required=True, type=_model_arg, metavar="NAME", help=model_help)
+
     rt = commands.add_parser(
         "roundtrip",
-        parents=[common],
+        parents=[common, one_model, vae_options],
         help="encode and decode images, print PSNR and timings",
         description="Encode and decode an image (or every image in a directory), save the reconstruction and "
         "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of 8 pixels "
         "(or, with --size N, resized and center-cropped to N x N).",
     )
     rt.add_argument("image", type=Path, metavar="IMAGE", help="an image file or a directory of images")
-    rt.add_argument(
-        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
-    )
-    rt.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    rt.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
     rt.add_argument(
         "--size",
         type=_size_arg,
@@ -726,7 +817,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
 
     enc = commands.add_parser(
         "encode",
-        parents=[common],
+        parents=[common, one_model, vae_options],
         help="encode a folder of images into a latent store (resumable; torchrun for many GPUs)",
         description="Encode every image under SOURCE (recursively) into a store of safetensors shards in OUT. "
         "Run the same command again to resume after a crash: images already stored are skipped. Under torchrun "
@@ -734,13 +825,8 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     enc.add_argument("source", type=Path, metavar="SOURCE", help="a folder of images (searched recursively)")
     enc.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the store folder")
-    enc.add_argument(
-        "--model", "-m", required=True, choices=names, metavar="NAME", help=f"registered model: {', '.join(names)}"
-    )
     enc.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
     enc.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
-    enc.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    enc.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
     enc.add_argument(
         "--latent-dtype",
         default="float32",
@@ -789,7 +875,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
 
     dec = commands.add_parser(
         "decode",
-        parents=[common],
+        parents=[common, vae_options],
         help="decode stored latents back to PNG images",
         description="Decode the latents of a store (in key order) and write them as PNG files under DIR, "
         "keeping the folders of the keys, so that a person can look at what was stored.",
@@ -797,11 +883,39 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     dec.add_argument("store", type=Path, metavar="OUT", help="a store folder written by encode")
     dec.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="folder for the PNG files")
     dec.add_argument("--limit", type=_positive_int, metavar="K", help="decode the first K latents only")
-    dec.add_argument("--model", "-m", choices=names, metavar="NAME", help="default: the model the store records")
-    dec.add_argument("--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
-    dec.add_argument("--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)")
+    dec.add_argument(
+        "--model", "-m", type=_model_arg, metavar="NAME", help=f"{model_help}; default: the model the store records"
+    )
     dec.add_argument("--overwrite", action="store_true", help="replace existing PNG files")
     dec.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ev = commands.add_parser(
+        "evaluate",
+        parents=[common, vae_options],
+        help="how much VAEs lose on a folder of images: metrics, pictures and an HTML report",
+        description="Reconstruct every image under SOURCE (recursively) with each --model and compare it with the "
+        "prepared original: PSNR, SSIM, MS-SSIM, MAE (and LPIPS when installed) per image, a summary and ranking "
+        "per model, and pictures, in REPORT/ (metrics.csv, summary.json, images/, index.html). Images are prepared "
+        "as encode prepares them. Under torchrun the ranks split the images and rank 0 writes the report.",
+    )
+    ev.add_argument("source", type=Path, metavar="SOURCE", help="an image file, or a folder (searched recursively)")
+    ev.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT", help="the report folder")
+    ev.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        action="append",
+        type=_model_arg,
+        metavar="NAME",
+        help=f"{model_help}; repeat it to compare models",
+    )
+    ev.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
+    ev.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
+    ev.add_argument("--limit", type=_positive_int, metavar="K", help="evaluate the first K images only")
+    ev.add_argument("--workers", type=_positive_int, metavar="W", help="image decoding threads (default: CPUs, max 8)")
+    ev.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the pictured picks (0)")
+    ev.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty REPORT folder")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -889,6 +1003,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _encode(args)
             if args.command == "decode":
                 return _decode(args)
+            if args.command == "evaluate":
+                return _evaluate(args)
             return _roundtrip(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)

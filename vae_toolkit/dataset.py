@@ -62,6 +62,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import __version__, _table, latents
+from ._dist import ProcessGroup
 from .image_utils import ImageProcessingError, available_cpus, image_extensions, load_for_encoding
 from .model_config import get_all_model_configs
 
@@ -78,7 +79,9 @@ __all__ = [
     "check_store",
     "default_workers",
     "encode_dataset",
+    "failure_reason",
     "find_images",
+    "iter_batches",
     "iter_images",
     "sample_generator",
     "INDEX_NAME",
@@ -351,70 +354,6 @@ def _share_cores(workers: int) -> None:
             "set OMP_NUM_THREADS and --workers so that their sum stays near the core count",
             local, threads, workers, cores,
         )  # fmt: skip
-
-
-# --- distributed --------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Dist:
-    """torchrun's ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK``, read in one place; a process group when > 1 rank."""
-
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False
-
-    @classmethod
-    def from_env(cls, device: torch.device) -> _Dist:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if world_size <= 1:
-            return cls()
-        if not dist.is_available():
-            raise RuntimeError(
-                f"WORLD_SIZE={world_size} but this torch build has no torch.distributed; run a single process"
-            )
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(device)
-        # ranks wait for each other only at the end of their part, which can differ by hours on a big dataset
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=24))
-        logger.info("initialised torch.distributed (%s): rank %d of %d", backend, dist.get_rank(), world_size)
-        return cls(dist.get_rank(), dist.get_world_size(), owns_group=True)
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if self.world_size == 1:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
 
 
 # --- store files ----------------------------------------------------------------------------------
@@ -1509,7 +1448,7 @@ def encode_dataset(
     workers = workers if workers is not None else default_workers()
     vae_device = _vae_device(vae) if loaded else torch.device(device if device is not None else "cpu")
 
-    dist = _Dist.from_env(vae_device)
+    dist = ProcessGroup.from_env(vae_device)
     lock: _WriterLock | None = None
     merge: _Merge | None = None
     try:
@@ -1667,6 +1606,52 @@ def _stored_settings(merge: _Merge | None) -> dict[str, Any]:
     return {}
 
 
+def iter_batches(
+    items: Sequence[tuple[str, str | os.PathLike[str]]],
+    size: int | None,
+    batch_size: int,
+    *,
+    exact_resize: bool = False,
+    workers: int | None = None,
+) -> Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]]:
+    """Batches of images of equal size, read ahead on threads by :func:`iter_images`: what ``encode`` and
+    ``evaluate`` run through a model.
+
+    Yields a batch ``[(key, (file size, mtime), tensor), ...]`` (at most ``batch_size``, one shape), or
+    ``(key, exception)`` for a file that could not be read. Images wait for a full batch of their size;
+    when ``4 * batch_size`` wait over all sizes, the fullest partial batch goes, so memory stays bounded.
+    """
+    workers = workers if workers is not None else default_workers()
+    buckets: dict[tuple[int, ...], list[tuple[str, tuple[int, int], torch.Tensor]]] = {}
+    held = 0
+    max_held = 4 * batch_size
+    window = max(2 * batch_size, 2 * workers)
+    for key, stat, result in iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window):
+        if isinstance(result, Exception):
+            yield key, result
+            continue
+        assert stat is not None
+        shape = tuple(result.shape)
+        bucket = buckets.setdefault(shape, [])
+        bucket.append((key, stat, result))
+        held += 1
+        if len(bucket) >= batch_size:
+            held -= len(bucket)
+            yield buckets.pop(shape)
+        elif held >= max_held:  # many sizes at once: the fullest partial batch
+            fullest = max(buckets, key=lambda s: len(buckets[s]))
+            held -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    for shape in list(buckets):
+        yield buckets.pop(shape)
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for a file that could not be read: the library's message, or the exception's type and text."""
+    text = " ".join(str(err).split())
+    return text if isinstance(err, ImageProcessingError) else f"{type(err).__name__}: {text}"
+
+
 def _pipeline(
     items: Sequence[tuple[str, Path]],
     size: int | None,
@@ -1683,49 +1668,26 @@ def _pipeline(
 
     failed: dict[str, str] = {}
     encoded = 0
-    buckets: dict[tuple[int, ...], list[_Item]] = {}
-    held = 0
-    max_held = 4 * batch_size  # images waiting for a full batch of their size, over all sizes
     bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
-
-    def run(batch: list[_Item]) -> None:
-        nonlocal encoded
-        done, errors = encoder(batch)
-        for item, z in done:
-            entry = {
-                "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
-                "source_bytes": item.stat[0],
-                "source_mtime_ns": item.stat[1],
-            }
-            writer.add(item.key, z, entry)
-        encoded += len(done)
-        failed.update(errors)
-        bar.update(len(batch))
-
     try:
-        window = max(2 * batch_size, 2 * workers)
-        for key, stat, result in iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window):
-            if isinstance(result, BaseException):
-                text = " ".join(str(result).split())
-                reason = text if isinstance(result, ImageProcessingError) else f"{type(result).__name__}: {text}"
-                failed[key] = reason
-                logger.warning("skipped %s: %s", key, reason)
+        for batch in iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers):
+            if isinstance(batch, tuple):
+                key, err = batch
+                failed[key] = failure_reason(err)
+                logger.warning("skipped %s: %s", key, failed[key])
                 bar.update(1)
                 continue
-            assert stat is not None
-            shape = tuple(result.shape)
-            bucket = buckets.setdefault(shape, [])
-            bucket.append(_Item(key, stat, result))
-            held += 1
-            if len(bucket) >= batch_size:
-                held -= len(bucket)
-                run(buckets.pop(shape))
-            elif held >= max_held:  # many sizes at once: encode the fullest partial batch
-                fullest = max(buckets, key=lambda s: len(buckets[s]))
-                held -= len(buckets[fullest])
-                run(buckets.pop(fullest))
-        for shape in list(buckets):
-            run(buckets.pop(shape))
+            done, errors = encoder([_Item(key, stat, image) for key, stat, image in batch])
+            for item, z in done:
+                entry = {
+                    "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
+                    "source_bytes": item.stat[0],
+                    "source_mtime_ns": item.stat[1],
+                }
+                writer.add(item.key, z, entry)
+            encoded += len(done)
+            failed.update(errors)
+            bar.update(len(batch))
     finally:
         bar.close()
     return encoded, failed

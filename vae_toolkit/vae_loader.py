@@ -17,6 +17,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -27,7 +28,7 @@ from .model_config import get_default_token, get_model_config
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-__all__ = ["VAELoader", "VAELoadError"]
+__all__ = ["VAELoader", "VAELoadError", "local_model_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class VAELoader:
         """Load a VAE by short name.
 
         Args:
-            model_name: A registered name (``sd14``, ``sd15``, ``sdxl``, ...).
+            model_name: A registered name (``sd14``, ``sd15``, ``sdxl``, ...), or a local folder that holds a
+                diffusers ``AutoencoderKL`` (``config.json`` + safetensors weights, directly or in ``vae/``).
             device: ``"auto"``, ``"cpu"``, ``"mps"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
             token: Hugging Face token; default ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``.
             use_cache: Return the model this loader already loaded for the same name, device and dtype.
@@ -120,6 +122,9 @@ class VAELoader:
         """
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {dtype!r}")
+        local = local_model_config(model_name)
+        if local is not None:  # one cache entry per folder, however its path is written
+            model_name = local["repo_id"]
         target = self._resolve(device)
         key: _CacheKey = (model_name, str(target), dtype)
         if use_cache:
@@ -127,7 +132,7 @@ class VAELoader:
             if cached is not None:
                 logger.debug("Using cached VAE %s on %s", model_name, target)
                 return cached, target
-        config = get_model_config(model_name)
+        config = local if local is not None else get_model_config(model_name)
         if token is None:
             token = get_default_token()
         if not use_cache:
@@ -205,6 +210,28 @@ class VAELoader:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def local_model_config(model: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The model config of a local folder holding a diffusers ``AutoencoderKL``; ``None`` when ``model`` is not one.
+
+    A registered name always wins: ``None`` is returned for it even if a folder of that name exists. The folder
+    holds ``config.json`` and the weights, or a ``vae/`` subfolder that does (a whole pipeline folder). Its
+    ``repo_id`` is the resolved absolute path.
+
+    Example:
+        >>> local_model_config("checkpoints/my-vae")  # doctest: +SKIP
+        {'repo_id': '/home/me/checkpoints/my-vae', 'subfolder': None, 'description': 'local folder'}
+    """
+    from .model_config import MODEL_CONFIGS
+
+    if isinstance(model, str) and model in MODEL_CONFIGS:
+        return None
+    folder = Path(model).expanduser()
+    for subfolder in (None, "vae"):
+        if (folder / subfolder if subfolder else folder).joinpath("config.json").is_file():
+            return {"repo_id": str(folder.resolve()), "subfolder": subfolder, "description": "local folder"}
+    return None
 
 
 @functools.cache

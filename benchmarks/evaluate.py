@@ -1,0 +1,116 @@
+"""Benchmark of ``vae_toolkit.evaluate``: what the metrics cost, and memory that does not grow with the images.
+
+(a) Throughput: ``evaluate`` with one model vs encode + decode of the same images in the same run (read on
+    the same threads, the same batches, encode, decode and the lossless ``tensor_to_pil``, no metrics), in
+    alternating rounds; the ratio of the medians is the figure (target >= 0.8).
+(b) Peak RSS of a whole ``evaluate`` with its report, 200 vs 2,000 images, each in a fresh process (target: less
+    than 100 MB apart): only the rows and the pictured images are kept.
+
+The VAE is the tiny one with 4 blocks (8x downsampling, as SD; see benchmarks/dataset.py), so that realistic
+image sizes run on a CPU. Timings on a shared machine are noisy: read the ratios, measured in one run.
+
+    PYTHONPATH=. python benchmarks/evaluate.py [--images 48] [--size 256] [--rounds 3] [--rss 200 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dataset import make_images, make_vae  # noqa: E402
+
+from vae_toolkit.dataset import find_images, iter_images  # noqa: E402
+from vae_toolkit.evaluate import evaluate, reconstruct  # noqa: E402
+
+
+def encode_decode(vae, root: Path, keys: list[str], size: int | None, batch_size: int, workers: int) -> float:
+    """Seconds to read, encode, decode and convert every image (batches of equal size), without metrics."""
+    start = time.perf_counter()
+    buckets: dict[tuple[int, ...], list[torch.Tensor]] = {}
+    items = [(k, root / k) for k in keys]
+    for _, _, x in iter_images(items, size, workers=workers, window=max(2 * batch_size, 2 * workers)):
+        bucket = buckets.setdefault(tuple(x.shape), [])
+        bucket.append(x)
+        if len(bucket) >= batch_size:
+            reconstruct(vae, torch.stack(buckets.pop(tuple(x.shape))))
+    for shape in list(buckets):
+        reconstruct(vae, torch.stack(buckets.pop(shape)))
+    return time.perf_counter() - start
+
+
+def throughput(tmp: Path, n: int, size: int | None, batch_size: int, workers: int, rounds: int) -> dict[str, float]:
+    src = tmp / "throughput"
+    make_images(src, n)
+    root, keys = find_images(src)
+    vae = make_vae()
+    times: dict[str, list[float]] = {"encode + decode": [], "evaluate": []}
+    encode_decode(vae, root, keys[:batch_size], size, batch_size, workers)  # warm up
+    for _ in range(rounds):
+        times["encode + decode"].append(encode_decode(vae, root, keys, size, batch_size, workers))
+        start = time.perf_counter()
+        evaluate({"tiny": vae}, src, size=size, batch_size=batch_size, workers=workers, progress=False)
+        times["evaluate"].append(time.perf_counter() - start)
+    return {label: n / statistics.median(t) for label, t in times.items()}  # images/s
+
+
+RSS_CHILD = """
+import resource, sys
+sys.path.insert(0, {bench!r})
+from dataset import make_vae
+from vae_toolkit.evaluate import evaluate
+r = evaluate({{"tiny": make_vae()}}, sys.argv[1], sys.argv[2], batch_size=8, progress=False)
+assert len(r.rows) == int(sys.argv[3]), len(r.rows)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+"""
+
+
+def peak_rss(tmp: Path, n: int) -> float:
+    src = tmp / f"rss{n}"
+    make_images(src, n, seed=n)
+    code = RSS_CHILD.format(bench=str(Path(__file__).parent))
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp / f"report{n}"), str(n)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return int(out.stdout.split()[-1]) / 1024  # MiB
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=48, help="images for the throughput rounds (48)")
+    parser.add_argument("--size", type=int, default=256, help="--size of the throughput rounds (256; 0: own size)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rss", type=int, nargs="*", default=[200, 2000], help="image counts for peak RSS")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        rates = throughput(Path(tmp), args.images, args.size or None, args.batch_size, args.workers, args.rounds)
+        base, ev = rates["encode + decode"], rates["evaluate"]
+        print(f"(a) {args.images} images at {args.size or 'their own size'} px, batch {args.batch_size}, medians of "
+              f"{args.rounds} alternating rounds:")  # fmt: skip
+        print(f"    encode + decode {base:.1f} images/s, evaluate {ev:.1f} images/s: ratio {ev / base:.2f} "
+              "(target >= 0.8)")  # fmt: skip
+        if args.rss:
+            rss = {n: peak_rss(Path(tmp), n) for n in args.rss}
+            print(
+                "(b) peak RSS of evaluate with its report: "
+                + ", ".join(f"{n} images {v:.0f} MiB" for n, v in rss.items())
+            )
+            if len(rss) == 2:
+                (n1, a), (n2, b) = rss.items()
+                print(f"    difference {b - a:+.0f} MiB for {n2 - n1} more images (target < 100 MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,768 @@
+"""How much a VAE loses on a folder of images: metrics per image and per model, and a report to look at.
+
+:func:`evaluate` runs every image of a folder through one or more VAEs (encode, decode, the lossless
+:func:`~vae_toolkit.image_utils.tensor_to_pil` of the decoded tensor) and compares the prepared original with
+that uint8 reconstruction, exactly what a user would save and look at. :meth:`EvaluationResult.save_report`
+writes ``metrics.csv``, ``summary.json``, pictures under ``images/`` and a self-contained ``index.html``.
+
+The metrics carry their definitions (:data:`DEFINITIONS`):
+
+- ``psnr``: ``10 log10(255^2 / MSE)`` in dB on the uint8 values; identical images give ``inf``.
+- ``ssim``: Wang et al. 2004 with an 11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, data range 255,
+  averaged over R, G, B: the value of ``skimage.metrics.structural_similarity(a, b, gaussian_weights=True,
+  sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1)``. Computed by pytorch-msssim
+  in float64 with an exact float64 window (its default float32 window is 3e-5 off).
+- ``ms_ssim``: the 5-scale MS-SSIM of Wang et al. 2003 (weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333, the
+  same window, 2x2 average pooling between scales) by pytorch-msssim; empty (``None``) for images whose
+  shorter side is 160 pixels or less, too small for 5 scales of an 11-pixel window.
+- ``mae``: the mean absolute difference of the uint8 values.
+- ``lpips``: only when the ``lpips`` package, ``torchvision`` and the AlexNet weights are all present locally
+  (nothing is ever downloaded); otherwise the column is left out and a log line says what to install.
+
+pytorch-msssim (the ``eval`` extra: ``pip install "vae-toolkit[eval]"``) is imported on the first
+evaluation, never by ``import vae_toolkit``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import latents
+from .device_manager import DeviceManager
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+__all__ = [
+    "DEFINITIONS",
+    "METRICS",
+    "EvaluationResult",
+    "ReportExistsError",
+    "compare",
+    "evaluate",
+    "lpips_status",
+    "mae",
+    "ms_ssim",
+    "psnr",
+    "reconstruct",
+    "ssim",
+]
+
+logger = logging.getLogger(__name__)
+
+#: The metrics every evaluation computes, in the order of the CSV columns (``lpips`` follows when available).
+METRICS = ("psnr", "ssim", "ms_ssim", "mae")
+#: Whether a larger value means a better reconstruction.
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "mae": False, "lpips": False}
+#: What each metric is, as the report states it next to the numbers.
+DEFINITIONS = {
+    "psnr": "Peak signal-to-noise ratio in dB on the uint8 RGB values: 10 log10(255^2 / MSE), the peak being 255; "
+    "identical images give inf. Higher is better; each +6 dB halves the RMS error.",
+    "ssim": "Structural similarity (Wang et al. 2004) with an 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, "
+    "data range 255, the mean over the valid (unpadded) window positions, averaged over R, G and B: the value of "
+    "skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, "
+    "data_range=255, channel_axis=-1). Computed by pytorch-msssim in float64. 1 means identical.",
+    "ms_ssim": "Multi-scale SSIM (Wang et al. 2003): 5 scales, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333, "
+    "the same window, 2x2 average pooling between scales (pytorch-msssim's ms_ssim, per channel, then averaged "
+    "over R, G and B). Empty for images whose shorter side is 160 pixels or less. 1 means identical.",
+    "mae": "Mean absolute error of the uint8 RGB values (0-255). Lower is better.",
+    "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), the lpips package's AlexNet "
+    "variant (v0.1) on images scaled to [-1, 1]. Lower is better.",
+}
+_MS_SSIM_MIN_SIDE = 161  # pytorch-msssim: the shorter side must exceed (11 - 1) * 2**4 for 5 scales
+_LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1), the backbone lpips uses
+
+
+class ReportExistsError(FileExistsError):
+    """The report folder exists and is not empty; pass ``overwrite=True`` (``--overwrite``) or another folder."""
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def _array(image: Image.Image | np.ndarray, name: str) -> np.ndarray:
+    """An ``[H, W, 3]`` uint8 array of an RGB PIL image or an array."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(
+            f"{name} must be an RGB PIL image or a uint8 array of shape [H, W, 3], got dtype {arr.dtype} shape "
+            f"{arr.shape}; convert with image.convert('RGB')"
+        )
+    return arr
+
+
+def _pair(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> tuple[np.ndarray, ...]:
+    a, b = _array(original, "original"), _array(reconstruction, "reconstruction")
+    if a.shape != b.shape:
+        raise ValueError(f"the images differ in size: {a.shape[1]}x{a.shape[0]} and {b.shape[1]}x{b.shape[0]}")
+    return a, b
+
+
+def psnr(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> float:
+    """PSNR in dB of two RGB images on their uint8 values (peak 255); ``inf`` when they are identical.
+
+    Raises:
+        ValueError: not RGB uint8 images, or of different sizes.
+    """
+    a, b = _pair(original, reconstruction)
+    diff = a.astype(np.int32) - b.astype(np.int32)
+    mse = float(np.mean(diff * diff, dtype=np.float64))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def mae(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> float:
+    """Mean absolute difference of the uint8 values of two RGB images (0 to 255)."""
+    a, b = _pair(original, reconstruction)
+    return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16)), dtype=np.float64))
+
+
+def ssim(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> float:
+    """SSIM as scikit-image's ``structural_similarity(a, b, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=255, channel_axis=-1)`` computes it (see :data:`DEFINITIONS`).
+
+    Raises:
+        ValueError: not RGB uint8 images, of different sizes, or a side shorter than 11 pixels.
+        ImportError: pytorch-msssim is not installed (``pip install "vae-toolkit[eval]"``).
+    """
+    a, b = _pair(original, reconstruction)
+    if min(a.shape[:2]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11x11 pixels (its window), got {a.shape[1]}x{a.shape[0]}")
+    return float(_ssim_batch(_planes(a[None]), _planes(b[None]))[0][0])
+
+
+def ms_ssim(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> float | None:
+    """5-scale MS-SSIM (see :data:`DEFINITIONS`); ``None`` when the shorter side is 160 pixels or less."""
+    a, b = _pair(original, reconstruction)
+    if min(a.shape[:2]) < _MS_SSIM_MIN_SIDE:
+        return None
+    value = _ssim_batch(_planes(a[None]), _planes(b[None]), multiscale=True)[1][0]
+    return None if value is None else float(value)
+
+
+def compare(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> dict[str, float | None]:
+    """Every metric of :data:`METRICS` for one pair of RGB images, as :func:`evaluate` computes it.
+
+    Example:
+        >>> compare(Image.open("a.png").convert("RGB"), Image.open("a-roundtrip.png").convert("RGB"))  # doctest: +SKIP
+        {'psnr': 31.2, 'ssim': 0.912, 'ms_ssim': 0.978, 'mae': 4.1}
+    """
+    a, b = _pair(original, reconstruction)
+    return _metrics(a[None], b[None])[0]
+
+
+def _planes(batch: np.ndarray) -> torch.Tensor:
+    """``[N, H, W, 3]`` uint8 -> ``[N, 3, H, W]`` float64."""
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).to(torch.float64)
+
+
+def _window() -> torch.Tensor:
+    """The 11-tap Gaussian (sigma 1.5), normalised in float64 (pytorch-msssim's own is float32: 3e-5 off)."""
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-(coords**2) / (2 * 1.5**2))
+    return (g / g.sum()).reshape(1, 1, 1, 11).repeat(3, 1, 1, 1)
+
+
+def _ssim_batch(x: torch.Tensor, y: torch.Tensor, multiscale: bool = False) -> tuple[list[float], list[float | None]]:
+    """Per image ``(ssim, ms_ssim)`` of two ``[N, 3, H, W]`` float64 batches in 0..255."""
+    try:
+        from pytorch_msssim import ms_ssim as _ms_ssim
+        from pytorch_msssim import ssim as _ssim
+    except ImportError as err:
+        raise ImportError(
+            "evaluating needs pytorch-msssim for SSIM and MS-SSIM: pip install 'vae-toolkit[eval]' "
+            "(or pip install pytorch-msssim)"
+        ) from err
+    win = _window()
+    with torch.inference_mode():
+        s = _ssim(x, y, data_range=255, size_average=False, win=win).tolist()
+        m: list[float | None] = [None] * len(s)
+        if multiscale and min(x.shape[-2:]) >= _MS_SSIM_MIN_SIDE:
+            m = _ms_ssim(x, y, data_range=255, size_average=False, win=win).tolist()
+    return s, m
+
+
+def _metrics(a: np.ndarray, b: np.ndarray) -> list[dict[str, float | None]]:
+    """The metrics of a batch of pairs ``[N, H, W, 3]`` uint8 (all of one size)."""
+    diff = a.astype(np.int32) - b.astype(np.int32)
+    axes = (1, 2, 3)
+    mse: np.ndarray = np.asarray(np.mean(diff * diff, axis=axes, dtype=np.float64))
+    abs_err: np.ndarray = np.asarray(np.mean(np.abs(diff), axis=axes, dtype=np.float64))
+    s: list[float | None]
+    if min(a.shape[1:3]) >= 11:
+        s_, m = _ssim_batch(_planes(a), _planes(b), multiscale=True)
+        s = list(s_)
+    else:  # smaller than the SSIM window
+        s, m = [None] * len(a), [None] * len(a)
+    return [
+        {
+            "psnr": math.inf if e == 0 else 10.0 * math.log10(255.0**2 / float(e)),
+            "ssim": s[i],
+            "ms_ssim": m[i],
+            "mae": float(abs_err[i]),
+        }
+        for i, e in enumerate(mse)
+    ]
+
+
+def lpips_status() -> tuple[bool, str]:
+    """Whether LPIPS can be computed here without downloading anything, and if not, what to install.
+
+    It needs the ``lpips`` package (which ships its linear layers), ``torchvision`` and torchvision's AlexNet
+    weights already in the torch hub cache (``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth``).
+    """
+    import importlib.util
+    from pathlib import Path
+
+    missing = [name for name in ("lpips", "torchvision") if importlib.util.find_spec(name) is None]
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_WEIGHTS
+    if missing:
+        return False, (
+            f"LPIPS left out: {' and '.join(missing)} not installed. To add the column, pip install lpips torchvision "
+            f"and put torchvision's AlexNet weights at {weights} (vae-toolkit never downloads them)"
+        )
+    if not weights.is_file():
+        return False, (
+            f"LPIPS left out: torchvision's AlexNet weights are not at {weights}; download them once (for example "
+            "python -c 'import torchvision; torchvision.models.alexnet(weights=\"IMAGENET1K_V1\")'); "
+            "vae-toolkit never downloads them during a run"
+        )
+    return True, "LPIPS: the lpips package, AlexNet v0.1"
+
+
+class _Lpips:
+    """The lpips package's AlexNet LPIPS, on the CPU in float32 (built only when :func:`lpips_status` is True)."""
+
+    def __init__(self) -> None:
+        import lpips
+
+        self.net = lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> list[float]:
+        x = _planes(a).float() / 127.5 - 1
+        y = _planes(b).float() / 127.5 - 1
+        with torch.inference_mode():
+            return [float(v) for v in self.net(x, y).flatten()]
+
+
+# --- the pipeline -----------------------------------------------------------------------------------
+
+
+def reconstruct(
+    vae: AutoencoderKL, images: torch.Tensor, *, timings: dict[str, float] | None = None
+) -> list[Image.Image]:
+    """Encode and decode a batch; return the lossless ``tensor_to_pil`` of each decoded image.
+
+    This is the reconstruction both ``evaluate`` and the ``roundtrip`` command measure.
+
+    Args:
+        vae: A loaded ``AutoencoderKL`` (any device and dtype).
+        images: ``[N, 3, H, W]`` in ``[-1, 1]`` (as ``pil_to_tensor`` gives them), any device.
+        timings: When given, the seconds of ``"encode"`` and ``"decode"`` (device synchronised) are added to it.
+
+    Returns:
+        ``N`` RGB PIL images, the reconstructions a user would save.
+    """
+    from .image_utils import tensor_to_pil
+
+    sync = DeviceManager(_device(vae)).synchronize
+    with torch.inference_mode():
+        start = time.perf_counter()
+        z = latents.encode(vae, images)
+        sync()
+        middle = time.perf_counter()
+        y = latents.decode(vae, z)
+        sync()
+        end = time.perf_counter()
+    if timings is not None:
+        timings["encode"] = timings.get("encode", 0.0) + middle - start
+        timings["decode"] = timings.get("decode", 0.0) + end - middle
+    return [tensor_to_pil(t) for t in y]
+
+
+def _device(vae: Any) -> torch.device:
+    device = getattr(vae, "device", None)
+    return device if isinstance(device, torch.device) else next(vae.parameters()).device
+
+
+def _dtype(vae: Any) -> str:
+    dtype = getattr(vae, "dtype", None)
+    dtype = dtype if isinstance(dtype, torch.dtype) else next(vae.parameters()).dtype
+    return str(dtype).removeprefix("torch.")
+
+
+def _pick_priority(seed: int, key: str) -> int:
+    """The seeded, rank-independent order of the fixed picks: the smallest values are shown."""
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}\0{key}".encode()).digest()[:8], "big")
+
+
+@dataclass
+class _Shown:
+    """An image kept for the pictures: the prepared original and every model's reconstruction (uint8)."""
+
+    key: str
+    original: np.ndarray
+    reconstructions: dict[str, np.ndarray]
+
+
+class _Keeper:
+    """Keeps the ``worst`` lowest-PSNR images of each model and the ``picks`` seeded picks, nothing more.
+
+    Ties go to the smaller key, so the kept images do not depend on the order they come in (or on the ranks).
+    """
+
+    def __init__(self, models: Sequence[str], worst: int, picks: int, seed: int) -> None:
+        self.models, self.worst, self.picks, self.seed = list(models), worst, picks, seed
+        self.lowest: dict[str, list[tuple[float, str]]] = {m: [] for m in self.models}  # (psnr, key), worst first
+        self.picked: list[tuple[int, str]] = []  # (priority, key), smallest first
+        self.images: dict[str, _Shown] = {}
+
+    def offer(self, shown: _Shown, scores: Mapping[str, float]) -> None:
+        """Keep ``shown`` if it is among the worst of a model (``scores``: model -> PSNR) or a pick."""
+        for model in self.models:
+            self.lowest[model] = sorted([*self.lowest[model], (scores[model], shown.key)])[: self.worst]
+        self.picked = sorted([*self.picked, (_pick_priority(self.seed, shown.key), shown.key)])[: self.picks]
+        wanted = self.wanted()
+        if shown.key in wanted:  # own copies: the arrays given may be views of a whole batch
+            copies = {m: r.copy() for m, r in shown.reconstructions.items()}
+            self.images[shown.key] = _Shown(shown.key, shown.original.copy(), copies)
+        for key in [k for k in self.images if k not in wanted]:
+            del self.images[key]
+
+    def wanted(self) -> set[str]:
+        return {key for kept in self.lowest.values() for _, key in kept} | {key for _, key in self.picked}
+
+    def merge(self, others: Sequence[_Keeper]) -> None:
+        """Fold the keepers of the other ranks into this one."""
+        for other in others:
+            for model in self.models:
+                self.lowest[model] = sorted(self.lowest[model] + other.lowest[model])[: self.worst]
+            self.picked = sorted(self.picked + other.picked)[: self.picks]
+            self.images.update(other.images)
+        wanted = self.wanted()
+        self.images = {k: v for k, v in sorted(self.images.items()) if k in wanted}
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    with np.errstate(invalid="ignore"):
+        v = float(np.percentile(values, q))
+    return v if not math.isnan(v) else float(np.percentile(values, q, method="lower"))  # between two infs
+
+
+def _stats(values: Sequence[float], keys: Sequence[str], higher_is_better: bool) -> dict[str, Any]:
+    """mean, median, 5th / 95th percentile, min, max and the worst image (ties: the first key)."""
+    arr = np.asarray(values, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        mean = float(np.mean(arr))
+    worst = int(np.argmin(arr) if higher_is_better else np.argmax(arr))
+    return {
+        "count": len(arr),
+        "mean": mean if not math.isnan(mean) else math.inf,  # inf + inf, all identical
+        "median": _percentile(arr, 50),
+        "p5": _percentile(arr, 5),
+        "p95": _percentile(arr, 95),
+        "min": float(np.min(arr)),
+        "max": float(np.max(arr)),
+        "worst": keys[worst],
+        "worst_value": float(arr[worst]),
+    }
+
+
+@dataclass
+class EvaluationResult:
+    """What :func:`evaluate` measured: one row per (image, model), the summary, and the pictures' material.
+
+    Attributes:
+        models: The model names, in the order given.
+        metrics: The metric columns: :data:`METRICS`, plus ``"lpips"`` when it was computed.
+        rows: One dict per (image, model), sorted by image then model order: ``image`` (the key, a path relative
+            to the source with ``/``), ``model``, ``width``, ``height`` and one value per metric (``None`` where
+            a metric does not apply, ``inf`` PSNR for identical images).
+        failures: ``key -> reason`` for images that could not be read or reconstructed (no rows for them).
+        settings: Size, batch size, dtypes, devices, versions, the definitions of the metrics, ...
+        notes: Lines for a person: e.g. why LPIPS was left out and what to install.
+        seconds: Wall time of the run.
+        rank: The torchrun rank that returned this result (0 in a single process); the content is the same on
+            every rank.
+    """
+
+    models: list[str]
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    failures: dict[str, str]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    rank: int = 0
+    _shown: _Keeper | None = field(default=None, repr=False)
+
+    @property
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per model: ``count`` (images) and per metric its statistics (see :func:`_stats`); metrics without any
+        value (MS-SSIM of small images) are ``None``."""
+        out: dict[str, dict[str, Any]] = {}
+        for model in self.models:
+            rows = [r for r in self.rows if r["model"] == model]
+            entry: dict[str, Any] = {"count": len(rows)}
+            for metric in self.metrics:
+                pairs = [(r[metric], r["image"]) for r in rows if r[metric] is not None]
+                entry[metric] = (
+                    _stats([v for v, _ in pairs], [k for _, k in pairs], HIGHER_IS_BETTER[metric]) if pairs else None
+                )
+            out[model] = entry
+        return out
+
+    @property
+    def ranking(self) -> list[str]:
+        """The model names by mean PSNR, best first (ties keep the given order)."""
+        summary = self.summary
+        psnr_mean = {m: (summary[m]["psnr"] or {}).get("mean", -math.inf) for m in self.models}
+        return sorted(self.models, key=lambda m: -psnr_mean[m])
+
+    @property
+    def shown(self) -> dict[str, list[str]]:
+        """The images the pictures show: ``{"worst <model>": keys (worst first), ..., "picks": keys}``."""
+        if self._shown is None:
+            return {}
+        out = {f"worst {m}": [k for _, k in self._shown.lowest[m]] for m in self.models}
+        out["picks"] = sorted(k for _, k in self._shown.picked)
+        return out
+
+    def summary_json(self) -> dict[str, Any]:
+        """``summary.json``'s content (non-finite numbers as the strings ``"inf"`` / ``"-inf"``)."""
+        return _json_safe(
+            {
+                "models": self.summary,
+                "ranking": self.ranking,
+                "ranking_by": "mean psnr, best first",
+                "failures": dict(sorted(self.failures.items())),
+                "metrics": {m: DEFINITIONS[m] for m in self.metrics},
+                "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in self.metrics},
+                "settings": self.settings,
+                "notes": self.notes,
+                "shown": self.shown,
+                "seconds": self.seconds,
+            }
+        )
+
+    def save_report(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write ``metrics.csv``, ``summary.json``, ``images/*.png`` and ``index.html`` into ``folder``.
+
+        Raises:
+            ReportExistsError: (a ``FileExistsError``) ``folder`` exists and is not empty, and not ``overwrite``.
+            NotADirectoryError: ``folder`` is a file.
+        """
+        from ._report import write_report
+
+        out = Path(folder).expanduser()
+        check_report_folder(out, overwrite)
+        write_report(self, out)
+        return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def check_report_folder(folder: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse a report folder that exists and is not empty (unless ``overwrite``), before any work is done.
+
+    Raises:
+        ReportExistsError: (a ``FileExistsError``) the folder exists and is not empty.
+        NotADirectoryError: it is a file.
+    """
+    out = Path(folder).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"report folder {out} is a file; pass a folder (-o REPORT)")
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ReportExistsError(
+            f"report folder {out} exists and is not empty; pass overwrite=True (--overwrite) to replace the "
+            "report in it, or choose another folder"
+        )
+
+
+def _versions(with_lpips: bool) -> dict[str, str | None]:
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
+        ["lpips", "torchvision"] if with_lpips else []
+    )
+    return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
+
+
+def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def evaluate(
+    vaes: Mapping[str, AutoencoderKL],
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str] | None = None,
+    *,
+    size: int | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    workers: int | None = None,
+    worst: int = 4,
+    picks: int = 4,
+    seed: int = 0,
+    lpips: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Measure how much each VAE loses on the images of ``source``; optionally write the report to ``output``.
+
+    Every image is prepared as ``encode`` and ``roundtrip`` prepare it (its own size center-cropped to a
+    multiple of 8, or with ``size`` resized and center-cropped to ``size x size``), read once on threads ahead
+    of the models, batched by size, and reconstructed by every model (:func:`reconstruct`). The metrics
+    (:data:`DEFINITIONS`) compare the prepared original with the uint8 reconstruction. Memory stays bounded:
+    only the rows, and the images the pictures show (the ``worst`` per model and ``picks`` seeded picks), are
+    kept. Under torchrun (``WORLD_SIZE > 1``) every rank calls it with the same arguments; the ranks split the
+    images, every rank returns the whole result, and rank 0 writes the report.
+
+    Args:
+        vaes: ``name -> AutoencoderKL`` (loaded, any device and dtype); the names label the rows.
+        source: An image file, a folder (searched recursively) or a list of image files; the rows' ``image``
+            is the path relative to the folder, as ``encode_dataset`` keys it.
+        output: A report folder to write (see :meth:`EvaluationResult.save_report`); checked before any work.
+        size: Resize the shorter side to ``size`` and center-crop ``size x size`` (a multiple of 8).
+        batch_size: Images per model call; only images of equal size share a batch.
+        limit: Evaluate the first ``limit`` images (in key order) only.
+        workers: Image decoding threads (default: the CPU count, at most 8).
+        worst: Pictures of the ``worst`` lowest-PSNR images of each model.
+        picks: Pictures of ``picks`` images chosen by ``seed`` (the same whatever the ranks or batches).
+        seed: Seed of the picks.
+        lpips: ``None``: add LPIPS when it is available locally (:func:`lpips_status`); ``True``: require it;
+            ``False``: leave it out.
+        overwrite: Replace the report in a non-empty ``output`` folder.
+        progress: Show a progress bar (images/s per model), on rank 0.
+
+    Returns:
+        An :class:`EvaluationResult`.
+
+    Raises:
+        ReportExistsError: (a ``FileExistsError``) ``output`` exists and is not empty.
+        FileNotFoundError: ``source`` does not exist.
+        ValueError / TypeError: bad arguments, or no images found.
+        ImportError: pytorch-msssim is missing, or ``lpips=True`` and LPIPS is not available.
+
+    Example:
+        >>> loader = VAELoader()  # doctest: +SKIP
+        >>> vaes = {name: loader.load_sd_vae(name)[0] for name in ("sd-vae-ft-mse", "sd-vae-ft-ema")}
+        >>> result = evaluate(vaes, "photos/", "report/", size=256)
+        >>> result.ranking, result.summary["sd-vae-ft-mse"]["psnr"]["mean"]
+    """
+    from ._dist import ProcessGroup
+    from .dataset import default_workers, find_images
+
+    start = time.perf_counter()
+    if not isinstance(vaes, Mapping) or not vaes:
+        raise TypeError(f"vaes must be a non-empty mapping of name -> AutoencoderKL, got {vaes!r}")
+    for name in vaes:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"the model names (keys of vaes) must be non-empty strings, got {name!r}")
+    _check_int("size", size, 8, allow_none=True)
+    if size is not None and size % 8:
+        raise ValueError(f"size must be a multiple of 8, got {size}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("limit", limit, 1, allow_none=True)
+    _check_int("workers", workers, 1, allow_none=True)
+    _check_int("worst", worst, 0)
+    _check_int("picks", picks, 0)
+    _check_int("seed", seed, 0)
+    if output is not None:
+        check_report_folder(output, overwrite)
+    root, keys = find_images(source)
+    if limit is not None:
+        keys = keys[:limit]
+    models = list(vaes)
+    metrics = list(METRICS)
+    notes: list[str] = []
+    lpips_net = None
+    if lpips is not False:
+        available, message = lpips_status()
+        if available:
+            lpips_net = _Lpips()
+            metrics.append("lpips")
+        elif lpips:
+            raise ImportError(message)
+        else:
+            notes.append(message)
+            logger.info(message)
+
+    first = vaes[models[0]]
+    dist = ProcessGroup.from_env(_device(first))
+    try:
+        mine = keys[dist.rank :: dist.world_size]
+        keeper = _Keeper(models, worst, picks, seed)
+        rows, failures = _pipeline(
+            vaes,
+            [(key, root / key) for key in mine],
+            size,
+            batch_size,
+            workers if workers is not None else default_workers(),
+            keeper,
+            lpips_net,
+            progress and dist.rank == 0,
+        )
+        gathered = dist.gather((rows, failures, keeper))
+        order = {m: i for i, m in enumerate(models)}
+        all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (r["image"], order[r["model"]]))
+        all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
+        merged = _Keeper(models, worst, picks, seed)
+        merged.merge([g[2] for g in gathered])
+        settings = {
+            "source": str(root),
+            "images": len(keys),
+            "limit": limit,
+            "size": size,
+            "preparation": "resized and center-cropped to size x size"
+            if size
+            else "center-cropped to a multiple of 8",
+            "batch_size": batch_size,
+            "models": {
+                m: {
+                    "dtype": _dtype(v),
+                    "device": str(_device(v)),
+                    "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
+                }
+                for m, v in vaes.items()
+            },
+            "world_size": dist.world_size,
+            "worst": worst,
+            "picks": picks,
+            "seed": seed,
+            "versions": _versions(lpips_net is not None),
+        }
+        result = EvaluationResult(
+            models=models,
+            metrics=metrics,
+            rows=all_rows,
+            failures=all_failures,
+            settings=settings,
+            notes=notes,
+            seconds=time.perf_counter() - start,
+            rank=dist.rank,
+            _shown=merged,
+        )
+        if output is not None and dist.rank == 0:
+            result.save_report(output, overwrite=overwrite)
+        dist.barrier()  # the report is written when evaluate returns on any rank
+    finally:
+        dist.close()
+    return result
+
+
+def _pipeline(
+    vaes: Mapping[str, Any],
+    items: Sequence[tuple[str, Path]],
+    size: int | None,
+    batch_size: int,
+    workers: int,
+    keeper: _Keeper,
+    lpips_net: _Lpips | None,
+    progress: bool,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Read (threads) -> group by size -> every model -> metrics; returns (rows, failures)."""
+    from tqdm.auto import tqdm
+
+    from .dataset import failure_reason, iter_batches
+
+    rows: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    seconds = dict.fromkeys(vaes, 0.0)
+    counted = dict.fromkeys(vaes, 0)
+    bar = tqdm(total=len(items), desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True)
+
+    def run(batch: list[tuple[str, torch.Tensor]]) -> None:
+        keys = [key for key, _ in batch]
+        x = torch.stack([t for _, t in batch])
+        # the prepared originals as uint8: exact, as tensor_to_pil(pil_to_tensor(image)) gives the pixels back
+        originals = torch.add(x, 1).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        per_model: dict[str, list[tuple[np.ndarray, dict[str, Any]] | str]] = {}
+        for name, vae in vaes.items():
+            began = time.perf_counter()
+            per_model[name] = _model_batch(vae, x, originals, lpips_net)
+            seconds[name] += time.perf_counter() - began
+            counted[name] += len(batch)
+        for i, key in enumerate(keys):
+            errors = [f"{name}: {r}" for name, r in ((n, per_model[n][i]) for n in vaes) if isinstance(r, str)]
+            if errors:
+                failures[key] = "; ".join(errors)
+                logger.warning("skipped %s: %s", key, failures[key])
+                continue
+            h, w = originals.shape[1:3]
+            recons: dict[str, np.ndarray] = {}
+            scores: dict[str, float] = {}
+            for name in vaes:
+                done = per_model[name][i]
+                assert not isinstance(done, str)  # failures were handled above
+                recon, values = done
+                rows.append({"image": key, "model": name, "width": int(w), "height": int(h), **values})
+                recons[name] = recon
+                scores[name] = values["psnr"]
+            keeper.offer(_Shown(key, originals[i], recons), scores)
+        bar.update(len(batch))
+        bar.set_postfix_str(
+            ", ".join(f"{n} {counted[n] / seconds[n]:.1f} img/s" for n in vaes if seconds[n] > 0), refresh=False
+        )
+
+    try:
+        for batch in iter_batches(items, size, batch_size, workers=workers):
+            if isinstance(batch, tuple):
+                key, err = batch
+                failures[key] = failure_reason(err)
+                logger.warning("skipped %s: %s", key, failures[key])
+                bar.update(1)
+                continue
+            run([(key, image) for key, _, image in batch])
+    finally:
+        bar.close()
+    return rows, failures
+
+
+def _model_batch(
+    vae: Any, x: torch.Tensor, originals: np.ndarray, lpips_net: _Lpips | None
+) -> list[tuple[np.ndarray, dict[str, Any]] | str]:
+    """Per image ``(reconstruction, metrics)``, or the reason it failed. A failed batch is retried image by image."""
+    try:
+        recon = np.stack([np.asarray(im) for im in reconstruct(vae, x)])
+    except Exception as err:
+        if len(x) == 1:
+            return [f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"]
+        return [r for i in range(len(x)) for r in _model_batch(vae, x[i : i + 1], originals[i : i + 1], lpips_net)]
+    values = _metrics(originals, recon)
+    if lpips_net is not None:
+        for v, d in zip(values, lpips_net(originals, recon), strict=True):
+            v["lpips"] = d
+    return [(recon[i], values[i]) for i in range(len(x))]
