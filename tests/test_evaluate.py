@@ -483,3 +483,15 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(run, models, source, tm
     assert [m.rsplit("/", 1)[-1] for m in two["ranking"]] == one.ranking
     assert list(two["failures"]) == list(one.failures)
     assert two["settings"]["world_size"] == 2
+
+
+@pytest.mark.gpu
+def test_metrics_on_a_cuda_model_equal_the_cpu_ones(tmp_path):
+    from vae_toolkit.evaluate import _metrics
+
+    a = np.stack([photo(200, 171, seed=1), photo(200, 171, seed=2)])
+    b = np.stack([photo(200, 171, seed=3), a[1]])
+    cpu, cuda = _metrics(a, b), _metrics(a, b, torch.device("cuda"))
+    for c, g in zip(cpu, cuda, strict=True):
+        assert g["psnr"] == c["psnr"] and g["mae"] == c["mae"]
+        assert abs(g["ssim"] - c["ssim"]) < 1e-5 and abs(g["ms_ssim"] - c["ms_ssim"]) < 1e-5

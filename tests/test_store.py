@@ -590,3 +590,18 @@ def test_forked_dataloader_workers_hold_no_per_key_objects(tmp_path):
         private[n] = float(out.stdout.split()[-1])
     # measured here: +0.3 MB; a list and a dict of the keys used by __getitem__ (as format 1 did): +7.5 MB
     assert private[60_000] - private[1_000] < 3, private
+
+
+@pytest.mark.gpu
+def test_a_cuda_encode_stores_what_one_at_a_time_encoding_gives(tmp_path):
+    from vae_toolkit import latents, load_for_encoding
+
+    src = tmp_path / "src"
+    write_images(src, n=6)
+    vae = make_tiny_vae().to("cuda")
+    summary = encode_dataset(vae, src, tmp_path / "out", batch_size=4, progress=False)
+    assert summary.encoded == 6
+    with LatentStore(tmp_path / "out") as s, torch.no_grad():
+        for key in s:
+            alone = latents.encode(vae, load_for_encoding(src / key)[None])[0].cpu()
+            assert (s[key] - alone).abs().max().item() <= 1e-4, key

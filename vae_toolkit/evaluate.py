@@ -200,25 +200,34 @@ def _ssim_batch(x: torch.Tensor, y: torch.Tensor, multiscale: bool = False) -> t
 
 
 def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -> list[dict[str, float | None]]:
-    """The metrics of a batch of pairs ``[N, H, W, 3]`` uint8 (all of one size); SSIMs computed on ``device``."""
-    diff = a.astype(np.int32) - b.astype(np.int32)
-    axes = (1, 2, 3)
-    mse: np.ndarray = np.asarray(np.mean(diff * diff, axis=axes, dtype=np.float64))
-    abs_err: np.ndarray = np.asarray(np.mean(np.abs(diff), axis=axes, dtype=np.float64))
-    s: list[float | None]
-    if min(a.shape[1:3]) >= 11:
-        s_, m = _ssim_batch(_planes(a, device), _planes(b, device), multiscale=True)
-        s = list(s_)
-    else:  # smaller than the SSIM window
-        s, m = [None] * len(a), [None] * len(a)
+    """The metrics of a batch of pairs ``[N, H, W, 3]`` uint8 (all of one size), computed on ``device``.
+
+    PSNR and MAE come from exact integer sums (int64), SSIM and MS-SSIM from float32 planes.
+    """
+    # a read-only array (np.asarray of a PIL image) is copied: torch warns about sharing it
+    ta = torch.from_numpy(np.require(a, requirements=["C", "W"])).to(device or "cpu")
+    tb = torch.from_numpy(np.require(b, requirements=["C", "W"])).to(device or "cpu")
+    with torch.inference_mode():
+        diff = ta.to(torch.int32) - tb.to(torch.int32)
+        squares = (diff * diff).sum(dim=(1, 2, 3), dtype=torch.int64).tolist()
+        absolute = diff.abs().sum(dim=(1, 2, 3), dtype=torch.int64).tolist()
+        del diff
+        count = a.shape[1] * a.shape[2] * a.shape[3]
+        s: list[float | None]
+        if min(a.shape[1:3]) >= 11:
+            x, y = (t.permute(0, 3, 1, 2).to(torch.float32) for t in (ta, tb))
+            s_, m = _ssim_batch(x, y, multiscale=True)
+            s = list(s_)
+        else:  # smaller than the SSIM window
+            s, m = [None] * len(a), [None] * len(a)
     return [
         {
-            "psnr": math.inf if e == 0 else 10.0 * math.log10(255.0**2 / float(e)),
+            "psnr": math.inf if e == 0 else 10.0 * math.log10(255.0**2 * count / e),
             "ssim": s[i],
             "ms_ssim": m[i],
-            "mae": float(abs_err[i]),
+            "mae": absolute[i] / count,
         }
-        for i, e in enumerate(mse)
+        for i, e in enumerate(squares)
     ]
 
 

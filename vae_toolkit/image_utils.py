@@ -589,10 +589,14 @@ def _resize_center_crop(
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    if box is not None or (new_w, new_h) != (w, h):
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
+    if box is not None:  # reduced-scale decode: resample only the square that is kept (same sampling positions)
+        sx, sy = (box[2] - box[0]) / new_w, (box[3] - box[1]) / new_h
+        crop = (box[0] + left * sx, box[1] + top * sy, box[0] + (left + size) * sx, box[1] + (top + size) * sy)
+        return rgb.resize((size, size), Image.Resampling.BILINEAR, box=crop)
+    if (new_w, new_h) != (w, h):
+        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
     if (left, top, new_w, new_h) != (0, 0, size, size):
         rgb = rgb.crop((left, top, left + size, top + size))
     return rgb
