@@ -215,7 +215,7 @@ def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -
         count = a.shape[1] * a.shape[2] * a.shape[3]
         s: list[float | None]
         if min(a.shape[1:3]) >= 11:
-            x, y = (t.permute(0, 3, 1, 2).to(torch.float32) for t in (ta, tb))
+            x, y = (t.permute(0, 3, 1, 2).to(torch.float32).contiguous() for t in (ta, tb))
             s_, m = _ssim_batch(x, y, multiscale=True)
             s = list(s_)
         else:  # smaller than the SSIM window
