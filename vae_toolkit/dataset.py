@@ -62,6 +62,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from . import __version__, _table, latents
+from ._checks import check_int
 from ._dist import ProcessGroup
 from .image_utils import ImageProcessingError, available_cpus, image_extensions, load_for_encoding
 from .model_config import get_all_model_configs
@@ -1311,15 +1312,6 @@ def _settings(
     }
 
 
-def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 @contextmanager
 def _sigterm_flushes() -> Iterator[None]:
     """SIGTERM (SLURM preemption, torchrun teardown) ends the run as Ctrl-C does: shards flushed, exit 143."""
@@ -1414,13 +1406,13 @@ def encode_dataset(
         torch.Size([4, 64, 64])
     """
     start = time.perf_counter()
-    _check_int("batch_size", batch_size, 1)
-    _check_int("size", size, MULTIPLE, allow_none=True)
+    check_int("batch_size", batch_size, 1)
+    check_int("size", size, MULTIPLE, allow_none=True)
     if size is not None and size % MULTIPLE:
         raise ValueError(f"size must be a multiple of {MULTIPLE}, got {size}")
-    _check_int("workers", workers, 1, allow_none=True)
-    _check_int("max_shard_size", max_shard_size, 1)
-    _check_int("seed", seed, 0)
+    check_int("workers", workers, 1, allow_none=True)
+    check_int("max_shard_size", max_shard_size, 1)
+    check_int("seed", seed, 0)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
@@ -1935,10 +1927,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seed", seed, 0)
-        _check_int("num_replicas", num_replicas, 1)
-        _check_int("rank", rank, 0)
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_int("num_replicas", num_replicas, 1)
+        check_int("rank", rank, 0)
         if rank >= num_replicas:
             raise ValueError(f"rank must be < num_replicas ({num_replicas}), got {rank}")
         shapes = np.asarray(store.shapes)

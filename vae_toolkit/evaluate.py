@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import latents
+from ._checks import check_int
 from .device_manager import DeviceManager
 
 if TYPE_CHECKING:
@@ -530,15 +531,6 @@ def _versions(with_lpips: bool) -> dict[str, str | None]:
     return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
 
 
-def _check_int(name: str, value: object, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}: {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-
 def evaluate(
     vaes: Mapping[str, AutoencoderKL],
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -606,15 +598,15 @@ def evaluate(
     for name in vaes:
         if not isinstance(name, str) or not name:
             raise TypeError(f"the model names (keys of vaes) must be non-empty strings, got {name!r}")
-    _check_int("size", size, 8, allow_none=True)
+    check_int("size", size, 8, allow_none=True)
     if size is not None and size % 8:
         raise ValueError(f"size must be a multiple of 8, got {size}")
-    _check_int("batch_size", batch_size, 1)
-    _check_int("limit", limit, 1, allow_none=True)
-    _check_int("workers", workers, 1, allow_none=True)
-    _check_int("worst", worst, 0)
-    _check_int("picks", picks, 0)
-    _check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
+    check_int("limit", limit, 1, allow_none=True)
+    check_int("workers", workers, 1, allow_none=True)
+    check_int("worst", worst, 0)
+    check_int("picks", picks, 0)
+    check_int("seed", seed, 0)
     if output is not None:
         check_report_folder(output, overwrite)
     root, keys = find_images(source)
