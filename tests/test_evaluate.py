@@ -272,6 +272,7 @@ def test_summary_statistics_and_worst_image(run):
     assert stored["models"]["good"]["ms_ssim"] is None
     assert set(stored["metrics"]) == set(METRICS) and "use_sample_covariance=False" in stored["metrics"]["ssim"]
     assert stored["settings"]["versions"]["pytorch-msssim"]
+    assert stored["settings"]["reader"] == ("fast" if stored["settings"]["size"] else "exact")
     assert any("pip install lpips" in note for note in stored["notes"])
 
 

@@ -656,6 +656,8 @@ def evaluate(
             "preparation": "resized and center-cropped to size x size"
             if size
             else "center-cropped to a multiple of 8",
+            # load_for_encoding's default: large JPEGs decoded at a reduced DCT scale first, as encode does
+            "reader": "fast" if size else "exact",
             "batch_size": batch_size,
             "models": {
                 m: {
