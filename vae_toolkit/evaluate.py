@@ -25,6 +25,7 @@ evaluation, never by ``import vae_toolkit``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -719,6 +720,8 @@ def _pipeline(
     seconds = dict.fromkeys(vaes, 0.0)
     counted = dict.fromkeys(vaes, 0)
     device = _device(next(iter(vaes.values())))
+    # on a GPU the metrics get their own stream, so that their kernels run beside the models' instead of after them
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     bar = tqdm(total=len(items), desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True)
 
     def measure(keys: list[str], originals: np.ndarray, recons: dict[str, list[np.ndarray | str]]) -> None:
@@ -732,7 +735,8 @@ def _pipeline(
         if good:
             for name in vaes:
                 arrays[name] = np.stack([recons[name][i] for i in good])
-                values[name] = _metrics(originals[good], arrays[name], device)
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    values[name] = _metrics(originals[good], arrays[name], device)
                 if lpips_net is not None:
                     for v, d in zip(values[name], lpips_net(originals[good], arrays[name]), strict=True):
                         v["lpips"] = d
