@@ -103,8 +103,6 @@ _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
 _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
                "seed", "reader")  # fmt: skip
-# known before the model is loaded (the rest comes from the model's config)
-_KNOWN_BEFORE_LOADING = ("model", "dtype", "size", "sample", "seed", "reader")
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
 )
