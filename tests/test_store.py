@@ -605,32 +605,3 @@ def test_a_cuda_encode_stores_what_one_at_a_time_encoding_gives(tmp_path):
         for key in s:
             alone = latents.encode(vae, load_for_encoding(src / key)[None])[0].cpu()
             assert (s[key] - alone).abs().max().item() <= 1e-4, key
-
-
-def test_reading_in_processes_stores_what_threads_store(vae, tmp_path, monkeypatch):
-    """read_processes=True (the default next to a CUDA model) gives the same latents and failures as threads."""
-    readers = tmp_path / "pids"
-    real = dataset._read_one
-
-    def spy(*args):
-        with open(readers, "a") as f:
-            f.write(f"{os.getpid()}\n")
-        return real(*args)
-
-    monkeypatch.setattr(dataset, "_read_one", spy)  # inherited by the forked readers
-    src = tmp_path / "src"
-    write_images(src, n=8)
-    (src / "part0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    runs = {}
-    for processes in (False, True):
-        out = tmp_path / str(processes)
-        runs[processes] = encode_dataset(vae, src, out, batch_size=3, workers=2, read_processes=processes,
-                                         progress=False)  # fmt: skip
-    assert runs[True].failed == runs[False].failed and list(runs[True].failed) == ["part0/broken.png"]
-    assert runs[True].encoded == runs[False].encoded == 8
-    pids = {int(line) for line in readers.read_text().split()}
-    assert len(pids) == 2 and os.getpid() not in pids  # two reading processes (threads do not go through it)
-    with LatentStore(tmp_path / "False") as threads, LatentStore(tmp_path / "True") as processes:
-        assert list(threads) == list(processes)
-        for key in threads:
-            assert torch.equal(threads[key], processes[key]), key

@@ -1163,32 +1163,6 @@ class _Item:
     image: torch.Tensor
 
 
-class _ReadFailure(ImageProcessingError):
-    """A file that a reading process could not read; the message is the reason, as :func:`failure_reason` gives it."""
-
-
-def _read_one(key: str, path: str | os.PathLike[str], size: int | None, exact: bool) -> tuple[Any, ...]:
-    """``(key, stat, tensor)``, or ``(key, None, reason)`` for a file that cannot be read (in a reading process)."""
-    try:
-        return key, _stat(Path(path)), load_for_encoding(path, size, exact=exact)
-    except Exception as err:
-        return key, None, failure_reason(err)
-
-
-class _ReadDataset(Dataset):
-    """The files of :func:`iter_images` as a Dataset, read in DataLoader worker processes."""
-
-    def __init__(self, items: Sequence[tuple[str, str | os.PathLike[str]]], size: int | None, exact: bool) -> None:
-        self.items, self.size, self.exact = items, size, exact
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        key, path = self.items[i]
-        return _read_one(key, path, self.size, self.exact)
-
-
 def iter_images(
     items: Sequence[tuple[str, str | os.PathLike[str]]],
     size: int | None = None,
@@ -1196,35 +1170,25 @@ def iter_images(
     exact_resize: bool = False,
     workers: int | None = None,
     window: int | None = None,
-    processes: bool = False,
 ) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor | Exception]]:
-    """Read images on threads (or processes), at most ``window`` ahead, and yield them in input order.
+    """Read images on threads, at most ``window`` ahead, and yield them in input order.
 
     Each image is read by :func:`vae_toolkit.load_for_encoding` ``(path, size, exact=exact_resize)``, the
     reader of ``encode`` (and ``evaluate``). A file that cannot be read is yielded as its exception, so that
     one bad file never stops the caller.
 
-    Threads cost nothing to start and share memory; decoding and resizing release the GIL, but the rest of each
-    image's reading does not, and neither does a model's Python code. Next to a model on a GPU, whose thread
-    launches kernels all the time, ``processes=True`` reads in DataLoader worker processes instead (images come
-    back through shared memory), so that reading and the model do not take turns on the GIL.
-
     Args:
         items: ``(key, path)`` pairs.
         size: As in :func:`encode_dataset`.
         exact_resize: Resize from the full-resolution decode (``pil_to_tensor``'s values) instead of JPEG DCT scaling.
-        workers: Decoding threads or processes (default :func:`default_workers`).
+        workers: Decoding threads (default :func:`default_workers`).
         window: Images decoded ahead (default ``2 * workers``).
-        processes: Read in worker processes instead of threads.
 
     Yields:
         ``(key, (file size, mtime in ns), [3, H, W] tensor)``, or ``(key, None, exception)``.
     """
     workers = workers if workers is not None else default_workers()
     window = window if window is not None else 2 * workers
-    if processes:
-        yield from _iter_in_processes(items, size, exact_resize, workers, window)
-        return
 
     def work(path: str | os.PathLike[str]) -> tuple[tuple[int, int], torch.Tensor]:
         stat = _stat(Path(path))
@@ -1252,30 +1216,6 @@ def iter_images(
         finally:
             for _, future in pending:
                 future.cancel()
-
-
-def _iter_in_processes(
-    items: Sequence[tuple[str, str | os.PathLike[str]]], size: int | None, exact: bool, workers: int, window: int
-) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor | Exception]]:
-    from torch.utils.data import DataLoader
-
-    if not items:
-        return
-    loader = DataLoader(
-        _ReadDataset(items, size, exact),
-        batch_size=None,  # one image at a time, in order
-        num_workers=min(workers, len(items)),
-        prefetch_factor=max(2, -(-window // workers)),
-    )
-    iterator = iter(loader)
-    try:
-        for key, stat, result in iterator:
-            if isinstance(result, str):
-                yield key, None, _ReadFailure(result)
-            else:
-                yield key, (int(stat[0]), int(stat[1])), result
-    finally:
-        del iterator  # stops the worker processes now, also when the caller stops early
 
 
 class _Encoder:
@@ -1406,7 +1346,6 @@ def encode_dataset(
     checkpoint_every: float = 60.0,
     keep_missing: bool = False,
     device: str | torch.device | None = None,
-    read_processes: bool | None = None,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -1445,8 +1384,6 @@ def encode_dataset(
             removes them. Entries not in a list of files are always kept.
         device: With a loader function as ``vae``: the device it loads on (chooses the process group's
             backend under torchrun).
-        read_processes: Read images in worker processes instead of threads (see :func:`iter_images`); by
-            default processes when the model is on a CUDA GPU, threads otherwise.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -1558,13 +1495,12 @@ def encode_dataset(
         encoded, failed = 0, dict[str, str]()
         if mine:
             encoder = _Encoder(vae, sample, seed, dtype)
-            processes = read_processes if read_processes is not None else _vae_device(vae).type == "cuda"
             desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)})"
             items = [(key, plan.root / key) for key in mine]
             with _sigterm_flushes():
                 try:
                     encoded, failed = _pipeline(items, size, exact_resize, batch_size, workers, encoder, writer,
-                                                progress and dist.rank == 0, desc, processes)  # fmt: skip
+                                                progress and dist.rank == 0, desc)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
@@ -1667,10 +1603,9 @@ def iter_batches(
     *,
     exact_resize: bool = False,
     workers: int | None = None,
-    processes: bool = False,
 ) -> Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]]:
-    """Batches of images of equal size, read ahead by :func:`iter_images` (threads, or ``processes``): what
-    ``encode`` and ``evaluate`` run through a model.
+    """Batches of images of equal size, read ahead on threads by :func:`iter_images`: what ``encode`` and
+    ``evaluate`` run through a model.
 
     Yields a batch ``[(key, (file size, mtime), tensor), ...]`` (at most ``batch_size``, one shape), or
     ``(key, exception)`` for a file that could not be read. Images wait for a full batch of their size;
@@ -1681,8 +1616,7 @@ def iter_batches(
     held = 0
     max_held = 4 * batch_size
     window = max(2 * batch_size, 2 * workers)
-    reading = iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window, processes=processes)
-    for key, stat, result in reading:
+    for key, stat, result in iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window):
         if isinstance(result, Exception):
             yield key, result
             continue
@@ -1718,19 +1652,15 @@ def _pipeline(
     writer: _ShardWriter,
     progress: bool,
     desc: str,
-    processes: bool = False,
 ) -> tuple[int, dict[str, str]]:
-    """Read (threads or processes) -> group by size -> encode (this thread) -> shards; returns (encoded, failures)."""
+    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures)."""
     from tqdm.auto import tqdm
 
     failed: dict[str, str] = {}
     encoded = 0
     bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
-        batches = iter_batches(
-            items, size, batch_size, exact_resize=exact_resize, workers=workers, processes=processes
-        )
-        for batch in batches:
+        for batch in iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers):
             if isinstance(batch, tuple):
                 key, err = batch
                 failed[key] = failure_reason(err)

@@ -754,8 +754,7 @@ def _pipeline(
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae_toolkit_metrics") as pool:
         try:
-            reading = iter_batches(items, size, batch_size, workers=workers, processes=device.type == "cuda")
-            for batch in reading:
+            for batch in iter_batches(items, size, batch_size, workers=workers):
                 if isinstance(batch, tuple):
                     key, err = batch
                     failures[key] = failure_reason(err)
