@@ -685,10 +685,6 @@ class _State:
     bad_files: list[tuple[Path, str]] = field(default_factory=list)  # damaged or unreadable shards: moved aside
     stale: list[Path] = field(default_factory=list)  # retired shards, old tables, temporary files: deleted
 
-    @property
-    def empty(self) -> bool:
-        return self.settings is None
-
     def close(self) -> None:
         if self.table is not None:
             self.table.close()
