@@ -156,12 +156,14 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 """
 
 
-def peak_rss(tmp: Path, n: int) -> float:
+def peak_rss(tmp: Path, n: int, child: str = RSS_CHILD) -> float:
+    """Peak RSS (MiB) of ``child`` (a script run as ``SOURCE OUTPUT N``) in a fresh process, on ``n`` new images."""
     src = tmp / f"rss{n}"
-    make_images(src, n, seed=n)
-    code = RSS_CHILD.format(bench=str(Path(__file__).parent))
+    if not src.exists():
+        make_images(src, n, seed=n)
+    code = child.format(bench=str(Path(__file__).parent))
     out = subprocess.run(
-        [sys.executable, "-c", code, str(src), str(tmp / f"rss-out{n}"), str(n)],
+        [sys.executable, "-c", code, str(src), tempfile.mkdtemp(dir=tmp, prefix=f"out{n}-"), str(n)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return int(out.stdout.split()[-1]) / 1024  # MiB

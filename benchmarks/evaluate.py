@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dataset import make_images, make_vae  # noqa: E402
+from dataset import make_images, make_vae, peak_rss  # noqa: E402
 
 from vae_toolkit.dataset import find_images, iter_images  # noqa: E402
 from vae_toolkit.evaluate import evaluate, reconstruct  # noqa: E402
@@ -93,17 +92,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
 """
 
 
-def peak_rss(tmp: Path, n: int) -> float:
-    src = tmp / f"rss{n}"
-    make_images(src, n, seed=n)
-    code = RSS_CHILD.format(bench=str(Path(__file__).parent))
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(src), str(tmp / f"report{n}"), str(n)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return int(out.stdout.split()[-1]) / 1024  # MiB
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", choices=["sd", "tiny"], default="sd", help="the model of (a) (sd)")
@@ -126,7 +114,7 @@ def main() -> int:
         print(f"    encode + decode {base:.1f} images/s, evaluate {ev:.1f} images/s: ratio {ev / base:.2f} "
               "(target >= 0.8)")  # fmt: skip
         if args.rss:
-            rss = {n: peak_rss(Path(tmp), n) for n in args.rss}
+            rss = {n: peak_rss(Path(tmp), n, RSS_CHILD) for n in args.rss}
             print(
                 "(b) peak RSS of evaluate with its report: "
                 + ", ".join(f"{n} images {v:.0f} MiB" for n, v in rss.items())
