@@ -124,6 +124,49 @@ def test_ms_ssim_equals_an_independent_computation(h, w):
     assert ms_ssim(a, b) == pytest.approx(_ms_ssim_reference(a, b), abs=5e-5)
 
 
+@pytest.mark.parametrize(("h", "w"), [(176, 192), (171, 203), (256, 257)])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_one_pass_ssim_and_ms_ssim_are_pytorch_msssims_values(h, w, layout):
+    """SSIM and MS-SSIM in one pass (the first scale's SSIM kept) give the two library calls' values bit for bit."""
+    from pytorch_msssim import ms_ssim as lib_ms_ssim
+    from pytorch_msssim import ssim as lib_ssim
+
+    from vae_toolkit.evaluate import _ssim_and_ms_ssim, _window
+
+    pairs = [jpeg_pair(h, w, seed=s, quality=q) for s, q in ((1, 20), (2, 60), (3, 90))]
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x, y = (
+        torch.from_numpy(np.stack([p[i] for p in pairs])).permute(0, 3, 1, 2).float().contiguous(memory_format=fmt)
+        for i in (0, 1)
+    )
+    win = _window(x.device)
+    got = _ssim_and_ms_ssim(x, y, win)
+    assert got is not None
+    assert torch.equal(got[0], lib_ssim(x, y, data_range=255, size_average=False, win=win))
+    assert torch.equal(got[1], lib_ms_ssim(x, y, data_range=255, size_average=False, win=win))
+
+
+@pytest.mark.parametrize("change", ["no _ssim", "another signature"])
+def test_a_pytorch_msssim_without_the_expected_internals_falls_back_to_its_public_calls(change, monkeypatch):
+    import pytorch_msssim  # noqa: F401
+
+    lib = sys.modules["pytorch_msssim.ssim"]  # the module (the package's attribute `ssim` is the function)
+    a, b = jpeg_pair(176, 192, seed=5, quality=30)
+    expected = compare(a, b)
+    if change == "no _ssim":
+        monkeypatch.setitem(sys.modules, "pytorch_msssim.ssim", None)  # the import of _ssim fails
+    else:
+        real = lib._ssim
+
+        def changed(*args, **kwargs):  # the library's own calls work; the one-pass call is refused as changed
+            if sys._getframe(1).f_globals["__name__"] == "vae_toolkit.evaluate":
+                raise TypeError("_ssim() got an unexpected keyword argument 'K'")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(lib, "_ssim", changed)
+    assert compare(a, b) == expected
+
+
 @pytest.mark.parametrize(("h", "w"), [(160, 400), (64, 64)])
 def test_ms_ssim_is_empty_for_images_too_small_for_5_scales(h, w):
     a, b = jpeg_pair(h, w)
