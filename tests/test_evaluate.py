@@ -131,7 +131,7 @@ def test_one_pass_ssim_and_ms_ssim_are_pytorch_msssims_values(h, w, layout):
     from pytorch_msssim import ms_ssim as lib_ms_ssim
     from pytorch_msssim import ssim as lib_ssim
 
-    from vae_toolkit.evaluate import _ssim_and_ms_ssim, _window
+    from vae_toolkit.evaluate import _fold, _ssim_and_ms_ssim, _window
 
     pairs = [jpeg_pair(h, w, seed=s, quality=q) for s, q in ((1, 20), (2, 60), (3, 90))]
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
@@ -140,10 +140,52 @@ def test_one_pass_ssim_and_ms_ssim_are_pytorch_msssims_values(h, w, layout):
         for i in (0, 1)
     )
     win = _window(x.device)
+
+    def library(x, y):
+        return (
+            lib_ssim(x, y, data_range=255, size_average=False, win=win),
+            lib_ms_ssim(x, y, data_range=255, size_average=False, win=win),
+        )
+
     got = _ssim_and_ms_ssim(x, y, win)
-    assert got is not None
-    assert torch.equal(got[0], lib_ssim(x, y, data_range=255, size_average=False, win=win))
-    assert torch.equal(got[1], lib_ms_ssim(x, y, data_range=255, size_average=False, win=win))
+    assert got is not None and all(map(torch.equal, got, library(x, y)))
+    # the images side by side as channels (always channels-last): the library's values on channels-last input
+    folded = _ssim_and_ms_ssim(_fold(x), _fold(y), _window(x.device, 3 * len(x)))
+    assert folded is not None
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, y)]
+    assert all(map(torch.equal, folded, library(*cl)))
+    # and within float32 rounding of its values in the other layout
+    assert all(torch.allclose(f, e, rtol=0, atol=1e-6) for f, e in zip(folded, library(x, y), strict=True))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 37, 53, 3), (1, 512, 512, 3), (3, 300, 257, 3)])
+@pytest.mark.parametrize("content", ["random", "extreme"])
+def test_exact_sums_are_the_integer_sums(shape, content):
+    """The sums behind PSNR and MAE equal int64 sums exactly, also where a float32 sum would round (255² * 786k)."""
+    from vae_toolkit.evaluate import _exact_sums
+
+    rng = np.random.default_rng(shape[1])
+    a = rng.integers(0, 256, shape, dtype=np.uint8)
+    b = (
+        rng.integers(0, 256, shape, dtype=np.uint8)
+        if content == "random"
+        else np.where(a > 127, 0, 255).astype(np.uint8)
+    )
+    d = a.astype(np.int64) - b.astype(np.int64)
+    squares, absolute = _exact_sums(torch.from_numpy(a).float() - torch.from_numpy(b).float())
+    assert squares == (d * d).reshape(len(d), -1).sum(1).tolist()
+    assert absolute == np.abs(d).reshape(len(d), -1).sum(1).tolist()
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 256, 256), (2, 3, 255, 255), (1, 3, 171, 203), (3, 6, 128, 65)])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_pool2_is_avg_pool2d(shape, layout):
+    from vae_toolkit.evaluate import _pool2
+
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = (torch.rand(*shape, generator=torch.Generator().manual_seed(1)) * 255).contiguous(memory_format=fmt)
+    padding = (shape[2] % 2, shape[3] % 2)
+    assert torch.equal(_pool2(x, padding), torch.nn.functional.avg_pool2d(x, kernel_size=2, padding=padding))
 
 
 @pytest.mark.parametrize("change", ["no _ssim", "another signature"])

@@ -141,7 +141,7 @@ def ssim(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.nd
     a, b = _pair(original, reconstruction)
     if min(a.shape[:2]) < 11:
         raise ValueError(f"SSIM needs images of at least 11x11 pixels (its window), got {a.shape[1]}x{a.shape[0]}")
-    return float(_ssim_batch(_ssim_layout(_planes(a[None])), _ssim_layout(_planes(b[None])))[0][0])
+    return float(_ssim_batch(_planes(a[None]), _planes(b[None]))[0][0])
 
 
 def ms_ssim(original: Image.Image | np.ndarray, reconstruction: Image.Image | np.ndarray) -> float | None:
@@ -149,7 +149,7 @@ def ms_ssim(original: Image.Image | np.ndarray, reconstruction: Image.Image | np
     a, b = _pair(original, reconstruction)
     if min(a.shape[:2]) < _MS_SSIM_MIN_SIDE:
         return None
-    value = _ssim_batch(_ssim_layout(_planes(a[None])), _ssim_layout(_planes(b[None])), multiscale=True)[1][0]
+    value = _ssim_batch(_planes(a[None]), _planes(b[None]), multiscale=True)[1][0]
     return None if value is None else float(value)
 
 
@@ -174,17 +174,28 @@ def _ssim_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` ``[N, 3, H, W]`` in the memory layout where SSIM's Gaussian filter is fastest on its device.
 
     On a CPU, pytorch-msssim's depthwise 11-tap convolutions run 3-5x faster on channels-last tensors
-    (oneDNN's NHWC depthwise kernels) than on NCHW, which brings SSIM + MS-SSIM of a 256² image from about
-    84 to 27 ms on one core (``benchmarks/evaluate.py``); the values agree to 1e-7. Other devices keep the
-    layout that was measured there (NCHW).
+    (oneDNN's NHWC depthwise kernels) than on NCHW; the values agree to 1e-7. Other devices keep the layout
+    that was measured there (NCHW).
     """
     if x.device.type == "cpu":
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
 
 
-def _window(device: torch.device) -> torch.Tensor:
-    """The 11-tap Gaussian (sigma 1.5), normalised in float64 then rounded to float32.
+def _fold(x: torch.Tensor) -> torch.Tensor:
+    """``[n, C, H, W]`` -> ``[1, n * C, H, W]`` channels-last: the images side by side as channels.
+
+    The depthwise convolutions of SSIM filter each channel on its own, so the values are those of the
+    unfolded batch bit for bit, and on a CPU they run about 2.5x faster with 12-15 channels to vectorise
+    over than with 3.
+    """
+    n, c, h, w = x.shape
+    folded = x.permute(2, 3, 0, 1).reshape(1, h, w, n * c).permute(0, 3, 1, 2)
+    return folded.contiguous(memory_format=torch.channels_last)  # a view of an NCHW batch is not channels-last
+
+
+def _window(device: torch.device, channels: int = 3) -> torch.Tensor:
+    """The 11-tap Gaussian (sigma 1.5), normalised in float64 then rounded to float32, once per channel.
 
     Float32 is about twice as fast as float64 on a CPU and agrees with scikit-image's float64 SSIM within 2e-5
     on 8-bit images (tested to 1e-4, the agreement the definition asks); pytorch-msssim's own float32 window,
@@ -192,11 +203,17 @@ def _window(device: torch.device) -> torch.Tensor:
     """
     coords = torch.arange(11, dtype=torch.float64) - 5
     g = torch.exp(-(coords**2) / (2 * 1.5**2))
-    return (g / g.sum()).to(torch.float32).reshape(1, 1, 1, 11).repeat(3, 1, 1, 1).to(device)
+    return (g / g.sum()).to(torch.float32).reshape(1, 1, 1, 11).repeat(channels, 1, 1, 1).to(device)
 
 
 def _ssim_batch(x: torch.Tensor, y: torch.Tensor, multiscale: bool = False) -> tuple[list[float], list[float | None]]:
-    """Per image ``(ssim, ms_ssim)`` of two ``[N, 3, H, W]`` float32 batches in 0..255 (on any device)."""
+    """Per image ``(ssim, ms_ssim)`` of two ``[N, 3, H, W]`` float32 batches in 0..255 (on any device).
+
+    With ``multiscale`` (and images large enough for 5 scales), both come from one pass
+    (:func:`_ssim_and_ms_ssim`); on a CPU a few images at a time, folded into channels (:func:`_fold`), so that
+    the dozen full-size maps of each step stay in the core's cache: at 256², 4 images per group take about
+    6 ms per image on one core, against 10 ms unfolded in groups of 2 and 14 ms for 8 images at once.
+    """
     try:
         from pytorch_msssim import ms_ssim as _ms_ssim
         from pytorch_msssim import ssim as _ssim
@@ -205,43 +222,51 @@ def _ssim_batch(x: torch.Tensor, y: torch.Tensor, multiscale: bool = False) -> t
             "evaluating needs pytorch-msssim for SSIM and MS-SSIM: pip install 'vae-toolkit[eval]' "
             "(or pip install pytorch-msssim)"
         ) from err
-    win = _window(x.device)
     with torch.inference_mode():
         if multiscale and min(x.shape[-2:]) >= _MS_SSIM_MIN_SIDE:
-            # On a CPU, a few images at a time: the dozen full-size maps of each SSIM step then stay in the
-            # core's cache (at 256², 2 images at a time take 9.5 ms per image on one core, 8 at a time 14 ms)
-            step = max(1, _SSIM_CPU_PIXELS // (x.shape[-1] * x.shape[-2])) if x.device.type == "cpu" else len(x)
-            parts = [_ssim_and_ms_ssim(x[i : i + step], y[i : i + step], win) for i in range(0, len(x), step)]
+            if x.device.type == "cpu":
+                step = max(1, _SSIM_CPU_PIXELS // (x.shape[-1] * x.shape[-2]))
+                parts = [
+                    _ssim_and_ms_ssim(
+                        _fold(x[i : i + step]), _fold(y[i : i + step]), _window(x.device, 3 * len(x[i : i + step]))
+                    )
+                    for i in range(0, len(x), step)
+                ]
+            else:
+                parts = [_ssim_and_ms_ssim(x.contiguous(), y.contiguous(), _window(x.device))]
             if all(p is not None for p in parts):
                 return (
                     [v for p in parts if p for v in p[0].tolist()],
                     [v for p in parts if p for v in p[1].tolist()],
                 )
-            s = _ssim(x, y, data_range=255, size_average=False, win=win).tolist()
-            return s, _ms_ssim(x, y, data_range=255, size_average=False, win=win).tolist()
+        win = _window(x.device)
+        x, y = _ssim_layout(x), _ssim_layout(y)
         s = _ssim(x, y, data_range=255, size_average=False, win=win).tolist()
+        if multiscale and min(x.shape[-2:]) >= _MS_SSIM_MIN_SIDE:
+            return s, _ms_ssim(x, y, data_range=255, size_average=False, win=win).tolist()
     return s, [None] * len(s)
 
 
-_SSIM_CPU_PIXELS = 2**17  # pixels per image group for SSIM on a CPU (see _ssim_batch)
+_SSIM_CPU_PIXELS = 2**18  # pixels per group of images for SSIM on a CPU (see _ssim_batch)
 _MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, pytorch-msssim's default
 
 
 def _ssim_and_ms_ssim(x: torch.Tensor, y: torch.Tensor, win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(ssim, ms_ssim)`` per image in one pass, or None when pytorch-msssim's internals are not the expected ones.
+    """``(ssim, ms_ssim)`` per image (3 channels each, in order) in one pass, or None when pytorch-msssim's
+    internals are not the expected ones.
 
     pytorch-msssim's ``ms_ssim`` computes the full-scale SSIM map at its first scale and discards it, so calling
     ``ssim`` as well filters the full-size image twice (about 40% of the time of both). This is ``ms_ssim``'s own
     loop (pytorch-msssim 1.0: its ``_ssim`` at each scale, ReLU of the contrast-structure terms, 2x2 average
-    pooling padded on odd sides, the weighted product, the mean over channels), keeping the first scale's SSIM,
-    which is what ``ssim`` returns. A test checks both values against ``ssim`` and ``ms_ssim`` bit for bit;
-    should a pytorch-msssim release change ``_ssim``, None makes the caller use the two public functions.
+    pooling padded on odd sides (:func:`_pool2`), the weighted product, the mean over each image's 3 channels),
+    keeping the first scale's SSIM, which is what ``ssim`` returns. ``x`` and ``y`` may be folded
+    (:func:`_fold`). A test checks both values against ``ssim`` and ``ms_ssim`` bit for bit; should a
+    pytorch-msssim release change ``_ssim``, None makes the caller use the two public functions.
     """
     try:
         from pytorch_msssim.ssim import _ssim
     except ImportError:
         return None
-    import torch.nn.functional as F
 
     mcs: list[torch.Tensor] = []
     first: torch.Tensor | None = None
@@ -250,38 +275,64 @@ def _ssim_and_ms_ssim(x: torch.Tensor, y: torch.Tensor, win: torch.Tensor) -> tu
         for level in range(len(_MS_SSIM_WEIGHTS)):
             per_channel, cs = _ssim(x, y, win=win, data_range=255, size_average=False, K=(0.01, 0.03))
             if first is None:
-                first = per_channel.mean(1)
+                first = per_channel.reshape(-1, 3).mean(1)
             if level < len(_MS_SSIM_WEIGHTS) - 1:
                 mcs.append(torch.relu(cs))
-                padding = [side % 2 for side in x.shape[2:]]
-                x = F.avg_pool2d(x, kernel_size=2, padding=padding)
-                y = F.avg_pool2d(y, kernel_size=2, padding=padding)
+                padding = (x.shape[2] % 2, x.shape[3] % 2)
+                x, y = _pool2(x, padding), _pool2(y, padding)
     except TypeError:  # another _ssim signature
         return None
     stacked = torch.stack([*mcs, torch.relu(per_channel)], dim=0)  # (scale, image, channel)
     weights = stacked.new_tensor(_MS_SSIM_WEIGHTS).view(-1, 1, 1)
     assert first is not None
-    return first, torch.prod(stacked**weights, dim=0).mean(1)
+    return first, torch.prod(stacked**weights, dim=0).reshape(-1, 3).mean(1)
+
+
+def _pool2(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """``F.avg_pool2d(x, 2, padding=padding)`` bit for bit (zero padding counted, sums in the same order), 2x faster.
+
+    torch's CPU average pooling takes about 2.3 ns per input value; four strided views added take half of that.
+    """
+    import torch.nn.functional as F
+
+    ph, pw = padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    return (x[..., 0:h:2, 0:w:2] + x[..., 0:h:2, 1:w:2] + x[..., 1:h:2, 0:w:2] + x[..., 1:h:2, 1:w:2]) / 4
+
+
+def _exact_sums(diff: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per image of a batch of differences of uint8 values (whole numbers in float32), ``(sum d², sum |d|)``, exact.
+
+    Blocks of 256 values are summed in float32: a block's sum is at most 256 * 255² < 2**24, so every partial
+    sum is a whole number that float32 holds exactly, in any order of addition. The block sums are then added
+    in float64, exact below 2**53 (any image under 46 gigapixels).
+    """
+    flat = diff.reshape(len(diff), -1)
+    main = flat.shape[1] // 256 * 256
+    out: list[list[float]] = []
+    for values in (flat * flat, flat.abs()):
+        total = values.narrow(1, 0, main).reshape(len(diff), -1, 256).sum(-1).sum(-1, dtype=torch.float64)
+        out.append((total + values.narrow(1, main, flat.shape[1] - main).sum(-1, dtype=torch.float64)).tolist())
+    return out[0], out[1]
 
 
 def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -> list[dict[str, float | None]]:
     """The metrics of a batch of pairs ``[N, H, W, 3]`` uint8 (all of one size), computed on ``device``.
 
-    PSNR and MAE come from exact integer sums (int64), SSIM and MS-SSIM from float32 planes.
+    PSNR and MAE come from exact sums (:func:`_exact_sums`), SSIM and MS-SSIM from the same float32 values.
     """
     # a read-only array (np.asarray of a PIL image) is copied: torch warns about sharing it
     ta = torch.from_numpy(np.require(a, requirements=["C", "W"])).to(device or "cpu")
     tb = torch.from_numpy(np.require(b, requirements=["C", "W"])).to(device or "cpu")
     with torch.inference_mode():
-        diff = ta.to(torch.int32) - tb.to(torch.int32)
-        squares = (diff * diff).sum(dim=(1, 2, 3), dtype=torch.int64).tolist()
-        absolute = diff.abs().sum(dim=(1, 2, 3), dtype=torch.int64).tolist()
-        del diff
+        xa, yb = ta.to(torch.float32), tb.to(torch.float32)  # [N, H, W, 3]: uint8 values are exact in float32
+        squares, absolute = _exact_sums(xa - yb)
         count = a.shape[1] * a.shape[2] * a.shape[3]
         s: list[float | None]
         if min(a.shape[1:3]) >= 11:
-            x, y = (_ssim_layout(t.permute(0, 3, 1, 2).to(torch.float32)) for t in (ta, tb))
-            s_, m = _ssim_batch(x, y, multiscale=True)
+            s_, m = _ssim_batch(xa.permute(0, 3, 1, 2), yb.permute(0, 3, 1, 2), multiscale=True)
             s = list(s_)
         else:  # smaller than the SSIM window
             s, m = [None] * len(a), [None] * len(a)
@@ -768,9 +819,12 @@ def _pipeline(
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Read (threads) -> group by size -> every model -> metrics; returns (rows, failures).
 
-    The models run on this thread; the metrics of a batch run on one background thread (on the first model's
-    device) while the models work on the next batch, so that they cost little time beside the models. At
-    most one batch waits for its metrics.
+    The models run on this thread. On a GPU (or another accelerator), the metrics of a batch run on one
+    background thread (on the first model's device, on their own stream) while the models work on the next
+    batch, so that they cost little time beside the models; at most one batch waits for its metrics. On a CPU
+    they run on this thread after the models: the models' operations already use every core, and a second
+    thread's OpenMP team spinning beside theirs made evaluating slower and its speed erratic (0.60-0.94x
+    encode + decode over 8 rounds, against 0.79-0.91x with spinning turned off, ``benchmarks/evaluate.py --vae tiny``).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -796,12 +850,13 @@ def _pipeline(
         values: dict[str, list[dict[str, Any]]] = {}
         arrays: dict[str, np.ndarray] = {}
         if good:
+            kept = originals if len(good) == len(keys) else originals[good]
             for name in vaes:
                 arrays[name] = np.stack([recons[name][i] for i in good])
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    values[name] = _metrics(originals[good], arrays[name], device)
+                    values[name] = _metrics(kept, arrays[name], device)
                 if lpips_net is not None:
-                    for v, d in zip(values[name], lpips_net(originals[good], arrays[name]), strict=True):
+                    for v, d in zip(values[name], lpips_net(kept, arrays[name]), strict=True):
                         v["lpips"] = d
         h, w = originals.shape[1:3]
         for j, i in enumerate(good):
@@ -836,7 +891,13 @@ def _pipeline(
                     counted[name] += len(keys)
                 if pending is not None:
                     pending.result()  # one batch waits for its metrics at most
-                pending = pool.submit(measure, keys, originals.permute(0, 2, 3, 1).numpy(), recons)
+                # [N, H, W, 3] in memory, copied here by torch (threads, without the GIL), not gathered by numpy in
+                # the metrics thread (holding the GIL that this thread's model needs)
+                nhwc = originals.permute(0, 2, 3, 1).contiguous().numpy()
+                if device.type == "cpu":
+                    measure(keys, nhwc, recons)
+                else:
+                    pending = pool.submit(measure, keys, nhwc, recons)
             if pending is not None:
                 pending.result()
         finally:
