@@ -145,19 +145,20 @@ def throughput(tmp: Path, n: int, batch_size: int, workers: int, threads: int, r
 # --- 2. memory ------------------------------------------------------------------------------------
 
 RSS_CHILD = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {bench!r})
 from dataset import make_vae
 from vae_toolkit.dataset import encode_dataset
 vae = make_vae()
 s = encode_dataset(vae, sys.argv[1], sys.argv[2], batch_size=8, progress=False)
 assert s.encoded == int(sys.argv[3]), s
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+# VmHWM: the peak RSS of this program (KiB); ru_maxrss would also count the parent's RSS at the fork
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
 def peak_rss(tmp: Path, n: int, child: str = RSS_CHILD) -> float:
-    """Peak RSS (MiB) of ``child`` (a script run as ``SOURCE OUTPUT N``) in a fresh process, on ``n`` new images."""
+    """Peak RSS (MiB, VmHWM) of ``child`` (a script run as ``SOURCE OUTPUT N``) in a fresh process, on ``n`` images."""
     src = tmp / f"rss{n}"
     if not src.exists():
         make_images(src, n, seed=n)

@@ -97,13 +97,14 @@ def throughput(
 
 
 RSS_CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, {bench!r})
 from dataset import make_vae
 from vae_toolkit.evaluate import evaluate
 r = evaluate({{"tiny": make_vae()}}, sys.argv[1], sys.argv[2], batch_size=8, progress=False)
 assert len(r.rows) == int(sys.argv[3]), len(r.rows)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+# VmHWM: the peak RSS of this program (KiB); ru_maxrss would also count the parent's RSS at the fork
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
