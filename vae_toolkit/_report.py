@@ -365,7 +365,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24
 h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 .meta { color: #555; }
 table { border-collapse: collapse; margin: 8px 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; font-size: 14px; }
+.scroll { overflow-x: auto; }  /* a wide summary (many models and metrics) scrolls by itself, not the page */
 th { background: #f3f3f3; } td.model, th.model { text-align: left; font-weight: 600; }
 td.best { background: #e3f4e1; font-weight: 600; }
 .swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; vertical-align: -1px; }
@@ -419,7 +420,7 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
     for metric in result.metrics:
         head1 += f'<th colspan="4">{e(metric)}{e(UNITS[metric])} ({"↑" if HIGHER_IS_BETTER[metric] else "↓"})</th>'
         head2 += "".join(f"<th>{s}</th>" for s in stats[HIGHER_IS_BETTER[metric]])
-    parts.append(f'<table id="summary"><thead>{head1}</tr>{head2}</tr></thead><tbody>')
+    parts.append(f'<div class="scroll"><table id="summary"><thead>{head1}</tr>{head2}</tr></thead><tbody>')
     best: dict[tuple[str, str], float] = {}
     for metric in result.metrics:
         for stat in stats[HIGHER_IS_BETTER[metric]]:
@@ -439,7 +440,7 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
                 )
                 row += f"<td{cls}>{_fmt(metric, value)}</td>"
         parts.append(row + "</tr>")
-    parts.append("</tbody></table>")
+    parts.append("</tbody></table></div>")
     parts.append(
         '<p class="meta">p5 / p95: 5th / 95th percentile over the images; green: the best model in that column. '
         'Every value per image is in <a href="metrics.csv">metrics.csv</a>, the statistics in '
