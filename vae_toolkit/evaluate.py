@@ -844,7 +844,7 @@ def _pipeline(
     bar = tqdm(total=len(items), desc="evaluate", unit="image", disable=not progress, dynamic_ncols=True)
 
     def measure(keys: list[str], originals: np.ndarray, recons: dict[str, list[np.ndarray | str]]) -> None:
-        """The metrics of one batch (background thread): rows, failures and the pictures kept."""
+        """The metrics of one batch (on a CPU this thread, on a GPU the background one): rows, failures, pictures."""
         good = [i for i in range(len(keys)) if not any(isinstance(recons[n][i], str) for n in vaes)]
         for i in sorted(set(range(len(keys))) - set(good)):
             failures[keys[i]] = "; ".join(f"{n}: {recons[n][i]}" for n in vaes if isinstance(recons[n][i], str))
