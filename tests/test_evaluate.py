@@ -331,6 +331,37 @@ def test_batched_rows_equal_one_at_a_time_rows(run):
         assert a["mae"] == pytest.approx(b["mae"], abs=0.01)
 
 
+def test_an_image_the_model_fails_on_is_listed_and_its_batch_mates_keep_their_values(tmp_path):
+    """A model that raises on one image of a batch: the batch is retried one by one, that image is a failure
+    naming the model, and the other images' rows are those of a run without it (originals and reconstructions
+    stay paired)."""
+    for folder, black in ((tmp_path / "with", True), (tmp_path / "without", False)):
+        folder.mkdir()
+        for i in range(4):
+            if i == 2 and black:
+                pixels = np.zeros((48, 40, 3), np.uint8)
+            elif i == 2:
+                continue
+            else:
+                pixels = photo(48, 40, seed=10 + i)
+            Image.fromarray(pixels).save(folder / f"p{i}.png")
+    vae = make_tiny_vae()
+    real = vae.encode
+
+    def encode(x, *args, **kwargs):
+        if bool((x.flatten(1).amax(1) <= -1).any()):
+            raise RuntimeError("cannot encode an all-black image")
+        return real(x, *args, **kwargs)
+
+    vae.encode = encode
+    got = evaluate({"flaky": vae}, tmp_path / "with", batch_size=4, progress=False)
+    assert list(got.failures) == ["p2.png"]
+    assert "flaky: RuntimeError: cannot encode an all-black image" in got.failures["p2.png"]
+    expected = evaluate({"flaky": vae}, tmp_path / "without", batch_size=4, progress=False)
+    assert [r["image"] for r in got.rows] == ["p0.png", "p1.png", "p3.png"]
+    assert got.rows == expected.rows
+
+
 def test_a_perturbed_decoder_ranks_below_on_every_statistic(run):
     _, result, _, out = run
     assert result.ranking == ["good", "perturbed"]
