@@ -826,7 +826,8 @@ def _pipeline(
     batch, so that they cost little time beside the models; at most one batch waits for its metrics. On a CPU
     they run on this thread after the models: the models' operations already use every core, and a second
     thread's OpenMP team spinning beside theirs made evaluating slower and its speed erratic (0.60-0.94x
-    encode + decode over 8 rounds, against 0.79-0.91x with spinning turned off, ``benchmarks/evaluate.py --vae tiny``).
+    encode + decode over 8 rounds, against 0.79-0.91x with ``OMP_WAIT_POLICY=PASSIVE``; the tiny VAE on the
+    48 images of ``benchmarks/evaluate.py --vae tiny``).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
