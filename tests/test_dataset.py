@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -472,11 +473,103 @@ def test_an_interrupted_run_keeps_what_it_encoded(vae, source, tmp_path, monkeyp
     monkeypatch.setattr(vae, "encode", encode)
     with pytest.raises(KeyboardInterrupt):
         encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
+    assert not _helper_threads()  # the reading threads stopped with the run
     kept = shard_keys(tmp_path)
     assert len(kept) == sum(calls[:2]) > 0  # the two batches before Ctrl-C were written
     monkeypatch.undo()
     summary = encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
     assert (summary.encoded, summary.skipped) == (10 - len(kept), len(kept))
+
+
+# --- feeding the model ------------------------------------------------------------------------------
+
+
+def _helper_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("vae_toolkit_batches", "vae_toolkit_read"))]
+
+
+def test_batches_are_stacked_off_the_models_thread(vae, source, tmp_path, monkeypatch):
+    """The model's thread only encodes: each batch arrives stacked by the helper (a GPU is not left idle)."""
+    stacked: dict[int, str] = {}  # data_ptr of each stacked batch -> the thread that stacked it
+    real_stack, real_encode = dataset._stack, vae.encode
+    seen: list[tuple[str, int]] = []
+
+    def stack(images):
+        out = real_stack(images)
+        stacked[out.data_ptr()] = threading.current_thread().name
+        return out
+
+    def encode(x, *args, **kwargs):
+        seen.append((threading.current_thread().name, x.data_ptr()))
+        return real_encode(x, *args, **kwargs)
+
+    monkeypatch.setattr(dataset, "_stack", stack)
+    monkeypatch.setattr(vae, "encode", encode)
+    summary = encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
+    assert summary.encoded == 10 and len(seen) >= 5
+    main = threading.current_thread().name
+    for thread, ptr in seen:
+        assert thread == main
+        assert stacked.get(ptr, "").startswith("vae_toolkit_batches")  # the model got the helper's tensor itself
+    assert not _helper_threads()
+
+
+def _batch(keys, value=0.0, shape=(3, 4, 5)):
+    return [(k, (i, i), torch.full(shape, value + i)) for i, k in enumerate(keys)]
+
+
+def test_assembled_keeps_order_stacks_once_and_passes_failures_through():
+    err = ValueError("bad file")
+    source = [_batch(["a", "b"]), ("c", err), _batch(["d"], 10.0, (3, 2, 2)), _batch(["e", "f", "g"], 20.0)]
+    out = list(dataset._assembled(iter(source)))
+    assert len(out) == 4
+    assert out[1] == ("c", err)
+    for got, want in zip([out[0], out[2], out[3]], [source[0], source[2], source[3]], strict=True):
+        items, x = got
+        assert [i.key for i in items] == [k for k, _, _ in want]
+        assert [i.stat for i in items] == [s for _, s, _ in want]
+        assert torch.equal(x, torch.stack([t for _, _, t in want]))
+        for i, item in enumerate(items):  # views into the batch: its memory is held once
+            assert item.image.data_ptr() == x[i].data_ptr()
+    assert not _helper_threads()
+
+
+def test_an_error_of_the_reader_is_raised_in_the_models_thread():
+    def batches():
+        yield _batch(["a"])
+        raise RuntimeError("disk gone")
+
+    got = dataset._assembled(batches())
+    items, _ = next(got)
+    assert items[0].key == "a"
+    with pytest.raises(RuntimeError, match="disk gone"):
+        next(got)
+    assert not _helper_threads()
+
+
+def test_leaving_early_stops_the_helper_and_closes_the_reader():
+    closed = threading.Event()
+
+    def batches():
+        try:
+            for i in range(1000):
+                yield _batch([f"k{i}"])
+        finally:
+            closed.set()
+
+    got = dataset._assembled(batches())
+    next(got)
+    got.close()
+    assert closed.is_set()
+    assert not _helper_threads()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_stack_equals_torch_stack(dtype):
+    images = [torch.randn(3, 5, 7).to(dtype) for _ in range(4)]
+    out = dataset._stack(images)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, torch.stack(images))
 
 
 # --- reading back ---------------------------------------------------------------------------------

@@ -50,9 +50,9 @@ import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -1221,7 +1221,10 @@ class _Encoder:
         self.vae, self.sample, self.seed, self.store_dtype = vae, sample, seed, store_dtype
         self.limits: dict[tuple[int, ...], int] = {}  # image shape -> batch size that fitted after an OOM
 
-    def __call__(self, items: list[_Item]) -> tuple[list[tuple[_Item, torch.Tensor]], dict[str, str]]:
+    def __call__(
+        self, items: list[_Item], x: torch.Tensor | None = None
+    ) -> tuple[list[tuple[_Item, torch.Tensor]], dict[str, str]]:
+        """Encode ``items`` (``x``: their images already stacked, as :func:`_assembled` gives them)."""
         shape = tuple(items[0].image.shape)
         done: list[tuple[_Item, torch.Tensor]] = []
         failed: dict[str, str] = {}
@@ -1230,7 +1233,7 @@ class _Encoder:
             n = min(self.limits.get(shape, len(items)), len(items) - start)
             chunk = items[start : start + n]
             try:
-                z = self._encode(chunk)
+                z = self._encode(chunk, None if x is None else x[start : start + n])
             except _OOM_ERRORS as err:
                 _free_cached_memory()
                 if n == 1:
@@ -1251,8 +1254,9 @@ class _Encoder:
             start += n
         return done, failed
 
-    def _encode(self, chunk: list[_Item]) -> list[torch.Tensor]:
-        x = torch.stack([item.image for item in chunk])
+    def _encode(self, chunk: list[_Item], x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if x is None:
+            x = torch.stack([item.image for item in chunk])
         generator = [sample_generator(self.seed, item.key) for item in chunk] if self.sample else None
         with torch.inference_mode():
             z = latents.encode(self.vae, x, sample=self.sample, generator=generator)
@@ -1632,6 +1636,101 @@ def iter_batches(
         yield buckets.pop(shape)
 
 
+def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(images)`` of equal-shape CPU tensors, copied by numpy on the calling thread.
+
+    numpy copies without the GIL and on this thread only: ``torch.stack`` would start an OpenMP team of
+    ``torch.get_num_threads()`` threads from a helper thread, beside the decoding threads that keep the cores
+    busy. dtypes numpy lacks (bfloat16) are stacked by torch.
+    """
+    out = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype)
+    try:
+        dst = out.numpy()
+        for i, image in enumerate(images):
+            np.copyto(dst[i], image.numpy(), casting="no")
+    except (TypeError, RuntimeError):  # a dtype numpy does not have
+        torch.stack(list(images), out=out)
+    return out
+
+
+class _Raised:
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+
+_END = object()
+
+
+def _assembled(
+    batches: Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]],
+) -> Generator[tuple[list[_Item], torch.Tensor] | tuple[str, Exception], None, None]:
+    """``batches`` run on a helper thread that also stacks each batch: the model's thread only encodes.
+
+    Stacking a batch (50 MB for 16 images of 512²) on the model's thread left a GPU idle for as long as it
+    took beside busy decoding threads (``benchmarks/gpu_feed.py``). The helper stays one batch ahead (a
+    queue of one), so at most two more batches are held than without it. Each item's image becomes a view
+    into the stacked tensor, so the batch's memory is held once. Errors in the helper are raised here;
+    leaving the loop early (an exception, Ctrl-C, SIGTERM) stops the helper, which closes ``batches``.
+    """
+    import queue
+
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if isinstance(batch, tuple):
+                    out: Any = batch
+                else:
+                    x = _stack([image for _, _, image in batch])
+                    out = ([_Item(key, stat, x[i]) for i, (key, stat, _) in enumerate(batch)], x)
+                del batch
+                if not put(out):
+                    return
+            put(_END)
+        except BaseException as err:  # raised again in the consumer's thread
+            put(_Raised(err))
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()  # a generator: iter_images cancels what it had submitted
+
+    helper = threading.Thread(target=produce, name="vae_toolkit_batches", daemon=True)
+    helper.start()
+    try:
+        while True:
+            try:
+                item = ready.get(timeout=0.1)
+            except queue.Empty:
+                if helper.is_alive() or not ready.empty():
+                    continue
+                raise RuntimeError("the batch reading thread ended without a result") from None
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.err
+            yield item
+            del item
+    finally:
+        stop.set()
+        while helper.is_alive():
+            try:
+                ready.get(timeout=0.05)  # unblock a waiting put
+            except queue.Empty:
+                pass
+        helper.join()
+
+
 def failure_reason(err: BaseException) -> str:
     """One line for a file that could not be read: the library's message, or the exception's type and text."""
     text = " ".join(str(err).split())
@@ -1656,24 +1755,27 @@ def _pipeline(
     encoded = 0
     bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers):
-            if isinstance(batch, tuple):
-                key, err = batch
-                failed[key] = failure_reason(err)
-                logger.warning("skipped %s: %s", key, failed[key])
-                bar.update(1)
-                continue
-            done, errors = encoder([_Item(key, stat, image) for key, stat, image in batch])
-            for item, z in done:
-                entry = {
-                    "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
-                    "source_bytes": item.stat[0],
-                    "source_mtime_ns": item.stat[1],
-                }
-                writer.add(item.key, z, entry)
-            encoded += len(done)
-            failed.update(errors)
-            bar.update(len(batch))
+        batches = iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers)
+        with closing(_assembled(batches)) as assembled:  # closed at once on an exception: the helper stops
+            for batch in assembled:
+                if isinstance(batch[0], str):
+                    key, err = batch
+                    failed[key] = failure_reason(err)
+                    logger.warning("skipped %s: %s", key, failed[key])
+                    bar.update(1)
+                    continue
+                chunk, x = batch
+                done, errors = encoder(chunk, x)
+                for item, z in done:
+                    entry = {
+                        "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
+                        "source_bytes": item.stat[0],
+                        "source_mtime_ns": item.stat[1],
+                    }
+                    writer.add(item.key, z, entry)
+                encoded += len(done)
+                failed.update(errors)
+                bar.update(len(chunk))
     finally:
         bar.close()
     return encoded, failed
