@@ -10,6 +10,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -562,6 +563,25 @@ def test_leaving_early_stops_the_helper_and_closes_the_reader():
     got.close()
     assert closed.is_set()
     assert not _helper_threads()
+
+
+def test_the_helper_stays_one_batch_ahead():
+    """Memory stays bounded: while the model works on a batch, the helper holds one more and waits with a third."""
+    pulled = []
+
+    def batches():
+        for i in range(1000):
+            pulled.append(i)
+            yield _batch([f"k{i}"])
+
+    got = dataset._assembled(batches())
+    next(got)
+    deadline = time.monotonic() + 5
+    while len(pulled) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # time enough to run ahead, were it not bounded
+    assert len(pulled) == 3  # the one given out, the one queued, the one waiting to be queued
+    got.close()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
