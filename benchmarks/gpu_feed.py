@@ -41,7 +41,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stage1 import photo  # noqa: E402
+from dataset import make_vae  # noqa: E402
+from stage1 import _table, photo  # noqa: E402
 
 from vae_toolkit import dataset  # noqa: E402
 from vae_toolkit.dataset import default_workers, encode_dataset, iter_images  # noqa: E402
@@ -57,18 +58,7 @@ def _write(args: tuple[Path, int]) -> None:
 
 def emulated_vae(per_image_s: float) -> Any:
     """A tiny AutoencoderKL whose ``encode`` waits ``per_image_s`` per image without the GIL, like a GPU."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=SIZE,
-    ).eval()
+    vae = make_vae()  # benchmarks/dataset.py's tiny VAE (sample_size 512): only its encode is replaced
 
     def encode(x: torch.Tensor, return_dict: bool = True) -> Any:
         n, _, h, w = x.shape
@@ -184,13 +174,7 @@ def main() -> int:
         "stacked on model thread img/s",
         "status (>= 0.9x)",
     )
-    cells = [headers, *rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(headers))]
-    print()
-    for n, row in enumerate(cells):
-        print("| " + " | ".join(c.ljust(wd) for c, wd in zip(row, widths, strict=True)) + " |")
-        if n == 0:
-            print("|" + "|".join("-" * (wd + 2) for wd in widths) + "|")
+    _table(headers, rows)
     return 1 if misses else 0
 
 

@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import socket
@@ -1672,8 +1673,6 @@ def _assembled(
     into the stacked tensor, so the batch's memory is held once. Errors in the helper are raised here;
     leaving the loop early (an exception, Ctrl-C, SIGTERM) stops the helper, which closes ``batches``.
     """
-    import queue
-
     ready: queue.Queue[Any] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
