@@ -322,13 +322,24 @@ def test_rows_equal_independent_computations_one_image_at_a_time(run, source):
             assert row["ms_ssim"] is None  # too small for 5 scales
 
 
-def test_batched_rows_equal_one_at_a_time_rows(run):
-    _, result, single, _ = run
-    assert [(r["image"], r["model"]) for r in single.rows] == [(r["image"], r["model"]) for r in result.rows]
-    for a, b in zip(result.rows, single.rows, strict=True):
+def assert_rows_match(got, expected):
+    """Rows of the same images from runs with other batch shapes: the same pairs and sizes, and metric values
+    within a stated tolerance. A convolution over a batch of 3 and over a batch of 1 may use other oneDNN kernels
+    (chosen by shape and CPU), so reconstructions may differ by one uint8 level in a few pixels: no bit equality."""
+    assert [(r["image"], r["model"]) for r in got] == [(r["image"], r["model"]) for r in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert (a["width"], a["height"]) == (b["width"], b["height"])
         assert a["psnr"] == pytest.approx(b["psnr"], abs=0.01)
         assert a["ssim"] == pytest.approx(b["ssim"], abs=1e-4)
         assert a["mae"] == pytest.approx(b["mae"], abs=0.01)
+        assert (a["ms_ssim"] is None) == (b["ms_ssim"] is None)
+        if a["ms_ssim"] is not None:
+            assert a["ms_ssim"] == pytest.approx(b["ms_ssim"], abs=1e-4)
+
+
+def test_batched_rows_equal_one_at_a_time_rows(run):
+    _, result, single, _ = run
+    assert_rows_match(result.rows, single.rows)
 
 
 def test_an_image_the_model_fails_on_is_listed_and_its_batch_mates_keep_their_values(tmp_path):
@@ -359,7 +370,7 @@ def test_an_image_the_model_fails_on_is_listed_and_its_batch_mates_keep_their_va
     assert "flaky: RuntimeError: cannot encode an all-black image" in got.failures["p2.png"]
     expected = evaluate({"flaky": vae}, tmp_path / "without", batch_size=4, progress=False)
     assert [r["image"] for r in got.rows] == ["p0.png", "p1.png", "p3.png"]
-    assert got.rows == expected.rows
+    assert_rows_match(got.rows, expected.rows)
 
 
 def test_a_perturbed_decoder_ranks_below_on_every_statistic(run):
