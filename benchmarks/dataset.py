@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vae_toolkit import dataset, load_for_encoding
+from vae_toolkit import batching, encoding, load_for_encoding, sources, store_files, store_update
 from vae_toolkit.dataset import LatentStore, encode_dataset, find_images
 
 VAE_KWARGS = dict(
@@ -77,7 +77,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 def stage_decode(root: Path, keys: list[str], workers: int, batch_size: int) -> float:
     items = [(k, root / k) for k in keys]
     start = time.perf_counter()
-    n = sum(1 for _ in dataset.iter_images(items, None, workers=workers, window=max(2 * batch_size, 2 * workers)))
+    n = sum(1 for _ in batching.iter_images(items, None, workers=workers, window=max(2 * batch_size, 2 * workers)))
     return n / (time.perf_counter() - start)
 
 
@@ -85,8 +85,8 @@ def stage_encode(vae, root: Path, keys: list[str], batch_size: int) -> float:
     by_size: dict[tuple[int, ...], list] = {}
     for key in keys:
         x = load_for_encoding(root / key, None)
-        by_size.setdefault(tuple(x.shape), []).append(dataset._Item(key, (0, 0), x))
-    encoder = dataset._Encoder(vae, False, 0, torch.float32)
+        by_size.setdefault(tuple(x.shape), []).append(batching.Item(key, (0, 0), x))
+    encoder = encoding._Encoder(vae, False, 0, torch.float32)
     batches = [items[i : i + batch_size] for items in by_size.values() for i in range(0, len(items), batch_size)]
     start = time.perf_counter()
     for batch in batches:
@@ -176,16 +176,16 @@ def peak_rss(tmp: Path, n: int, child: str = RSS_CHILD) -> float:
 def big_store(folder: Path, n: int) -> None:
     """A store of ``n`` SD-shaped latents ([4, 64, 64] float16 = 32 KiB each), written by the store's writer."""
     folder.mkdir(parents=True)
-    settings = dataset._settings(make_vae(), "bench", 512, torch.float16, False, 0, "fast")
-    writer = dataset._ShardWriter(folder, "0123456789ab", 0, settings, 256 * 2**20, float("inf"))
+    settings = encoding._settings(make_vae(), "bench", 512, torch.float16, False, 0, "fast")
+    writer = encoding._ShardWriter(folder, "0123456789ab", 0, settings, 256 * 2**20, float("inf"))
     z = torch.randn(4, 64, 64).half()
     keys = sorted(f"d{i % 100:02d}/{i:06d}.jpg" for i in range(n))
     for key in keys:
         writer.add(key, z.clone(), {"size": [512, 512], "source_bytes": 1, "source_mtime_ns": 1})
     writer.flush()
-    state = dataset._scan(folder)  # the shards as a killed run leaves them: the commit lists them
-    _, merge = dataset._plan(state, dataset._Source(folder, keys, [(1, 1)] * n, {}, True), keep_missing=False)
-    dataset._commit(folder, merge, [], settings, {}, folder)
+    state = store_files.scan_store(folder)  # the shards as a killed run leaves them: the commit lists them
+    _, merge = store_update.plan_run(state, sources.Source(folder, keys, [(1, 1)] * n, {}, True), keep_missing=False)
+    store_update.commit_run(folder, merge, [], settings, {}, folder)
     state.close()
 
 
@@ -218,7 +218,7 @@ def store_timings(tmp: Path, n: int, reads: int) -> dict[str, float]:
         "read": statistics.median(times),
         "read p99": sorted(times)[int(0.99 * len(times))],
         "shards": len(list(folder.glob("*.safetensors"))),
-        "index MB": (folder / dataset.INDEX_NAME).stat().st_size / 2**20,
+        "index MB": (folder / store_files.INDEX_NAME).stat().st_size / 2**20,
     }
 
 

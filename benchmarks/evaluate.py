@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dataset import make_images, make_vae, peak_rss  # noqa: E402
+from dataset import make_images, make_vae, peak_rss
 
-from vae_toolkit.dataset import find_images, iter_images  # noqa: E402
-from vae_toolkit.evaluate import evaluate, reconstruct  # noqa: E402
+from vae_toolkit.dataset import find_images, iter_images
+from vae_toolkit.evaluate import evaluate, reconstruct
 
 
 def encode_decode(vae, root: Path, keys: list[str], size: int | None, batch_size: int, workers: int) -> float:

@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from evaluate import encode_decode, sd_vae  # noqa: E402
-from stage1 import photo  # noqa: E402
+from evaluate import encode_decode, sd_vae
+from stage1 import photo
 
-from vae_toolkit import latents  # noqa: E402
-from vae_toolkit.dataset import default_workers, encode_dataset, find_images  # noqa: E402
-from vae_toolkit.evaluate import evaluate  # noqa: E402
+from vae_toolkit import latents
+from vae_toolkit.dataset import default_workers, encode_dataset, find_images
+from vae_toolkit.evaluate import evaluate
 
 SIZES = {2: (1920, 1080), 12: (4000, 3000)}
 

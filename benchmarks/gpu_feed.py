@@ -41,11 +41,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dataset import make_vae  # noqa: E402
-from stage1 import _table, photo  # noqa: E402
+from dataset import make_vae
+from stage1 import _table, photo
 
-from vae_toolkit import dataset  # noqa: E402
-from vae_toolkit.dataset import default_workers, encode_dataset, iter_images  # noqa: E402
+from vae_toolkit import batching, encoding
+from vae_toolkit.dataset import default_workers, encode_dataset, iter_images
 
 BATCH = 16
 SIZE = 512
@@ -78,14 +78,14 @@ def stacked_on_the_models_thread() -> Iterator[None]:
             if isinstance(batch, tuple):
                 yield batch
             else:
-                yield [dataset._Item(key, stat, image) for key, stat, image in batch], None
+                yield [batching.Item(key, stat, image) for key, stat, image in batch], None
 
-    real = dataset._assembled
-    dataset._assembled = inline  # type: ignore[assignment]
+    real = encoding.stacked_batches
+    encoding.stacked_batches = inline  # type: ignore[assignment]
     try:
         yield
     finally:
-        dataset._assembled = real
+        encoding.stacked_batches = real
 
 
 def reading_alone(paths: list[Path], workers: int) -> float:
@@ -97,8 +97,8 @@ def reading_alone(paths: list[Path], workers: int) -> float:
 
 def device_alone(vae: Any, n: int) -> float:
     x = torch.zeros(BATCH, 3, SIZE, SIZE)
-    encoder = dataset._Encoder(vae, sample=False, seed=0, store_dtype=torch.float32)
-    items = [dataset._Item(str(i), (0, 0), x[i]) for i in range(BATCH)]
+    encoder = encoding._Encoder(vae, sample=False, seed=0, store_dtype=torch.float32)
+    items = [batching.Item(str(i), (0, 0), x[i]) for i in range(BATCH)]
     start = time.perf_counter()
     for _ in range(max(1, n // BATCH)):
         encoder(items, x)

@@ -38,13 +38,13 @@ from pathlib import Path
 
 import torch
 
-from vae_toolkit import dataset
+from vae_toolkit import encoding, sources, store_files, store_update
 from vae_toolkit.dataset import LatentStore
 
 KEYS_PER_SHARD = 8192
 SETTINGS = {
-    "format": dataset.FORMAT,
-    "format_version": dataset.FORMAT_VERSION,
+    "format": store_files.FORMAT,
+    "format_version": store_files.FORMAT_VERSION,
     "vae_toolkit_version": "bench",
     "model": "bench",
     "repo_id": None,
@@ -65,28 +65,28 @@ def key(i: int) -> str:
     return f"train/n{i % 1000:08d}/n{i % 1000:08d}_{i:07d}.JPEG"  # ImageNet-like paths
 
 
-def source(n: int) -> dataset._Source:
+def source(n: int) -> sources.Source:
     """The source listing (as the walk returns it) of the images of a store of ``n`` entries."""
     keys = sorted(key(i) for i in range(n))
     stats = [(100_000 + i, 1_700_000_000_000_000_000 + i) for i in range(n)]
-    return dataset._Source(Path("/data"), keys, stats, {}, is_folder=True)
+    return sources.Source(Path("/data"), keys, stats, {}, is_folder=True)
 
 
-def build(folder: Path, n: int) -> dataset._Source:
+def build(folder: Path, n: int) -> sources.Source:
     """A store of ``n`` entries in the real format, and the source listing that matches it."""
     folder.mkdir(parents=True)
     src = source(n)
     keys, stats = src.keys, src.stats
-    writer = dataset._ShardWriter(folder, "0123456789ab", 0, SETTINGS, 2**62, float("inf"))
+    writer = encoding._ShardWriter(folder, "0123456789ab", 0, SETTINGS, 2**62, float("inf"))
     z = torch.zeros(4, 2, 2, dtype=torch.float16)
     for i, k in enumerate(keys):
         writer.add(k, z.clone(), {"size": [512, 512], "source_bytes": stats[i][0], "source_mtime_ns": stats[i][1]})
         if len(writer.tensors) == KEYS_PER_SHARD:
             writer.flush()
     writer.flush()
-    state = dataset._scan(folder)
-    _, merge = dataset._plan(state, src, keep_missing=False)
-    dataset._commit(folder, merge, [], SETTINGS, {}, src.root)
+    state = store_files.scan_store(folder)
+    _, merge = store_update.plan_run(state, src, keep_missing=False)
+    store_update.commit_run(folder, merge, [], SETTINGS, {}, src.root)
     state.close()
     return src
 
@@ -117,31 +117,31 @@ def measured(step, heap: bool = False):  # -> (seconds, peak MB, result)
     return seconds, (_status("VmHWM") - before) / 2**20, result
 
 
-def rerun_store_side(folder: Path, src: dataset._Source):
-    state = dataset._scan(folder)
-    plan, merge = dataset._plan(state, src, keep_missing=False)
+def rerun_store_side(folder: Path, src: sources.Source):
+    state = store_files.scan_store(folder)
+    plan, merge = store_update.plan_run(state, src, keep_missing=False)
     assert plan.up_to_date and not plan.todo, plan
     return merge
 
 
-def index_write(folder: Path, src: dataset._Source, added: int, heap: bool = False):
+def index_write(folder: Path, src: sources.Source, added: int, heap: bool = False):
     """The end of a run that encoded ``added`` new images: their shard, then the commit."""
     new_keys = sorted(f"new{'-heap' if heap else ''}/{i:06d}.jpg" for i in range(added))  # a prefix per run
     with LatentStore(folder) as store:
         before = len(store)
-    state = dataset._scan(folder)  # planned before the run encodes, as encode_dataset does
+    state = store_files.scan_store(folder)  # planned before the run encodes, as encode_dataset does
     assert new_keys[-1] < src.keys[0]  # "new/..." sorts before "train/...": the listing stays sorted
-    both = dataset._Source(src.root, new_keys + src.keys, [(1, 1)] * added + src.stats, {}, True)
-    plan, merge = dataset._plan(state, both, keep_missing=True)
+    both = sources.Source(src.root, new_keys + src.keys, [(1, 1)] * added + src.stats, {}, True)
+    plan, merge = store_update.plan_run(state, both, keep_missing=True)
     assert plan.todo == new_keys, len(plan.todo)
-    writer = dataset._ShardWriter(folder, uuid.uuid4().hex[:12], 0, SETTINGS, 2**62, float("inf"))
+    writer = encoding._ShardWriter(folder, uuid.uuid4().hex[:12], 0, SETTINGS, 2**62, float("inf"))
     z = torch.zeros(4, 2, 2, dtype=torch.float16)
     for k in new_keys:
         writer.add(k, z.clone(), {"size": [512, 512], "source_bytes": 1, "source_mtime_ns": 1})
     writer.flush()
 
     def commit():
-        dataset._commit(folder, merge, writer.written, SETTINGS, {}, src.root)
+        store_update.commit_run(folder, merge, writer.written, SETTINGS, {}, src.root)
 
     seconds, peak, _ = measured(commit, heap)
     state.close()
@@ -219,7 +219,7 @@ def walk_cost(tmp: Path, n: int = 20_000) -> float:
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        found = dataset._scan_source(src)
+        found = sources.scan_source(src)
         times.append(time.perf_counter() - start)
         assert len(found.keys) == n
     return statistics.median(times) / n
@@ -245,7 +245,7 @@ def main() -> int:
             start = time.perf_counter()
             build(folder, n)
             built = time.perf_counter() - start
-            index = json.loads((folder / dataset.INDEX_NAME).read_text())
+            index = json.loads((folder / store_files.INDEX_NAME).read_text())
             table_mb = index["table"]["bytes"] / 2**20
             opens = []
             for _ in range(5):
@@ -258,7 +258,7 @@ def main() -> int:
             worker_mb, parent_mb = worker_memory(folder, n)
             baseline_mb, _ = worker_memory("-", n)
             rows[n] = {
-                "index JSON KB": (folder / dataset.INDEX_NAME).stat().st_size / 1024,
+                "index JSON KB": (folder / store_files.INDEX_NAME).stat().st_size / 1024,
                 "table MB": table_mb,
                 "open s": statistics.median(opens),
                 "rerun scan s": scan_s,

@@ -19,7 +19,8 @@ import torch
 from conftest import make_tiny_vae
 from PIL import Image
 
-from vae_toolkit import dataset, latents, pil_to_tensor
+import vae_toolkit
+from vae_toolkit import batching, latents, pil_to_tensor
 from vae_toolkit._dist import ProcessGroup
 from vae_toolkit.dataset import (
     INDEX_NAME,
@@ -196,7 +197,7 @@ def test_index_records_what_a_reader_needs(store, source):
     meta = index["metadata"]
     assert meta["model"] == "tiny" and meta["dtype"] == "float32" and meta["vae_dtype"] == "float32"
     assert meta["scaling_factor"] == 0.18215 and meta["shift_factor"] == 0.0 and meta["latent_channels"] == 4
-    assert meta["vae_toolkit_version"] == dataset.__version__ and meta["size"] is None and meta["sample"] is False
+    assert meta["vae_toolkit_version"] == vae_toolkit.__version__ and meta["size"] is None and meta["sample"] is False
     assert meta["format_version"] == 2 and meta["reader"] == "exact" and meta["source"] == str(source.absolute())
     assert meta["count"] == 10 and meta["total_size"] == sum(p.stat().st_size for p in store.glob("*.safetensors"))
     assert {s["file"] for s in index["shards"]} == {p.name for p in store.glob("*.safetensors")}
@@ -492,7 +493,7 @@ def _helper_threads() -> list[str]:
 def test_batches_are_stacked_off_the_models_thread(vae, source, tmp_path, monkeypatch):
     """The model's thread only encodes: each batch arrives stacked by the helper (a GPU is not left idle)."""
     stacked: dict[int, str] = {}  # data_ptr of each stacked batch -> the thread that stacked it
-    real_stack, real_encode = dataset._stack, vae.encode
+    real_stack, real_encode = batching._stack, vae.encode
     seen: list[tuple[str, int]] = []
 
     def stack(images):
@@ -504,7 +505,7 @@ def test_batches_are_stacked_off_the_models_thread(vae, source, tmp_path, monkey
         seen.append((threading.current_thread().name, x.data_ptr()))
         return real_encode(x, *args, **kwargs)
 
-    monkeypatch.setattr(dataset, "_stack", stack)
+    monkeypatch.setattr(batching, "_stack", stack)
     monkeypatch.setattr(vae, "encode", encode)
     summary = encode_dataset(vae, source, tmp_path, batch_size=2, progress=False)
     assert summary.encoded == 10 and len(seen) >= 5
@@ -522,7 +523,7 @@ def _batch(keys, value=0.0, shape=(3, 4, 5)):
 def test_assembled_keeps_order_stacks_once_and_passes_failures_through():
     err = ValueError("bad file")
     source = [_batch(["a", "b"]), ("c", err), _batch(["d"], 10.0, (3, 2, 2)), _batch(["e", "f", "g"], 20.0)]
-    out = list(dataset._assembled(iter(source)))
+    out = list(batching.stacked_batches(iter(source)))
     assert len(out) == 4
     assert out[1] == ("c", err)
     for got, want in zip([out[0], out[2], out[3]], [source[0], source[2], source[3]], strict=True):
@@ -540,7 +541,7 @@ def test_an_error_of_the_reader_is_raised_in_the_models_thread():
         yield _batch(["a"])
         raise RuntimeError("disk gone")
 
-    got = dataset._assembled(batches())
+    got = batching.stacked_batches(batches())
     items, _ = next(got)
     assert items[0].key == "a"
     with pytest.raises(RuntimeError, match="disk gone"):
@@ -558,7 +559,7 @@ def test_leaving_early_stops_the_helper_and_closes_the_reader():
         finally:
             closed.set()
 
-    got = dataset._assembled(batches())
+    got = batching.stacked_batches(batches())
     next(got)
     got.close()
     assert closed.is_set()
@@ -574,7 +575,7 @@ def test_the_helper_stays_one_batch_ahead():
             pulled.append(i)
             yield _batch([f"k{i}"])
 
-    got = dataset._assembled(batches())
+    got = batching.stacked_batches(batches())
     next(got)
     deadline = time.monotonic() + 5
     while len(pulled) < 3 and time.monotonic() < deadline:
@@ -587,7 +588,7 @@ def test_the_helper_stays_one_batch_ahead():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_stack_equals_torch_stack(dtype):
     images = [torch.randn(3, 5, 7).to(dtype) for _ in range(4)]
-    out = dataset._stack(images)
+    out = batching._stack(images)
     assert out.dtype == dtype and out.is_contiguous()
     assert torch.equal(out, torch.stack(images))
 

@@ -205,10 +205,10 @@ def test_an_empty_source_is_reported_before_the_model_loads(capsys, tmp_path, mo
 
 
 def test_a_second_writer_exits_2_naming_the_first(hf_home, capsys, src, tmp_path, monkeypatch):
-    from vae_toolkit.dataset import _WriterLock
+    from vae_toolkit.store_files import WriterLock
 
     (tmp_path / "out").mkdir()
-    lock = _WriterLock(tmp_path / "out").acquire()
+    lock = WriterLock(tmp_path / "out").acquire()
     lock.claim()
     no_loading(monkeypatch)
     try:

@@ -26,7 +26,7 @@ DRIVER = textwrap.dedent(
     import json, os, signal, sys, time
     sys.path.insert(0, {tests!r})
     from conftest import make_tiny_vae
-    from vae_toolkit import dataset
+    from vae_toolkit import store_files
     from vae_toolkit.dataset import encode_dataset
 
     source, output, delay, kill_on_replace = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
@@ -45,7 +45,7 @@ DRIVER = textwrap.dedent(
             if calls[0] == kill_on_replace:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_replace(src, dst)
-        dataset.os.replace = replace
+        store_files.os.replace = replace
     s = encode_dataset(vae, source, output, batch_size=2, max_shard_size=1, workers=2, progress=False)
     print(json.dumps({{"encoded": s.encoded, "skipped": s.skipped, "failed": s.failed}}))
     """

@@ -334,7 +334,7 @@ def test_lazily_opened_image_shared_between_threads_converts_correctly(tmp_path)
             barrier.wait()
             try:
                 results[i] = pil_to_tensor(img)
-            except Exception as err:  # noqa: BLE001 - recorded and checked below
+            except Exception as err:
                 results[i] = err
 
         pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]

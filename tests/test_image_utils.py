@@ -427,14 +427,14 @@ def test_image_extensions():
 @pytest.mark.parametrize("pillow_internals", [True, False])
 def test_band_bytes_is_tobytes(size, pillow_internals, monkeypatch):
     """The one-buffer band packing gives ``tobytes("raw", band)`` byte for byte, and falls back to it."""
-    from vae_toolkit.image_utils import _band_bytes
+    from vae_toolkit._pixels import band_bytes
 
     calls = []
     if not pillow_internals:  # a Pillow whose _getencoder differs: the public tobytes is used
         real = Image._getencoder
 
         def changed(*args, **kwargs):
-            if sys._getframe(1).f_code.co_name == "_band_bytes":  # tobytes' own calls go through
+            if sys._getframe(1).f_code.co_name == "band_bytes":  # tobytes' own calls go through
                 calls.append(args)
                 raise TypeError("_getencoder() takes other arguments here")
             return real(*args, **kwargs)
@@ -443,14 +443,14 @@ def test_band_bytes_is_tobytes(size, pillow_internals, monkeypatch):
     rng = np.random.default_rng(size[0] * 1000 + size[1])
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     for band in "RGB":
-        assert _band_bytes(img, band) == img.tobytes("raw", band)
+        assert band_bytes(img, band) == img.tobytes("raw", band)
     assert len(calls) == (0 if pillow_internals else 3)
 
 
 def test_band_bytes_loads_a_lazily_opened_image(tmp_path):
-    from vae_toolkit.image_utils import _band_bytes
+    from vae_toolkit._pixels import band_bytes
 
     path = tmp_path / "a.png"
     Image.fromarray(np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)).save(path)
     with Image.open(path) as img:
-        assert _band_bytes(img, "G") == np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)[..., 1].tobytes()
+        assert band_bytes(img, "G") == np.arange(5 * 6 * 3, dtype=np.uint8).reshape(5, 6, 3)[..., 1].tobytes()

@@ -20,7 +20,7 @@ from conftest import make_tiny_vae
 from PIL import Image
 from test_dataset import reference, write_images
 
-from vae_toolkit import _table, dataset
+from vae_toolkit import _table, encoding, sources, store_files, store_update
 from vae_toolkit.dataset import (
     INDEX_NAME,
     BucketBatchSampler,
@@ -154,7 +154,7 @@ def test_a_missing_key_raises_key_error(vae, src, tmp_path):
 def test_a_second_writer_is_refused_at_once_naming_the_first(vae, src, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    first = dataset._WriterLock(out).acquire()
+    first = store_files.WriterLock(out).acquire()
     first.claim()
     try:
         with pytest.raises(StoreLockedError, match=rf"host {socket.gethostname()}, PID {os.getpid()}, started 20"):
@@ -169,7 +169,7 @@ def test_the_lock_is_released_when_the_run_ends_or_fails(vae, src, tmp_path):
     encode_dataset(vae, src, out, progress=False)
     with pytest.raises(StoreMismatchError):
         encode_dataset(vae, src, out, size=16, progress=False)
-    lock = dataset._WriterLock(out).acquire()  # would raise StoreLockedError if a run had kept it
+    lock = store_files.WriterLock(out).acquire()  # would raise StoreLockedError if a run had kept it
     lock.release()
 
 
@@ -184,7 +184,7 @@ def test_the_index_is_in_place_before_superseded_files_are_deleted(vae, tmp_path
     events = []
     real_replace, real_unlink = os.replace, Path.unlink
     monkeypatch.setattr(
-        dataset.os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or real_replace(a, b)
+        store_files.os, "replace", lambda a, b: events.append(("replace", Path(b).name)) or real_replace(a, b)
     )
     monkeypatch.setattr(
         Path, "unlink", lambda self, **k: events.append(("unlink", self.name)) or real_unlink(self, **k)
@@ -443,14 +443,15 @@ def test_a_full_disk_is_found_before_the_model_loads_and_names_the_path(vae, src
 
 def test_a_shard_write_error_names_the_path(vae, src, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real = dataset._ShardWriter.flush
+    real = encoding._ShardWriter.flush
 
     def failing(self):
         if self.tensors:
-            raise dataset._write_error(self.folder / "latents-x.safetensors", OSError(errno.ENOSPC, "No space left"))
+            err = OSError(errno.ENOSPC, "No space left")
+            raise store_files.write_error(self.folder / "latents-x.safetensors", err)
         return real(self)
 
-    monkeypatch.setattr(dataset._ShardWriter, "flush", failing)
+    monkeypatch.setattr(encoding._ShardWriter, "flush", failing)
     with pytest.raises(OSError, match=r"cannot write .*latents-x.safetensors: No space left \(the disk is full\)"):
         encode_dataset(vae, src, out, progress=False)
 
@@ -470,7 +471,7 @@ def test_checkpoint_every_must_be_a_finite_positive_number(vae, src, tmp_path, v
 
 def test_shards_are_written_by_time_as_well_as_by_size(vae, src, tmp_path, monkeypatch):
     clock = iter(range(0, 10**6, 100))  # every call to the writer's clock is 100 s later
-    monkeypatch.setattr(dataset.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(encoding.time, "monotonic", lambda: float(next(clock)))
     summary = encode_dataset(vae, src, tmp_path / "out", batch_size=1, checkpoint_every=50, progress=False)
     assert summary.shards == 6  # one per latent although 256 MB would hold them all
 
@@ -543,9 +544,9 @@ def test_stored_latents_equal_encoding_load_for_encoding_alone(vae, tmp_path, ex
 
 def synthetic_store(folder: Path, n: int) -> None:
     """A store of ``n`` tiny latents in the real format, written by the store's own writer and commit."""
-    settings = {k: None for k in dataset._COMPATIBLE} | {"format": dataset.FORMAT, "dtype": "float16"}
+    settings = {k: None for k in store_files._COMPATIBLE} | {"format": store_files.FORMAT, "dtype": "float16"}
     folder.mkdir()
-    writer = dataset._ShardWriter(folder, "0123456789ab", 0, settings, 2**62, float("inf"))
+    writer = encoding._ShardWriter(folder, "0123456789ab", 0, settings, 2**62, float("inf"))
     keys = sorted(f"train/n{i % 1000:08d}/n{i % 1000:08d}_{i:07d}.JPEG" for i in range(n))
     z = torch.zeros(4, 2, 2, dtype=torch.float16)
     for key in keys:
@@ -553,9 +554,9 @@ def synthetic_store(folder: Path, n: int) -> None:
         if len(writer.tensors) == 8192:
             writer.flush()
     writer.flush()
-    state = dataset._scan(folder)
-    _, merge = dataset._plan(state, dataset._Source(folder, keys, [(1, 1)] * n, {}, True), keep_missing=False)
-    dataset._commit(folder, merge, [], settings, {}, folder)
+    state = store_files.scan_store(folder)
+    _, merge = store_update.plan_run(state, sources.Source(folder, keys, [(1, 1)] * n, {}, True), keep_missing=False)
+    store_update.commit_run(folder, merge, [], settings, {}, folder)
     state.close()
 
 

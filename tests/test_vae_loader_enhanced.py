@@ -427,7 +427,7 @@ def _run_threads(targets) -> list[BaseException]:
     def guarded(target):
         try:
             target()
-        except BaseException as err:  # noqa: BLE001 - reported to the test below
+        except BaseException as err:
             errors.append(err)
 
     threads = [threading.Thread(target=guarded, args=(t,)) for t in targets]

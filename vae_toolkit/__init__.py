@@ -3,12 +3,13 @@
 ``import vae_toolkit`` imports torch, numpy and nothing heavier; diffusers is imported on the first load.
 """
 
-__version__ = "0.2.0"
+from ._version import __version__
+
 __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
 from . import latents
-from ._stack import VAEToolkitWarning
+from ._warnings import VAEToolkitWarning
 from .dataset import BucketBatchSampler, LatentStore, encode_dataset
 from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
 from .image_utils import (

@@ -33,39 +33,27 @@ import math
 import os
 import platform
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import torch
 
-from . import VAEToolkitWarning, __version__
+from . import VAEToolkitWarning, __version__, _commands
+from ._commands import DTYPES, LATENT_DTYPES, MULTIPLE, CliError, UsageError
 from .device_manager import DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
-from .image_utils import ImageProcessingError, image_extensions
+from .image_utils import ImageProcessingError
 from .model_config import get_all_model_configs, list_available_models
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 __all__ = ["main", "collect_env", "format_env", "format_models"]
 
 _GB = 1024**3
 _DISTRIBUTIONS = ("torch", "diffusers", "huggingface_hub", "numpy", "Pillow", "psutil", "tqdm", "nvidia-ml-py")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_LATENT_DTYPES = {**_DTYPES, "float64": torch.float64}
-_MULTIPLE = 8  # spatial downsampling of the SD / SDXL / FLUX VAEs
-
-
-class _CliError(Exception):
-    """A failure reported as one line with exit status 1."""
-
-
-class _UsageError(_CliError):
-    """A bad combination of arguments found after parsing: one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -256,433 +244,10 @@ def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
 # --- roundtrip ------------------------------------------------------------------------------------
 
 
-def _plan(
-    source: Path, output: Path | None, *, output_is_dir: bool = False, overwrite: bool = False
-) -> list[tuple[Path, Path]]:
-    """Pair every input image with the file its reconstruction goes to.
-
-    ``output_is_dir``: ``-o`` ended with a path separator, so it names a directory even if it does not
-    exist yet. Files that exist before the run are refused unless ``overwrite``; inputs are never replaced.
-    """
-    if source.is_dir():
-        extensions = image_extensions()
-        inputs = sorted(p for p in source.iterdir() if p.is_file() and p.suffix.lower() in extensions)
-        if not inputs:
-            raise _CliError(f"no image files found in directory {source}")
-        out_dir = output if output is not None else source.with_name(source.name + "-roundtrip")
-        if out_dir.exists() and not out_dir.is_dir():
-            raise _UsageError(f"argument -o/--output: {out_dir} is a file; IMAGE is a directory, so pass -o DIR")
-        used: set[str] = set()
-        pairs = []
-        for src in inputs:
-            name = f"{src.stem}.png" if f"{src.stem}.png" not in used else f"{src.name}.png"
-            used.add(name)
-            pairs.append((src, out_dir / name))
-    else:
-        if not source.exists():
-            raise _CliError(f"image file not found: {source}")
-        if output is None:
-            dst = source.with_name(f"{source.stem}-roundtrip.png")
-        elif output_is_dir or output.is_dir():
-            dst = output / f"{source.stem}-roundtrip.png"
-        else:
-            dst = output
-            if dst.suffix.lower() not in image_extensions():
-                raise _UsageError(
-                    f"argument -o/--output: cannot tell the image format of {dst}; use a suffix like .png, "
-                    "or end it with / for a directory"
-                )
-        pairs = [(source, dst)]
-    _check_outputs(pairs, overwrite)
-    return pairs
-
-
-def _check_outputs(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
-    """Refuse to replace an input image, or (without ``overwrite``) any file that exists before the run."""
-    inputs = {src.resolve(): src for src, _ in pairs}
-    for _, dst in pairs:
-        if dst.resolve() in inputs:
-            raise _UsageError(f"argument -o/--output: refusing to overwrite the input image {inputs[dst.resolve()]}")
-    if overwrite:
-        return
-    existing = [dst for _, dst in pairs if dst.exists() or dst.is_symlink()]
-    if existing:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise _UsageError(f"{existing[0]}{more} already exists; pass --overwrite to replace it, or choose -o OUT")
-
-
-def _open_image(path: Path) -> Image.Image:
-    from .image_utils import open_image
-
-    try:
-        return open_image(path)
-    except ImageProcessingError as err:
-        raise _CliError(str(err)) from err
-
-
-def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
-    from .image_utils import center_crop_to_multiple, pil_to_tensor, tensor_to_pil
-
-    if size is not None:
-        return tensor_to_pil(pil_to_tensor(rgb, target_size=size))
-    try:
-        return center_crop_to_multiple(rgb, _MULTIPLE)
-    except ImageProcessingError as err:
-        raise _CliError(str(err)) from err
-
-
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    import numpy as np
-
-    mse = float(np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
-
-
-def _load_image(src: Path, size: int | None) -> tuple[Image.Image, torch.Tensor, float]:
-    """``(rgb, [1, 3, H, W] tensor, seconds taken)`` for one input image."""
-    from .image_utils import pil_to_tensor
-
-    start = time.perf_counter()
-    rgb = _prepare(_open_image(src), size)
-    x = pil_to_tensor(rgb).unsqueeze(0)
-    return rgb, x, time.perf_counter() - start
-
-
-def _roundtrip_one(
-    vae: Any,
-    device: torch.device,
-    src: Path,
-    image: tuple[Image.Image, torch.Tensor, float],
-    dst: Path,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    from .evaluate import psnr, reconstruct
-
-    rgb, x, load_time = image
-    times = {"load": load_time}
-    (recon,) = reconstruct(vae, x, timings=times)  # the same path as evaluate: encode, decode, tensor_to_pil
-    start = time.perf_counter()
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            recon.save(dst)
-        else:  # "x": a file that appeared since the run started is not replaced either
-            with open(dst, "xb") as file:
-                recon.save(file)  # the format comes from file.name's suffix
-    except FileExistsError as err:
-        raise _CliError(f"{dst} appeared while running; not replaced (pass --overwrite to replace it)") from err
-    except (OSError, ValueError) as err:
-        raise _CliError(f"cannot write {dst}: {err}") from err
-    times["save"] = time.perf_counter() - start
-    return {"input": src, "output": dst, "size": rgb.size, "psnr": psnr(rgb, recon), "times": times}
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
-
-
-def _describe(result: dict[str, Any]) -> str:
-    w, h = result["size"]
-    timings = ", ".join(f"{step} {_ms(t)}" for step, t in result["times"].items())
-    return f"{result['input']} ({w}x{h}) -> {result['output']}  PSNR {result['psnr']:.2f} dB  ({timings})"
-
-
-def _roundtrip(args: argparse.Namespace) -> int:
-    from .vae_loader import VAELoader
-
-    output = None if args.output is None else Path(args.output)
-    output_is_dir = args.output is not None and args.output.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep))
-    pairs = _plan(args.image, output, output_is_dir=output_is_dir, overwrite=args.overwrite)
-    single = not args.image.is_dir()
-    if single:  # read the image before the (slower) model load, so that a bad file fails fast
-        image = _load_image(args.image, args.size)
-    start = time.perf_counter()
-    with _quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(args.model, args.device, dtype=_DTYPES[args.dtype])
-    print(f"model {args.model} on {device} ({args.dtype}): loaded in {_ms(time.perf_counter() - start)}")
-
-    if single:
-        print(_describe(_roundtrip_one(vae, device, args.image, image, pairs[0][1], args.overwrite)))
-        return 0
-
-    from tqdm import tqdm
-
-    results, failed = [], 0
-    for src, dst in tqdm(pairs, desc="roundtrip", unit="image", disable=None):
-        try:
-            result = _roundtrip_one(vae, device, src, _load_image(src, args.size), dst, args.overwrite)
-        except _CliError as err:
-            failed += 1
-            tqdm.write(f"{args.prog}: skipped {src}: {err}", file=sys.stderr)
-            continue
-        results.append(result)
-        tqdm.write(_describe(result), file=sys.stdout)
-    if results:
-        finite = [r["psnr"] for r in results if r["psnr"] != float("inf")]
-        mean = f"{sum(finite) / len(finite):.2f} dB" if finite else "inf"
-        totals = {step: sum(r["times"][step] for r in results) for step in results[0]["times"]}
-        timing = ", ".join(f"{step} {_ms(t)}" for step, t in totals.items())
-        print(f"{len(results)} image(s) written to {pairs[0][1].parent}: mean PSNR {mean}; total {timing}")
-    if failed:
-        print(f"{args.prog}: error: {failed} of {len(pairs)} image(s) failed", file=sys.stderr)
-        return 1
-    return 0
-
-
 # --- encode / decode ------------------------------------------------------------------------------
 
 
-@contextmanager
-def _log_lines(prog: str) -> Iterator[None]:
-    """Show the library's warnings (a skipped image, an OOM retry) as one line each, above the progress bar."""
-    from tqdm.auto import tqdm
-
-    class _Handler(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            level = "warning" if record.levelno >= logging.WARNING else "info"
-            tqdm.write(f"{prog}: {level}: {' '.join(record.getMessage().split())}", file=sys.stderr)
-
-    lg = logging.getLogger("vae_toolkit")
-    handler = _Handler(logging.INFO if lg.getEffectiveLevel() <= logging.INFO else logging.WARNING)
-    previous = lg.propagate
-    lg.addHandler(handler)
-    lg.propagate = False
-    try:
-        yield
-    finally:
-        lg.removeHandler(handler)
-        lg.propagate = previous
-
-
-def _mismatch_message(err: Any) -> str:
-    """A store refusal in command-line terms (flags, not keyword arguments)."""
-    return (
-        f"{err.folder} holds latents made with other settings ({'; '.join(err.problems)}); use another output "
-        "folder (-o), or pass --overwrite to replace that store"
-    )
-
-
-def _encode(args: argparse.Namespace) -> int:
-    from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
-    from .vae_loader import VAELoader
-
-    if not args.source.exists():
-        raise _UsageError(f"argument SOURCE: {args.source} does not exist")
-    model = _model_name(args.model)  # a folder is recorded as its resolved path
-    reader = "exact" if args.exact_resize or args.size is None else "fast"
-    expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
-    expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
-    try:
-        if not args.overwrite:
-            check_store(args.output, **expected)  # refuse a store of another model before loading one
-    except StoreMismatchError as err:
-        raise _UsageError(_mismatch_message(err)) from err
-    except NotADirectoryError as err:
-        raise _UsageError(str(err)) from err
-    device = args.device
-    if local_rank() is not None and device == "cuda":
-        device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
-    device = str(VAELoader.get_optimal_device(device))
-
-    def load() -> Any:  # only when there is something to encode
-        with _quiet_dependencies(args.verbose):
-            return VAELoader().load_sd_vae(model, device, dtype=_DTYPES[args.dtype])[0]
-
-    try:
-        with _log_lines(args.prog):
-            summary = encode_dataset(
-                load,
-                args.source,
-                args.output,
-                model=model,
-                size=args.size,
-                batch_size=args.batch_size,
-                sample=args.sample,
-                seed=args.seed,
-                dtype=_LATENT_DTYPES[args.latent_dtype],
-                workers=args.workers,
-                max_shard_size=max(1, int(args.shard_size * 2**20)),
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-                exact_resize=args.exact_resize,
-                checkpoint_every=args.checkpoint_every,
-                keep_missing=args.keep_missing,
-                device=device,
-            )
-    except StoreMismatchError as err:
-        raise _UsageError(_mismatch_message(err)) from err
-    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError) as err:
-        # another writer, an output that cannot be written, no images in SOURCE
-        raise _UsageError(" ".join(str(err).split())) from err
-    if summary.rank == 0:
-        print(f"encode: {summary}")
-    if summary.failed:
-        if summary.rank == 0:
-            print(
-                f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; "
-                f"they are listed under 'failures' in {summary.output / INDEX_NAME}",
-                file=sys.stderr,
-            )
-        return 1
-    return 0
-
-
-def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path]:
-    """``a/b.jpg -> OUT/a/b.png``; when two keys would give the same file, the later one keeps its suffix."""
-    used: set[Path] = set()
-    targets = []
-    for key in keys:
-        target = out_dir / Path(key).with_suffix(".png")
-        if target in used:
-            target = out_dir / f"{key}.png"
-        used.add(target)
-        targets.append(target)
-    return targets
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-    except ValueError:
-        return False
-    return True
-
-
-def _decode(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from . import latents
-    from .dataset import LatentStore, StoreDamagedError
-    from .image_utils import tensor_to_pil
-    from .vae_loader import VAELoader
-
-    try:
-        store = LatentStore(args.store)
-    except (FileNotFoundError, ValueError, StoreDamagedError) as err:
-        raise _UsageError(" ".join(str(err).split())) from err
-    from .vae_loader import local_model_config
-
-    model = str(args.model or store.metadata.get("model"))
-    if model not in list_available_models() and local_model_config(model) is None:
-        raise _UsageError(
-            f"the store was made with model {model!r}, which is not registered here; pass --model NAME "
-            f"({', '.join(list_available_models())}) or --model FOLDER (one holding a diffusers AutoencoderKL)"
-        )
-    keys = list(store)[: args.limit] if args.limit is not None else list(store)
-    targets = _decode_targets(keys, args.output)
-    source = store.metadata.get("source")
-    if source and _inside(args.output, Path(source)):
-        # never over a source image, whatever the flags; new PNGs there would be taken as images by the next encode
-        raise _UsageError(
-            f"refusing to decode into {args.output}: it is inside {source}, the folder the store was encoded from "
-            "(its images could be replaced, and the next encode would take the PNGs for source images); "
-            "choose an output folder (-o) outside it"
-        )
-    existing = [t for t in targets if t.exists()]
-    if existing and not args.overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise _UsageError(f"refusing to overwrite {existing[0]}{more}; pass --overwrite to replace them")
-    start = time.perf_counter()
-    with _quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(model, args.device, dtype=_DTYPES[args.dtype])
-    failed: dict[str, str] = {}
-    for key, target in tqdm(
-        list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
-    ):
-        try:
-            latent = store[key]
-        except StoreDamagedError as err:  # one line per damaged shard, then the rest
-            failed[key] = " ".join(str(err).split())
-            tqdm.write(f"{args.prog}: error: {key}: {failed[key]}", file=sys.stderr)
-            continue
-        with torch.inference_mode():
-            image = tensor_to_pil(latents.decode(vae, latent.unsqueeze(0))[0])
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
-                image.save(target)
-            else:  # "x": a file that appeared since the run started is not replaced either
-                with open(target, "xb") as file:
-                    image.save(file, format="PNG")
-        except FileExistsError:
-            failed[key] = f"{target} appeared while running; not replaced (pass --overwrite to replace it)"
-            tqdm.write(f"{args.prog}: warning: {target} appeared while running; not replaced", file=sys.stderr)
-        except (OSError, ValueError) as err:  # e.g. a name too long for the file system: go on with the rest
-            failed[key] = f"cannot write {target}: {' '.join(str(err).split())}"
-            tqdm.write(f"{args.prog}: error: {failed[key]}", file=sys.stderr)
-    store.close()
-    seconds = time.perf_counter() - start
-    print(f"decode: {len(keys) - len(failed)} of {len(store)} latents -> {args.output} in {seconds:.1f} s")
-    if failed:
-        print(f"{args.prog}: error: {len(failed)} latent(s) not written (listed above)", file=sys.stderr)
-        return 1
-    return 0
-
-
 # --- evaluate -------------------------------------------------------------------------------------
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import ReportExistsError, check_report_folder, evaluate
-    from .vae_loader import VAELoader
-
-    if len(set(args.model)) != len(args.model):
-        twice = next(m for m in args.model if args.model.count(m) > 1)
-        raise _UsageError(f"argument --model: {twice!r} is given twice; name each model once")
-    if not args.source.exists():
-        raise _UsageError(f"argument SOURCE: {args.source} does not exist")
-    try:  # before any model loads
-        check_report_folder(args.output, args.overwrite)
-    except (ReportExistsError, NotADirectoryError) as err:
-        raise _UsageError(str(err)) from err
-    device = args.device
-    if local_rank() is not None and device == "cuda":
-        device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
-    loader = VAELoader()
-    vaes = {}
-    with _quiet_dependencies(args.verbose):
-        for model in args.model:
-            vaes[model] = loader.load_sd_vae(_model_name(model), device, dtype=_DTYPES[args.dtype])[0]
-    try:
-        with _log_lines(args.prog):
-            result = evaluate(
-                vaes,
-                args.source,
-                args.output,
-                size=args.size,
-                batch_size=args.batch_size,
-                limit=args.limit,
-                workers=args.workers,
-                seed=args.seed,
-                overwrite=args.overwrite,
-                progress=not args.no_progress,
-            )
-    except (ValueError, NotADirectoryError, ReportExistsError) as err:
-        raise _UsageError(str(err)) from err
-    if result.rank != 0:  # rank 0 reports the failures of every rank and carries the exit status
-        return 0
-    for note in result.notes:
-        print(f"{args.prog}: note: {note}", file=sys.stderr)
-    summary = result.summary
-    width = max(len(m) for m in result.models)
-    count = len({r["image"] for r in result.rows})
-    print(f"evaluate: {count} image(s), {len(result.failures)} failed, in {result.seconds:.1f} s -> {args.output}")
-    for rank, model in enumerate(result.ranking, 1):
-        stats = summary[model]
-        cells = []
-        for metric in result.metrics:
-            s = stats[metric]
-            cells.append(f"{metric} " + ("-" if s is None else f"{s['mean']:.4g}"))
-        print(f"{rank}. {model:<{width}}  " + "  ".join(cells) + "  (means)")
-    print(f"report: {args.output / 'index.html'}")
-    if result.failures:
-        print(
-            f"{args.prog}: error: {len(result.failures)} image(s) failed; they are listed under 'failures' in "
-            f"{args.output / 'summary.json'}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
 
 
 # --- parser and entry point -----------------------------------------------------------------------
@@ -738,15 +303,7 @@ def _model_arg(value: str) -> str:
     )
 
 
-def _model_name(value: str) -> str:
-    """The name a store records for ``--model``: a registered name as is, a folder as its resolved path."""
-    from .vae_loader import local_model_config
-
-    local = local_model_config(value)
-    return value if local is None else str(local["repo_id"])
-
-
-_size_arg = _int_arg("size", 1, f"a positive multiple of {_MULTIPLE}", _MULTIPLE)
+_size_arg = _int_arg("size", 1, f"a positive multiple of {MULTIPLE}", MULTIPLE)
 _positive_int = _int_arg("value", 1, "a positive integer")
 _non_negative_int = _int_arg("value", 0, "an integer >= 0")
 
@@ -783,7 +340,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N"
     )
     vae_options.add_argument(
-        "--dtype", default="float32", choices=list(_DTYPES), help="weights dtype (default float32)"
+        "--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)"
     )
     # one required --model, as roundtrip and encode take it
     one_model = _Parser(add_help=False)
@@ -830,7 +387,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     enc.add_argument(
         "--latent-dtype",
         default="float32",
-        choices=list(_LATENT_DTYPES),
+        choices=list(LATENT_DTYPES),
         help="dtype of the stored latents (default float32)",
     )
     enc.add_argument("--sample", action="store_true", help="store a sample of the latent distribution, not its mean")
@@ -932,9 +489,9 @@ def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
         message: Warning | str,
         category: type[Warning],
         filename: str,
-        lineno: int,
+        lineno: int,  # noqa: ARG001 - warnings.showwarning's signature
         file: TextIO | None = None,
-        line: str | None = None,
+        line: str | None = None,  # noqa: ARG001
     ) -> None:
         ours = issubclass(category, (VAEToolkitWarning, RuntimeWarning))
         ours = ours or os.path.abspath(filename).startswith(package_dir)
@@ -944,29 +501,6 @@ def _warning_printer(prog: str, verbose: bool) -> Callable[..., None]:
             print(f"{prog}: warning: {text}", file=sys.stderr if file is None else file)
 
     return show
-
-
-@contextmanager
-def _quiet_dependencies(verbose: bool) -> Iterator[None]:
-    """Hide the INFO/WARNING chatter of diffusers and huggingface_hub (e.g. "Could not reach the Hub" in
-    offline mode) unless ``--verbose`` or ``DIFFUSERS_VERBOSITY`` / ``HF_HUB_VERBOSITY`` ask for it."""
-    import diffusers.utils.logging  # noqa: F401 - configures the "diffusers" logger; imported to load anyway
-    import huggingface_hub.utils.logging  # noqa: F401 - configures the "huggingface_hub" logger
-
-    names = [
-        n
-        for n, var in (("diffusers", "DIFFUSERS_VERBOSITY"), ("huggingface_hub", "HF_HUB_VERBOSITY"))
-        if not verbose and not os.environ.get(var)
-    ]
-    loggers = [logging.getLogger(name) for name in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1000,12 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(_models_json(), indent=2) if args.json else format_models())
                 return 0
             if args.command == "encode":
-                return _encode(args)
+                return _commands.encode_command(args)
             if args.command == "decode":
-                return _decode(args)
+                return _commands.decode_command(args)
             if args.command == "evaluate":
-                return _evaluate(args)
-            return _roundtrip(args)
+                return _commands.evaluate_command(args)
+            return _commands.roundtrip_command(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
@@ -1026,10 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 143
-        except _UsageError as err:
+        except UsageError as err:
             print(f"{prog} {args.command}: error: {err} (see '{prog} {args.command} --help')", file=sys.stderr)
             return 2
-        except (_CliError, ImageProcessingError, OSError) as err:  # VAELoadError is an OSError
+        except (CliError, ImageProcessingError, OSError) as err:  # VAELoadError is an OSError
             print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 1
 

@@ -17,14 +17,12 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw, ImageFont
-
-    from .evaluate import EvaluationResult
 
 TILE = 256  # longest side of a picture's tiles, in pixels
 MIN_TILE = 192  # smaller images are enlarged (nearest neighbour, whole pixels) to about this
@@ -34,6 +32,34 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
 _INFERNO = [(0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)),
             (1.0, (252, 255, 164))]  # fmt: skip
+
+
+class EvaluationResult(Protocol):
+    """The data of an evaluation that the report reads (:class:`vae_toolkit.evaluate.EvaluationResult` has it):
+    the report needs the numbers and their definitions, not the module that computes them."""
+
+    models: list[str]
+    metrics: list[str]
+    rows: list[dict[str, Any]]
+    failures: dict[str, str]
+    settings: dict[str, Any]
+    notes: list[str]
+
+    @property
+    def summary(self) -> dict[str, dict[str, Any]]: ...
+    @property
+    def ranking(self) -> list[str]: ...
+    @property
+    def shown(self) -> dict[str, list[str]]: ...
+    @property
+    def shown_images(self) -> dict[str, Any]: ...
+    @property
+    def definitions(self) -> dict[str, str]: ...
+    @property
+    def higher_is_better(self) -> dict[str, bool]: ...
+    def summary_json(self) -> dict[str, Any]: ...
+
+
 UNITS = {"psnr": " dB", "ssim": "", "ms_ssim": "", "mae": "", "lpips": ""}
 
 
@@ -168,12 +194,9 @@ def _slug(key: str) -> str:
 
 def _write_pictures(result: EvaluationResult, folder: Path) -> dict[str, _Picture]:
     """One PNG per shown image: original, reconstructions, error maps, and a zoom where the models differ most."""
-    keeper = result._shown
-    if keeper is None:
-        return {}
     values = {(r["image"], r["model"]): r for r in result.rows}
     pictures = {}
-    for i, (key, shown) in enumerate(sorted(keeper.images.items())):
+    for i, (key, shown) in enumerate(sorted(result.shown_images.items())):
         name = f"compare-{i:03d}-{_slug(key.rsplit('.', 1)[0])}.png"
         image = _comparison(key, shown.original, shown.reconstructions, result.models, values)
         image.save(folder / name, optimize=True)
@@ -289,7 +312,7 @@ def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str,
             continue
         infinite = sum(1 for v in per_model.values() for x in v if math.isinf(x))
         finite = {m: np.asarray([x for x in v if math.isfinite(x)], dtype=np.float64) for m, v in per_model.items()}
-        image = _box_plot(metric, finite, result.models)
+        image = _box_plot(metric, finite, result.models, result.higher_is_better[metric])
         name = f"distribution-{metric}.png"
         image.save(folder / name, optimize=True)
         note = f"{infinite} identical reconstruction(s) (PSNR inf) are not drawn." if infinite else ""
@@ -297,10 +320,8 @@ def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str,
     return plots
 
 
-def _box_plot(metric: str, values: dict[str, np.ndarray], models: Sequence[str]) -> Image.Image:
+def _box_plot(metric: str, values: dict[str, np.ndarray], models: Sequence[str], higher: bool) -> Image.Image:
     from PIL import Image, ImageDraw
-
-    from .evaluate import HIGHER_IS_BETTER
 
     label_w, right, top, row_h, axis_h = 150, 30, 40, 44, 44
     width = 760
@@ -308,7 +329,7 @@ def _box_plot(metric: str, values: dict[str, np.ndarray], models: Sequence[str])
     height = top + row_h * len(models) + axis_h
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    better = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+    better = "higher is better" if higher else "lower is better"
     _text(draw, (10, 10), f"{metric}{UNITS[metric]}: per-image values ({better})", 14)
     everything = (
         np.concatenate([v for v in values.values() if len(v)]) if any(len(v) for v in values.values()) else None
@@ -379,9 +400,8 @@ pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
 
 
 def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[str, tuple[str, int, int, str]]) -> str:
-    from .evaluate import DEFINITIONS, HIGHER_IS_BETTER
-
     e = html.escape
+    definitions, higher_is_better = result.definitions, result.higher_is_better
     summary = result.summary
     settings = result.settings
     models = result.models
@@ -418,20 +438,20 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
     head1 = '<tr><th class="model" rowspan="2">model</th><th rowspan="2">images</th>'
     head2 = "<tr>"
     for metric in result.metrics:
-        head1 += f'<th colspan="4">{e(metric)}{e(UNITS[metric])} ({"↑" if HIGHER_IS_BETTER[metric] else "↓"})</th>'
-        head2 += "".join(f"<th>{s}</th>" for s in stats[HIGHER_IS_BETTER[metric]])
+        head1 += f'<th colspan="4">{e(metric)}{e(UNITS[metric])} ({"↑" if higher_is_better[metric] else "↓"})</th>'
+        head2 += "".join(f"<th>{s}</th>" for s in stats[higher_is_better[metric]])
     parts.append(f'<div class="scroll"><table id="summary"><thead>{head1}</tr>{head2}</tr></thead><tbody>')
     best: dict[tuple[str, str], float] = {}
     for metric in result.metrics:
-        for stat in stats[HIGHER_IS_BETTER[metric]]:
+        for stat in stats[higher_is_better[metric]]:
             vals = [summary[m][metric][stat] for m in models if summary[m][metric]]
             if vals:
-                best[(metric, stat)] = max(vals) if HIGHER_IS_BETTER[metric] else min(vals)
+                best[(metric, stat)] = max(vals) if higher_is_better[metric] else min(vals)
     for m in models:
         row = f'<tr><td class="model">{e(m)}</td><td>{summary[m]["count"]}</td>'
         for metric in result.metrics:
             s = summary[m][metric]
-            for stat in stats[HIGHER_IS_BETTER[metric]]:
+            for stat in stats[higher_is_better[metric]]:
                 value = s[stat] if s else None
                 cls = (
                     ' class="best"'
@@ -497,7 +517,7 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
 
     parts.append("<h2>Definitions</h2><dl>")
     for metric in result.metrics:
-        parts.append(f"<dt>{e(metric)}</dt><dd>{e(DEFINITIONS[metric])}</dd>")
+        parts.append(f"<dt>{e(metric)}</dt><dd>{e(definitions[metric])}</dd>")
     parts.append(
         "<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
         "center-cropped to a multiple of 8, or resized and center-cropped to N x N with --size N); each model "

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from ._stack import VAEToolkitWarning, caller_stacklevel
+from ._warnings import VAEToolkitWarning, caller_stacklevel
 
 __all__ = [
     "DeviceManager",

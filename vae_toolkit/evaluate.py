@@ -27,13 +27,11 @@ evaluation, never by ``import vae_toolkit``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +41,15 @@ import torch
 from . import latents
 from ._checks import check_int
 from .device_manager import DeviceManager
+from .eval_results import (
+    DEFINITIONS,
+    METRICS,
+    EvaluationResult,
+    Keeper,
+    ReportExistsError,
+    Shown,
+    check_report_folder,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -65,32 +72,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The metrics every evaluation computes, in the order of the CSV columns (``lpips`` follows when available).
-METRICS = ("psnr", "ssim", "ms_ssim", "mae")
-#: Whether a larger value means a better reconstruction.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "mae": False, "lpips": False}
-#: What each metric is, as the report states it next to the numbers.
-DEFINITIONS = {
-    "psnr": "Peak signal-to-noise ratio in dB on the uint8 RGB values: 10 log10(255^2 / MSE), the peak being 255; "
-    "identical images give inf. Higher is better; each +6 dB halves the RMS error.",
-    "ssim": "Structural similarity (Wang et al. 2004) with an 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, "
-    "data range 255, the mean over the valid (unpadded) window positions, averaged over R, G and B: the value of "
-    "skimage.metrics.structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, "
-    "data_range=255, channel_axis=-1), within 2e-5 (computed by pytorch-msssim in float32, its window normalised in "
-    "float64). 1 means identical.",
-    "ms_ssim": "Multi-scale SSIM (Wang et al. 2003): 5 scales, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333, "
-    "the same window, 2x2 average pooling between scales (pytorch-msssim's ms_ssim, per channel, then averaged "
-    "over R, G and B). Empty for images whose shorter side is 160 pixels or less. 1 means identical.",
-    "mae": "Mean absolute error of the uint8 RGB values (0-255). Lower is better.",
-    "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), the lpips package's AlexNet "
-    "variant (v0.1) on images scaled to [-1, 1]. Lower is better.",
-}
 _MS_SSIM_MIN_SIDE = 161  # pytorch-msssim: the shorter side must exceed (11 - 1) * 2**4 for 5 scales
 _LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1), the backbone lpips uses
-
-
-class ReportExistsError(FileExistsError):
-    """The report folder exists and is not empty; pass ``overwrite=True`` (``--overwrite``) or another folder."""
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -435,206 +418,10 @@ def _dtype(vae: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _pick_priority(seed: int, key: str) -> int:
-    """The seeded, rank-independent order of the fixed picks: the smallest values are shown."""
-    return int.from_bytes(hashlib.sha256(f"{int(seed)}\0{key}".encode()).digest()[:8], "big")
-
-
-@dataclass
-class _Shown:
-    """An image kept for the pictures: the prepared original and every model's reconstruction (uint8)."""
-
-    key: str
-    original: np.ndarray
-    reconstructions: dict[str, np.ndarray]
-
-
-class _Keeper:
-    """Keeps the ``worst`` lowest-PSNR images of each model and the ``picks`` seeded picks, nothing more.
-
-    Ties go to the smaller key, so the kept images do not depend on the order they come in (or on the ranks).
-    """
-
-    def __init__(self, models: Sequence[str], worst: int, picks: int, seed: int) -> None:
-        self.models, self.worst, self.picks, self.seed = list(models), worst, picks, seed
-        self.lowest: dict[str, list[tuple[float, str]]] = {m: [] for m in self.models}  # (psnr, key), worst first
-        self.picked: list[tuple[int, str]] = []  # (priority, key), smallest first
-        self.images: dict[str, _Shown] = {}
-
-    def offer(self, shown: _Shown, scores: Mapping[str, float]) -> None:
-        """Keep ``shown`` if it is among the worst of a model (``scores``: model -> PSNR) or a pick."""
-        for model in self.models:
-            self.lowest[model] = sorted([*self.lowest[model], (scores[model], shown.key)])[: self.worst]
-        self.picked = sorted([*self.picked, (_pick_priority(self.seed, shown.key), shown.key)])[: self.picks]
-        wanted = self.wanted()
-        if shown.key in wanted:  # own copies: the arrays given may be views of a whole batch
-            copies = {m: r.copy() for m, r in shown.reconstructions.items()}
-            self.images[shown.key] = _Shown(shown.key, shown.original.copy(), copies)
-        for key in [k for k in self.images if k not in wanted]:
-            del self.images[key]
-
-    def wanted(self) -> set[str]:
-        return {key for kept in self.lowest.values() for _, key in kept} | {key for _, key in self.picked}
-
-    def merge(self, others: Sequence[_Keeper]) -> None:
-        """Fold the keepers of the other ranks into this one."""
-        for other in others:
-            for model in self.models:
-                self.lowest[model] = sorted(self.lowest[model] + other.lowest[model])[: self.worst]
-            self.picked = sorted(self.picked + other.picked)[: self.picks]
-            self.images.update(other.images)
-        wanted = self.wanted()
-        self.images = {k: v for k, v in sorted(self.images.items()) if k in wanted}
-
-
-def _percentile(values: np.ndarray, q: float) -> float:
-    with np.errstate(invalid="ignore"):
-        v = float(np.percentile(values, q))
-    return v if not math.isnan(v) else float(np.percentile(values, q, method="lower"))  # between two infs
-
-
-def _stats(values: Sequence[float], keys: Sequence[str], higher_is_better: bool) -> dict[str, Any]:
-    """mean, median, 5th / 95th percentile, min, max and the worst image (ties: the first key)."""
-    arr = np.asarray(values, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        mean = float(np.mean(arr))
-    worst = int(np.argmin(arr) if higher_is_better else np.argmax(arr))
-    return {
-        "count": len(arr),
-        "mean": mean if not math.isnan(mean) else math.inf,  # inf + inf, all identical
-        "median": _percentile(arr, 50),
-        "p5": _percentile(arr, 5),
-        "p95": _percentile(arr, 95),
-        "min": float(np.min(arr)),
-        "max": float(np.max(arr)),
-        "worst": keys[worst],
-        "worst_value": float(arr[worst]),
-    }
-
-
-@dataclass
-class EvaluationResult:
-    """What :func:`evaluate` measured: one row per (image, model), the summary, and the pictures' material.
-
-    Attributes:
-        models: The model names, in the order given.
-        metrics: The metric columns: :data:`METRICS`, plus ``"lpips"`` when it was computed.
-        rows: One dict per (image, model), sorted by image then model order: ``image`` (the key, a path relative
-            to the source with ``/``), ``model``, ``width``, ``height`` and one value per metric (``None`` where
-            a metric does not apply, ``inf`` PSNR for identical images).
-        failures: ``key -> reason`` for images that could not be read or reconstructed (no rows for them).
-        settings: Size, batch size, dtypes, devices, versions, the definitions of the metrics, ...
-        notes: Lines for a person: e.g. why LPIPS was left out and what to install.
-        seconds: Wall time of the run.
-        rank: The torchrun rank that returned this result (0 in a single process); the content is the same on
-            every rank.
-    """
-
-    models: list[str]
-    metrics: list[str]
-    rows: list[dict[str, Any]]
-    failures: dict[str, str]
-    settings: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    rank: int = 0
-    _shown: _Keeper | None = field(default=None, repr=False)
-
-    @property
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Per model: ``count`` (images) and per metric its statistics (see :func:`_stats`); metrics without any
-        value (MS-SSIM of small images) are ``None``."""
-        out: dict[str, dict[str, Any]] = {}
-        for model in self.models:
-            rows = [r for r in self.rows if r["model"] == model]
-            entry: dict[str, Any] = {"count": len(rows)}
-            for metric in self.metrics:
-                pairs = [(r[metric], r["image"]) for r in rows if r[metric] is not None]
-                entry[metric] = (
-                    _stats([v for v, _ in pairs], [k for _, k in pairs], HIGHER_IS_BETTER[metric]) if pairs else None
-                )
-            out[model] = entry
-        return out
-
-    @property
-    def ranking(self) -> list[str]:
-        """The model names by mean PSNR, best first (ties keep the given order)."""
-        summary = self.summary
-        psnr_mean = {m: (summary[m]["psnr"] or {}).get("mean", -math.inf) for m in self.models}
-        return sorted(self.models, key=lambda m: -psnr_mean[m])
-
-    @property
-    def shown(self) -> dict[str, list[str]]:
-        """The images the pictures show: ``{"worst <model>": keys (worst first), ..., "picks": keys}``."""
-        if self._shown is None:
-            return {}
-        out = {f"worst {m}": [k for _, k in self._shown.lowest[m]] for m in self.models}
-        out["picks"] = sorted(k for _, k in self._shown.picked)
-        return out
-
-    def summary_json(self) -> dict[str, Any]:
-        """``summary.json``'s content (non-finite numbers as the strings ``"inf"`` / ``"-inf"``)."""
-        return _json_safe(
-            {
-                "models": self.summary,
-                "ranking": self.ranking,
-                "ranking_by": "mean psnr, best first",
-                "failures": dict(sorted(self.failures.items())),
-                "metrics": {m: DEFINITIONS[m] for m in self.metrics},
-                "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in self.metrics},
-                "settings": self.settings,
-                "notes": self.notes,
-                "shown": self.shown,
-                "seconds": self.seconds,
-            }
-        )
-
-    def save_report(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``metrics.csv``, ``summary.json``, ``images/*.png`` and ``index.html`` into ``folder``.
-
-        Raises:
-            ReportExistsError: (a ``FileExistsError``) ``folder`` exists and is not empty, and not ``overwrite``.
-            NotADirectoryError: ``folder`` is a file.
-        """
-        from ._report import write_report
-
-        out = Path(folder).expanduser()
-        check_report_folder(out, overwrite)
-        write_report(self, out)
-        return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else "-inf" if value < 0 else "nan"
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def check_report_folder(folder: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Refuse a report folder that exists and is not empty (unless ``overwrite``), before any work is done.
-
-    Raises:
-        ReportExistsError: (a ``FileExistsError``) the folder exists and is not empty.
-        NotADirectoryError: it is a file.
-    """
-    out = Path(folder).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"report folder {out} is a file; pass a folder (-o REPORT)")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise ReportExistsError(
-            f"report folder {out} exists and is not empty; pass overwrite=True (--overwrite) to replace the "
-            "report in it, or choose another folder"
-        )
-
-
 def _versions(with_lpips: bool) -> dict[str, str | None]:
     from importlib import metadata
 
-    from . import __version__
+    from ._version import __version__
 
     def version(name: str) -> str | None:
         try:
@@ -707,7 +494,8 @@ def evaluate(
         >>> result.ranking, result.summary["sd-vae-ft-mse"]["psnr"]["mean"]
     """
     from ._dist import ProcessGroup
-    from .dataset import default_workers, find_images
+    from .batching import default_workers
+    from .sources import find_images
 
     start = time.perf_counter()
     if not isinstance(vaes, Mapping) or not vaes:
@@ -748,7 +536,7 @@ def evaluate(
     dist = ProcessGroup.from_env(_device(first))
     try:
         mine = keys[dist.rank :: dist.world_size]
-        keeper = _Keeper(models, worst, picks, seed)
+        keeper = Keeper(models, worst, picks, seed)
         rows, failures = _pipeline(
             vaes,
             [(key, root / key) for key in mine],
@@ -763,7 +551,7 @@ def evaluate(
         order = {m: i for i, m in enumerate(models)}
         all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (r["image"], order[r["model"]]))
         all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
-        merged = _Keeper(models, worst, picks, seed)
+        merged = Keeper(models, worst, picks, seed)
         merged.merge([g[2] for g in gathered])
         settings = {
             "source": str(root),
@@ -815,7 +603,7 @@ def _pipeline(
     size: int | None,
     batch_size: int,
     workers: int,
-    keeper: _Keeper,
+    keeper: Keeper,
     lpips_net: _Lpips | None,
     progress: bool,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -833,7 +621,7 @@ def _pipeline(
 
     from tqdm.auto import tqdm
 
-    from .dataset import failure_reason, iter_batches
+    from .batching import failure_reason, iter_batches
 
     rows: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
@@ -865,7 +653,7 @@ def _pipeline(
         for j, i in enumerate(good):
             for name in vaes:
                 rows.append({"image": keys[i], "model": name, "width": int(w), "height": int(h), **values[name][j]})
-            shown = _Shown(keys[i], originals[i], {n: arrays[n][j] for n in vaes})
+            shown = Shown(keys[i], originals[i], {n: arrays[n][j] for n in vaes})
             keeper.offer(shown, {n: values[n][j]["psnr"] for n in vaes})
         bar.update(len(keys))
         bar.set_postfix_str(

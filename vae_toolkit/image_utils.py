@@ -10,17 +10,16 @@ import logging
 import math
 import numbers
 import os
-import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias, Union, cast
+from typing import TYPE_CHECKING, TypeAlias, Union
 
 import numpy as np
 import torch
 
-from ._stack import VAEToolkitWarning, caller_stacklevel
+from ._warnings import VAEToolkitWarning, caller_stacklevel
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -41,157 +40,26 @@ __all__ = [
     "SD_PROCESSOR",
 ]
 
+from ._pixels import (
+    LUT_SD,
+    LUT_UNIT,
+    SD_NORM,
+    T_128,
+    ImageProcessingError,
+    InputTypeError,
+    InputValueError,
+    Norm,
+    error_like,
+    load_pixels,
+    lut_array,
+    rgb_to_dtype,
+    rgb_to_tensor,
+    warn_if_clipped,
+)
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class ImageProcessingError(Exception):
-    """An image or tensor could not be converted; the message says which and why."""
-
-
-class _InputTypeError(ImageProcessingError, TypeError):
-    """Wrong input type: a ``TypeError`` that is still an ``ImageProcessingError`` (as in 0.1.0)."""
-
-
-class _InputValueError(ImageProcessingError, ValueError):
-    """Wrong input value (a closed image, too): a ``ValueError`` that is still an ``ImageProcessingError``."""
-
-
-class _ImageReadError(ImageProcessingError, OSError):
-    """Image data that cannot be read (truncated, corrupt): an ``OSError``, as PIL raises, and an
-    ``ImageProcessingError``."""
-
-
-def _error_like(err: BaseException) -> type[ImageProcessingError]:
-    """The ``ImageProcessingError`` class that also has ``err``'s family (``OSError``, ``ValueError``,
-    ``TypeError``) as a base: 0.1.0's ``ImageProcessor.transform`` let PIL's error through, so code that
-    catches that family must still catch ours."""
-    for family, cls in ((OSError, _ImageReadError), (ValueError, _InputValueError), (TypeError, _InputTypeError)):
-        if isinstance(err, family):
-            return cls
-    return ImageProcessingError
-
-
-# --- uint8 -> float lookup tables ---------------------------------------------------------------
-
-
-_Norm: TypeAlias = "tuple[Sequence[float], Sequence[float]] | None"  # (mean, std), or None for [0, 1]
-_SD_NORM: _Norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def _lut_tensor(norm: _Norm, dtype: torch.dtype) -> torch.Tensor:
-    """[3, 256] table of ``(v / 255 - mean) / std`` in ``dtype``, computed with the operations of torchvision's
-    ``ToTensor`` + ``Normalize`` in that dtype, hence the same values bit for bit."""
-    levels = torch.arange(256, dtype=dtype).div(255).expand(3, 256)
-    if norm is not None:
-        m = torch.as_tensor(norm[0], dtype=dtype).view(-1, 1)
-        s = torch.as_tensor(norm[1], dtype=dtype).view(-1, 1)
-        levels = levels.sub(m).div(s)
-    return levels.contiguous()
-
-
-def _lut(norm: _Norm) -> np.ndarray:
-    """The float32 table as a numpy array (the fast path of ``_rgb_to_tensor``)."""
-    return _lut_tensor(norm, torch.float32).numpy()
-
-
-_LUT_UNIT = _lut(None)
-_LUT_SD = _lut(_SD_NORM)
-_F32_1, _F32_127_5, _F32_255 = np.float32(1.0), np.float32(127.5), np.float32(255.0)
-_T_128 = torch.tensor(128.0)
-
-
-def _band_bytes(rgb: Image.Image, band: str) -> bytes:
-    """``rgb.tobytes("raw", band)``: one band of an RGB image as ``height * width`` bytes, packed in one call.
-
-    ``tobytes`` packs in 64 KB pieces and joins them (a second copy, and a Python round trip per piece); PIL's
-    raw encoder given one buffer of the whole band packs it at once, which takes about a third less time at
-    512². The encoder is looked up through ``PIL.Image._getencoder`` (what ``tobytes`` itself calls, in every
-    Pillow since 1.1); should a Pillow change it, ``tobytes`` is used.
-    """
-    w, h = rgb.size
-    if w == 0 or h == 0:
-        return b""
-    _decode(rgb)  # as tobytes loads a lazily opened image first
-    try:
-        from PIL import Image
-
-        encoder = Image._getencoder(rgb.mode, "raw", (band,))
-        encoder.setimage(rgb.im, (0, 0, w, h))
-        pieces = []
-        while True:
-            _, errcode, data = encoder.encode(max(w * h, 65536))
-            pieces.append(data)
-            if errcode:
-                break
-    except (AttributeError, TypeError, ValueError):  # a Pillow whose internals differ
-        return rgb.tobytes("raw", band)
-    if errcode < 0:
-        return rgb.tobytes("raw", band)  # let tobytes raise its own error
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
-
-
-def _rgb_to_tensor(rgb: Image.Image, lut: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-    """RGB PIL image → contiguous float32 ``[3, H, W]`` holding ``lut[c, v]`` for each pixel value ``v``.
-
-    PIL packs each band straight into a planar uint8 buffer (no interleaved copy, no index arrays).
-    For the two built-in tables the values are computed with float32 arithmetic straight from the plane,
-    which gives the table's values bit for bit (float32 IEEE division/subtraction): ``v / 127.5 - 1`` for
-    ``_LUT_SD`` and ``v / 255`` for ``_LUT_UNIT``. Other tables are gathered per channel. numpy releases the
-    GIL in these loops.
-    """
-    w, h = rgb.size
-    if out is None:
-        out = torch.empty((3, h, w), dtype=torch.float32)
-    dst = out.numpy()
-    for c, band in enumerate("RGB"):
-        plane = np.frombuffer(_band_bytes(rgb, band), dtype=np.uint8).reshape(h, w)
-        d = dst[c]  # one channel at a time: its 1 MB (at 512²) stays in cache across the passes
-        if lut is _LUT_SD:  # divided straight from the uint8 plane: one pass less than copy-then-divide
-            np.divide(plane, _F32_127_5, out=d, dtype=np.float32)
-            np.subtract(d, _F32_1, out=d)
-        elif lut is _LUT_UNIT:
-            np.divide(plane, _F32_255, out=d, dtype=np.float32)
-        else:
-            np.take(lut[c], plane, out=d)
-    return out
-
-
-def _rgb_to_dtype(rgb: Image.Image, lut: np.ndarray, norm: _Norm, dtype: torch.dtype) -> torch.Tensor:
-    """``_rgb_to_tensor`` in ``dtype``: torch's default dtype, which 0.1.0 (torchvision) returned.
-
-    float32, the default, takes the fast path with ``lut``; after ``torch.set_default_dtype(torch.float64)``
-    (or float16 / bfloat16) the table ``norm`` is computed in that dtype and gathered: 0.1.0's values in it.
-    """
-    if dtype == torch.float32:
-        return _rgb_to_tensor(rgb, lut)
-    w, h = rgb.size
-    index = torch.from_numpy(np.array(rgb, dtype=np.uint8).reshape(h * w, 3)).T.long()
-    return torch.gather(_lut_tensor(norm, dtype), 1, index).view(3, h, w)
-
-
-_WIDE_MODES = frozenset(("I", "F", "I;16", "I;16L", "I;16B", "I;16N"))
-_EXTREMA_MODES = frozenset(("I", "F", "I;16"))  # getextrema() raises for I;16L, I;16B and I;16N
-
-
-def _warn_if_clipped(img: Image.Image, source: object) -> None:
-    """Warn when converting a 16/32-bit image to RGB will saturate values outside [0, 255]."""
-    if img.mode not in _WIDE_MODES or 0 in img.size:  # an empty image has nothing to clip
-        return
-    if img.mode in _EXTREMA_MODES:
-        lo, hi = cast("tuple[float, float]", img.getextrema())
-    else:
-        values = np.asarray(img)
-        lo, hi = values.min().item(), values.max().item()
-    if lo < 0 or hi > 255:
-        warnings.warn(
-            f"{source}: {img.mode} image with values in [{lo}, {hi}] is converted to 8-bit RGB by clipping to "
-            "[0, 255] (PIL's convert('RGB'), as in vae-toolkit 0.1.0), so its range is lost. Scale it to 8 bits "
-            "first, e.g. Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) for 16-bit data.",
-            VAEToolkitWarning,
-            stacklevel=caller_stacklevel(),
-        )
 
 
 def open_image(path: PathLike) -> Image.Image:
@@ -230,7 +98,7 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
     from PIL import Image, UnidentifiedImageError
 
     if not isinstance(path, (str, bytes, os.PathLike)) and not hasattr(path, "read"):
-        raise _InputTypeError(
+        raise InputTypeError(
             f"image_path must be a str or pathlib.Path (or an open binary file), got {type(path).__name__}: {path!r}"
         )
     try:
@@ -239,7 +107,7 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
             if draft_size is not None and img.format in _DCT_FORMATS and min(size) >= 2 * draft_size:
                 drafted = img.draft("RGB", (draft_size, draft_size))
                 box = drafted[1] if drafted is not None and img.size != size else None
-            _warn_if_clipped(img, path)
+            warn_if_clipped(img, path)
             img.load()
             if img.mode == "RGB" and not img.readonly:
                 # What convert("RGB") returns for an RGB image (it is copy() = _new(im.copy())), minus the copy
@@ -303,7 +171,7 @@ def load_and_preprocess_image(image_path: str | Path, target_size: int = 512) ->
     """
     rgb = open_image(image_path)
     _check_size(rgb, target_size, image_path)
-    tensor = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype()).unsqueeze(0)
+    tensor = rgb_to_dtype(rgb, LUT_SD, SD_NORM, torch.get_default_dtype()).unsqueeze(0)
     logger.debug("Loaded %s as %s", image_path, tuple(tensor.shape))
     return tensor, rgb
 
@@ -351,7 +219,7 @@ def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Imag
     w, h = image.size
     cw, ch = w - w % multiple, h - h % multiple
     if cw == 0 or ch == 0:
-        raise _InputValueError(f"image is {w}x{h}; it needs at least {multiple}x{multiple} pixels")
+        raise InputValueError(f"image is {w}x{h}; it needs at least {multiple}x{multiple} pixels")
     if (cw, ch) == (w, h):
         return image
     left, top = (w - cw) // 2, (h - ch) // 2
@@ -399,18 +267,18 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
     if size is not None:
         size = _check_target_size(size)
     if not isinstance(exact, bool):
-        raise _InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
+        raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
     if size is None:
         rgb = open_image(path)
         try:
             rgb = center_crop_to_multiple(rgb, 8)
-        except _InputValueError as err:
-            raise _InputValueError(f"{path}: {err}") from err
+        except InputValueError as err:
+            raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)
     rgb, full, box = _open_rgb(path, None if exact else size)
     if box is None:
         return pil_to_tensor(rgb, target_size=size)
-    return _rgb_to_dtype(_resize_center_crop(rgb, size, full, box), _LUT_SD, _SD_NORM, torch.get_default_dtype())
+    return rgb_to_dtype(_resize_center_crop(rgb, size, full, box), LUT_SD, SD_NORM, torch.get_default_dtype())
 
 
 def available_cpus() -> int:
@@ -473,7 +341,7 @@ def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers
         >>> batch = load_images(sorted(Path("data").glob("*.png")))  # doctest: +SKIP
     """
     if isinstance(paths, (str, bytes, os.PathLike)):
-        raise _InputTypeError(f"paths must be a sequence of paths, got a single path {paths!r}; wrap it in a list")
+        raise InputTypeError(f"paths must be a sequence of paths, got a single path {paths!r}; wrap it in a list")
     paths = list(paths)
     target_size = _check_target_size(target_size)
     if num_workers is None:
@@ -494,9 +362,9 @@ def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers
         rgb = open_image(paths[i])
         _check_size(rgb, target_size, paths[i])
         if out.dtype == torch.float32:
-            _rgb_to_tensor(rgb, _LUT_SD, out=out[i])
+            rgb_to_tensor(rgb, LUT_SD, out=out[i])
         else:
-            out[i] = _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, out.dtype)
+            out[i] = rgb_to_dtype(rgb, LUT_SD, SD_NORM, out.dtype)
 
     if num_workers == 1:
         for i in range(len(paths)):
@@ -533,14 +401,14 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     from PIL import Image
 
     if not isinstance(tensor, torch.Tensor):
-        raise _InputTypeError(
+        raise InputTypeError(
             f"tensor_to_pil expects a torch.Tensor, got {type(tensor).__name__}; "
             "wrap arrays with torch.from_numpy(...)"
         )
     if tensor.layout != torch.strided:
-        raise _InputTypeError(f"tensor_to_pil expects a dense tensor, got layout {tensor.layout}; call .to_dense()")
+        raise InputTypeError(f"tensor_to_pil expects a dense tensor, got layout {tensor.layout}; call .to_dense()")
     if not (tensor.is_floating_point()):
-        raise _InputTypeError(
+        raise InputTypeError(
             f"tensor_to_pil expects a floating-point tensor in [-1, 1], got dtype {tensor.dtype}; "
             "convert with t.float() / 127.5 - 1 for uint8 images"
         )
@@ -574,7 +442,7 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     t = t.to(device="cpu", dtype=torch.float32)
     # x in [-1, 1] -> 127.5 * x + 128 in one fused pass (+0.5 over 127.5 so that the truncating cast below
     # rounds to nearest), a sum that is finite unless some value is NaN/inf, then clamp in place.
-    scaled_t = torch.add(_T_128, t, alpha=127.5, out=torch.from_numpy(np.empty(t.shape, dtype=np.float32)))
+    scaled_t = torch.add(T_128, t, alpha=127.5, out=torch.from_numpy(np.empty(t.shape, dtype=np.float32)))
     if not math.isfinite(scaled_t.sum()):
         bad = int((~torch.isfinite(t)).sum())
         # Only float64 holds finite values that float32 cannot: they became ±inf in the cast above.
@@ -632,61 +500,33 @@ def _resize_center_crop(
     return rgb
 
 
-_LOAD_GUARD = threading.Lock()
-_LOAD_LOCKS: dict[int, tuple[threading.Lock, list[int]]] = {}  # id(image) -> (lock, [callers waiting])
-
-
-def _decode(img: Image.Image) -> None:
-    """``img.load()``, one thread at a time per lazily opened image.
-
-    PIL decodes a lazily opened image on first use, and two threads doing so at once read the same file
-    handle and write the same buffer (corrupt pixels or odd exceptions). Images already decoded skip the
-    lock. The entry lives only while some thread is inside, so ``id`` cannot be reused meanwhile.
-    """
-    if not getattr(img, "tile", None):  # decoded already, or not read from a file
-        img.load()
-        return
-    key = id(img)
-    with _LOAD_GUARD:
-        lock, users = _LOAD_LOCKS.setdefault(key, (threading.Lock(), [0]))
-        users[0] += 1
-    try:
-        with lock:
-            img.load()
-    finally:
-        with _LOAD_GUARD:
-            users[0] -= 1
-            if not users[0]:
-                del _LOAD_LOCKS[key]
-
-
 def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None) -> Image.Image:
     """Decode (if lazily opened) and convert to RGB; errors become ``ImageProcessingError`` naming the file."""
     from PIL import Image
 
     if not isinstance(pil_image, Image.Image):
-        raise _InputTypeError(
+        raise InputTypeError(
             f"{caller} expects a PIL.Image.Image, got {type(pil_image).__name__}; "
             "open files with PIL.Image.open(path) or use load_and_preprocess_image(path)"
         )
     source = getattr(pil_image, "filename", None) or f"{pil_image.mode} image of size {pil_image.size}"
     try:
-        _decode(pil_image)  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
-        _warn_if_clipped(pil_image, source)
+        load_pixels(pil_image)  # an image from Image.open decodes here: truncated/corrupt/closed files fail now
+        warn_if_clipped(pil_image, source)
         rgb = pil_image if pil_image.mode == "RGB" else pil_image.convert("RGB")
     except Warning:  # e.g. the clipping VAEToolkitWarning under an "error" filter: the caller's to see
         raise
     except Exception as err:  # whatever PIL raises while decoding: corrupt data, a closed file, ...
         if getattr(pil_image, "fp", True) is None and getattr(pil_image, "tile", None):
-            raise _error_like(err)(
+            raise error_like(err)(
                 f"{caller}: cannot read {source}: it is a closed image whose pixels were never read (PIL opens "
                 "files lazily); call image.load() before closing it, or convert inside `with Image.open(...)`"
             ) from err
-        raise _error_like(err)(
+        raise error_like(err)(
             f"{caller}: cannot read {source} (mode {pil_image.mode!r}) as RGB: {type(err).__name__}: {err}"
         ) from err
     if target_size is not None and 0 in rgb.size:
-        raise _InputValueError(
+        raise InputValueError(
             f"{caller}: cannot resize an image of size {rgb.size} to {target_size}x{target_size}; "
             "width and height must be >= 1"
         )
@@ -696,12 +536,12 @@ def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None)
 def _check_target_size(target_size: object) -> int:
     """Return ``target_size`` as an int >= 1; else TypeError/ValueError (both also ``ImageProcessingError``)."""
     if isinstance(target_size, bool) or not isinstance(target_size, numbers.Integral):
-        raise _InputTypeError(
+        raise InputTypeError(
             f"target_size must be an int (side of the square output in pixels, e.g. 512), "
             f"got {type(target_size).__name__}: {target_size!r}"
         )
     if target_size < 1:
-        raise _InputValueError(
+        raise InputValueError(
             f"target_size must be >= 1 (side of the square output in pixels, e.g. 512), got {target_size}"
         )
     return int(target_size)
@@ -738,8 +578,8 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
     if target_size is not None:
         rgb = _resize_center_crop(rgb, target_size)
     if normalize:
-        return _rgb_to_dtype(rgb, _LUT_SD, _SD_NORM, torch.get_default_dtype())
-    return _rgb_to_dtype(rgb, _LUT_UNIT, None, torch.get_default_dtype())
+        return rgb_to_dtype(rgb, LUT_SD, SD_NORM, torch.get_default_dtype())
+    return rgb_to_dtype(rgb, LUT_UNIT, None, torch.get_default_dtype())
 
 
 _TYPE_HINT = "3 numbers (one per RGB channel), one number, or an array that broadcasts over [3, H, W]"
@@ -752,26 +592,26 @@ def _norm_array(name: str, value: object) -> np.ndarray:
     array broadcasts against ``[3, H, W]`` as torch broadcasts (``[[a, b, c]]`` is per image column).
     """
     if value is None or isinstance(value, (str, bytes)):
-        raise _InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}")
+        raise InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}")
     if isinstance(value, torch.Tensor):  # constants here, even when they require grad
         value = value.detach().cpu()
     try:
         arr = np.asarray(value, dtype=np.float64)
     except OverflowError as err:  # an int too large for float64
-        raise _InputValueError(f"{name} must be finite numbers, got {value!r}") from err
+        raise InputValueError(f"{name} must be finite numbers, got {value!r}") from err
     except (TypeError, ValueError) as err:
-        raise _InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}") from err
+        raise InputTypeError(f"{name} must be {_TYPE_HINT}, got {value!r}") from err
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1, 1)
     if arr.ndim > 3:
-        raise _InputValueError(
+        raise InputValueError(
             f"{name} has {arr.ndim} dimensions (shape {arr.shape}), got {value!r}; pass 3 numbers (one per RGB "
             "channel), or an array of at most 3 dimensions that broadcasts over the [3, H, W] image tensor"
         )
     if arr.ndim == 3 and arr.shape[0] not in (1, 3):
-        raise _InputValueError(f"{name} needs 3 values (one per RGB channel) or 1, got {arr.shape[0]}: {value!r}")
+        raise InputValueError(f"{name} needs 3 values (one per RGB channel) or 1, got {arr.shape[0]}: {value!r}")
     if not np.isfinite(arr).all():
-        raise _InputValueError(f"{name} must be finite numbers, got {value!r}")
+        raise InputValueError(f"{name} must be finite numbers, got {value!r}")
     return arr
 
 
@@ -783,7 +623,7 @@ def _per_channel(arr: np.ndarray) -> tuple[float, float, float] | None:
     return (float(flat[0]), float(flat[1]), float(flat[2]))
 
 
-_Checked: TypeAlias = "tuple[np.ndarray, np.ndarray, _Norm]"  # mean, std, (per-channel mean, std) or None
+_Checked: TypeAlias = "tuple[np.ndarray, np.ndarray, Norm]"  # mean, std, (per-channel mean, std) or None
 
 
 def _check_norm(mean: object, std: object, target_size: int) -> _Checked:
@@ -800,13 +640,13 @@ def _check_norm(mean: object, std: object, target_size: int) -> _Checked:
         except ValueError:
             fits = False
         if not fits:
-            raise _InputValueError(
+            raise InputValueError(
                 f"{name} of shape {arr.shape} does not broadcast over the image tensor of shape {image_shape} "
                 f"(ImageProcessor(target_size={target_size})), got {value!r}; pass 3 numbers (one per RGB channel)"
             )
     with np.errstate(over="ignore", under="ignore"):  # 1e39 -> inf, 1e-46 -> 0 in float32: checked here
         if not np.asarray(s, dtype=np.float32).all():
-            raise _InputValueError(
+            raise InputValueError(
                 "normalize_std must not contain 0 or values that are 0 in float32 (values are divided by it), "
                 f"got {std!r}"
             )
@@ -857,7 +697,7 @@ class _Transform:
         if self._table is None:  # one assignment: threads see either nothing or the complete pair
             checked = _check_norm(self.mean, self.std, self.target_size)
             norm = checked[2]
-            lut = None if norm is None else _LUT_SD if norm == _SD_NORM else _lut(norm)
+            lut = None if norm is None else LUT_SD if norm == SD_NORM else lut_array(norm)
             self._table = (lut, checked, float(max(np.abs(checked[0]).max(), np.abs(checked[1]).max())))
         lut, (mean, std, norm), largest = self._table
         dtype = torch.get_default_dtype()
@@ -867,7 +707,7 @@ class _Transform:
         rgb = _resize_center_crop(_as_rgb(pil_image, "ImageProcessor.transform", self.target_size), self.target_size)
         if lut is None:  # mean or std varies across rows or columns
             return _normalize_any(rgb, mean, std, dtype)
-        return _rgb_to_dtype(rgb, lut, norm, dtype)
+        return rgb_to_dtype(rgb, lut, norm, dtype)
 
     def __repr__(self) -> str:
         return (

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._stack import VAEToolkitWarning
+from ._warnings import VAEToolkitWarning
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ._stack import VAEToolkitWarning
+from ._warnings import VAEToolkitWarning
 
 __all__ = [
     "MODEL_CONFIGS",

@@ -1,0 +1,582 @@
+""":func:`encode_dataset`: from batches of images to the shards of a latent store.
+
+It checks the arguments, plans the run (:mod:`vae_toolkit.store_update`) under the store's lock
+(:mod:`vae_toolkit.store_files`), loads the model only when there is work, encodes the batches that
+:mod:`vae_toolkit.batching` reads (halving a batch on out-of-memory), writes shards as they fill (and on
+Ctrl-C or SIGTERM), and commits them; under torchrun each rank encodes its own part and rank 0 commits.
+Reading a store is :mod:`vae_toolkit.store`'s.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import latents
+from ._checks import check_int
+from ._dist import ProcessGroup
+from ._version import __version__
+from .batching import Item, default_workers, failure_reason, iter_batches, share_cores, stacked_batches
+from .model_config import get_all_model_configs
+from .sources import scan_source
+from .store_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    STORE_DTYPES,
+    StoreMismatchError,
+    StoreState,
+    WriterLock,
+    atomic_write,
+    mismatch,
+    normalise_settings,
+    probe_writable,
+    remove_store_files,
+    scan_store,
+    tidy,
+    write_error,
+)
+from .store_update import Merge, Plan, commit_run, plan_run
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+logger = logging.getLogger(__name__)
+
+MULTIPLE = 8  # images keep their size, center-cropped to a multiple of 8 (the SD / SDXL / FLUX downsampling)
+_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+    {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
+)
+
+
+@dataclass
+class EncodeSummary:
+    """What :func:`encode_dataset` did (over all ranks under torchrun).
+
+    Attributes:
+        output: The store folder.
+        total: Images found in the input.
+        encoded: Images encoded by this run.
+        skipped: Images already in the store and unchanged (not encoded again).
+        failed: ``key -> reason`` for images that could not be read or encoded (also in the index).
+        seconds: Wall time of the run.
+        shards: Shard files written by this run.
+        rank: The torchrun rank that returned this summary (0 in a single process); the counts are the
+            same on every rank.
+        removed: Entries removed because their source file is gone (see ``keep_missing``).
+        loaded_model: Whether the model was loaded (a run with nothing to encode does not load it).
+    """
+
+    output: Path
+    total: int = 0
+    encoded: int = 0
+    skipped: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    shards: int = 0
+    rank: int = 0
+    removed: int = 0
+    loaded_model: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        """Encoded images per second of wall time."""
+        return self.encoded / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        removed = f", {self.removed} removed (source file gone)" if self.removed else ""
+        return (
+            f"{self.total} images: {self.encoded} encoded, {self.skipped} already stored, {len(self.failed)} failed"
+            f"{removed} -> {self.output} ({self.shards} new shard(s)) in {self.seconds:.1f} s, "
+            f"{self.images_per_second:.1f} images/s"
+        )
+
+
+def sample_generator(seed: int, key: str) -> torch.Generator:
+    """The CPU generator whose noise ``encode_dataset(..., sample=True, seed=seed)`` uses for ``key``.
+
+    ``latents.encode(vae, x, sample=True, generator=sample_generator(seed, key))`` reproduces the stored
+    latent of that image, whatever the batch size or number of ranks of the run that stored it.
+    """
+    digest = hashlib.sha256(f"{int(seed)}\0{key}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class _ShardWriter:
+    """Collects latents and writes them as shards of at most ``max_bytes``, or every ``every`` seconds."""
+
+    def __init__(
+        self, folder: Path, run: str, rank: int, settings: dict[str, Any], max_bytes: int, every: float
+    ) -> None:
+        self.folder, self.run, self.rank = folder, run, rank
+        self.settings_json = json.dumps(settings, sort_keys=True)
+        self.max_bytes, self.every = max_bytes, every
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.nbytes = 0
+        self.written: list[str] = []
+        self.since = time.monotonic()
+
+    def add(self, key: str, latent: torch.Tensor, entry: dict[str, Any]) -> None:
+        self.tensors[key] = latent
+        self.entries[key] = entry
+        self.nbytes += latent.numel() * latent.element_size()
+        if self.nbytes >= self.max_bytes or time.monotonic() - self.since >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        self.since = time.monotonic()
+        if not self.tensors:
+            return
+        from safetensors.torch import save
+
+        name = f"latents-{self.run}-r{self.rank:03d}-{len(self.written):05d}.safetensors"
+        metadata = {
+            "format": FORMAT,
+            "settings": self.settings_json,
+            "created": str(time.time_ns()),
+            "entries": json.dumps(self.entries, sort_keys=True),
+        }
+        atomic_write(self.folder / name, save(self.tensors, metadata=metadata))
+        logger.debug("wrote %s (%d latents, %d bytes)", name, len(self.tensors), self.nbytes)
+        self.written.append(name)
+        self.tensors, self.entries, self.nbytes = {}, {}, 0
+
+
+class _Encoder:
+    """Encodes batches of equal-size images; halves the batch on out-of-memory, down to one image."""
+
+    def __init__(self, vae: Any, sample: bool, seed: int, store_dtype: torch.dtype) -> None:
+        self.vae, self.sample, self.seed, self.store_dtype = vae, sample, seed, store_dtype
+        self.limits: dict[tuple[int, ...], int] = {}  # image shape -> batch size that fitted after an OOM
+
+    def __call__(
+        self, items: list[Item], x: torch.Tensor | None = None
+    ) -> tuple[list[tuple[Item, torch.Tensor]], dict[str, str]]:
+        """Encode ``items`` (``x``: their images already stacked, as :func:`stacked_batches` gives them)."""
+        shape = tuple(items[0].image.shape)
+        done: list[tuple[Item, torch.Tensor]] = []
+        failed: dict[str, str] = {}
+        start = 0
+        while start < len(items):
+            n = min(self.limits.get(shape, len(items)), len(items) - start)
+            chunk = items[start : start + n]
+            try:
+                z = self._encode(chunk, None if x is None else x[start : start + n])
+            except _OOM_ERRORS as err:
+                _free_cached_memory()
+                if n == 1:
+                    failed[chunk[0].key] = (
+                        f"out of memory encoding one {shape[2]}x{shape[1]} image: {' '.join(str(err).split())[:200]}; "
+                        "use a smaller size (--size), free GPU memory, or a float16 VAE"
+                    )
+                    logger.warning("out of memory encoding %s alone; skipped", chunk[0].key)
+                    start += 1
+                    continue
+                self.limits[shape] = max(1, n // 2)
+                logger.warning(
+                    "out of memory encoding a batch of %d images of %dx%d; retrying with batches of %d",
+                    n, shape[2], shape[1], self.limits[shape],
+                )  # fmt: skip
+                continue
+            done += list(zip(chunk, z, strict=True))
+            start += n
+        return done, failed
+
+    def _encode(self, chunk: list[Item], x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if x is None:
+            x = torch.stack([item.image for item in chunk])
+        generator = [sample_generator(self.seed, item.key) for item in chunk] if self.sample else None
+        with torch.inference_mode():
+            z = latents.encode(self.vae, x, sample=self.sample, generator=generator)
+        z = z.to(device="cpu", dtype=self.store_dtype).contiguous()
+        return [t.clone() for t in z]  # own storage: safetensors refuses tensors that share memory
+
+
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _vae_dtype(vae: Any) -> torch.dtype:
+    dtype = getattr(vae, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(vae.parameters()).dtype
+
+
+def _vae_device(vae: Any) -> torch.device:
+    device = getattr(vae, "device", None)
+    return device if isinstance(device, torch.device) else next(vae.parameters()).device
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _settings(
+    vae: Any, model: str | None, size: int | None, dtype: torch.dtype, sample: bool, seed: int, reader: str = "exact"
+) -> dict[str, Any]:
+    """What a reader must know about the latents, and what must match for a store to be resumed."""
+    config = getattr(vae, "config", None)
+    scale, shift = latents.scaling_factors(vae)
+    name = model if model is not None else (getattr(config, "_name_or_path", None) or type(vae).__name__)
+    registered = get_all_model_configs().get(name, {})
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "vae_toolkit_version": __version__,
+        "model": name,
+        "repo_id": registered.get("repo_id"),
+        "subfolder": registered.get("subfolder"),
+        "scaling_factor": scale,
+        "shift_factor": shift,
+        "latent_channels": getattr(config, "latent_channels", None),
+        "dtype": _dtype_name(dtype),
+        "vae_dtype": _dtype_name(_vae_dtype(vae)),
+        "size": size,
+        "sample": bool(sample),
+        "seed": int(seed) if sample else None,
+        "reader": reader,
+    }
+
+
+@contextmanager
+def _sigterm_flushes() -> Iterator[None]:
+    """SIGTERM (SLURM preemption, torchrun teardown) ends the run as Ctrl-C does: shards flushed, exit 143."""
+
+    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signature signal.signal calls with
+        raise SystemExit(128 + signal.SIGTERM)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def encode_dataset(
+    vae: AutoencoderKL | Callable[[], AutoencoderKL],
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    size: int | None = None,
+    batch_size: int = 8,
+    sample: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    workers: int | None = None,
+    max_shard_size: int = 256 * 2**20,
+    overwrite: bool = False,
+    progress: bool = True,
+    exact_resize: bool = False,
+    checkpoint_every: float = 60.0,
+    keep_missing: bool = False,
+    device: str | torch.device | None = None,
+) -> EncodeSummary:
+    """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
+
+    The latents are stored scaled, exactly as :func:`vae_toolkit.latents.encode` returns them for
+    ``load_for_encoding(path, size, exact=exact_resize)`` alone. Running the same call again resumes: images
+    already stored (and unchanged on disk) are skipped, and the model is not even loaded when there is
+    nothing to encode (pass a loader function as ``vae``). Under torchrun (``WORLD_SIZE > 1``) call it on every
+    rank with the same arguments and the VAE on the rank's own device; the ranks split the images and rank 0
+    writes the index.
+
+    Args:
+        vae: A loaded ``AutoencoderKL`` (any device and dtype), or a function without arguments that loads
+            it (called only when there is work; then ``model`` is required).
+        source: A folder of images (searched recursively) or a list of image files; keys are paths
+            relative to the folder (for a list, to the files' common folder).
+        output: The store folder (created if needed).
+        model: The model's name, recorded in the store (default: ``vae.config._name_or_path``).
+        size: Resize the shorter side to ``size`` and center-crop ``size x size`` (as ``pil_to_tensor``);
+            ``None`` keeps each image's size, center-cropped to a multiple of 8.
+        batch_size: Images per ``encode`` call; only images of equal size share a batch.
+        sample: Store a sample of the latent distribution instead of its mean.
+        seed: With ``sample=True``, each image's noise comes from :func:`sample_generator` ``(seed, key)``.
+        dtype: Dtype of the stored latents (float32 default; float16/bfloat16 halve the store; float64).
+        workers: Image decoding threads (default :func:`default_workers`: the cores this process may use,
+            divided among the ranks of the machine).
+        max_shard_size: Bytes of latents per shard file.
+        overwrite: Replace a store made with other settings (model, size, dtype, reader, sampling) instead
+            of refusing it. A store made with the same settings is resumed either way.
+        progress: Show a tqdm progress bar (images/s); on rank 0 only.
+        exact_resize: With ``size``, resize from the full-resolution decode (exactly ``pil_to_tensor``);
+            by default a large JPEG is decoded at a reduced DCT scale first (see :func:`load_for_encoding`).
+            The store records the reader, and refuses the other one.
+        checkpoint_every: Write the open shard at least every this many seconds, so that a kill loses at
+            most this much work (plus the batch being encoded).
+        keep_missing: Keep the entries of images no longer in ``source`` (a folder); by default a run
+            removes them. Entries not in a list of files are always kept.
+        device: With a loader function as ``vae``: the device it loads on (chooses the process group's
+            backend under torchrun).
+
+    Returns:
+        An :class:`EncodeSummary` with counts, failures and time (over all ranks).
+
+    Raises:
+        StoreMismatchError: (a ``ValueError``) ``output`` holds latents made with other settings.
+        StoreLockedError: another run is writing ``output``.
+        FileNotFoundError: ``source`` does not exist.
+        NotADirectoryError: ``output`` is a file.
+        OSError: ``output`` cannot be written (the message names the path), checked before the model loads.
+        ValueError / TypeError: bad arguments, or no images found.
+
+    Example:
+        >>> vae, device = VAELoader().load_sd_vae("sd15")  # doctest: +SKIP
+        >>> summary = encode_dataset(vae, "photos/", "photos-latents/", model="sd15", size=512)
+        >>> store = LatentStore("photos-latents/")
+        >>> store["holiday/beach.jpg"].shape
+        torch.Size([4, 64, 64])
+    """
+    start = time.perf_counter()
+    check_int("batch_size", batch_size, 1)
+    check_int("size", size, MULTIPLE, allow_none=True)
+    if size is not None and size % MULTIPLE:
+        raise ValueError(f"size must be a multiple of {MULTIPLE}, got {size}")
+    check_int("workers", workers, 1, allow_none=True)
+    check_int("max_shard_size", max_shard_size, 1)
+    check_int("seed", seed, 0)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
+        raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
+    if not checkpoint_every > 0 or checkpoint_every == float("inf"):
+        raise ValueError(f"checkpoint_every must be a finite number of seconds > 0, got {checkpoint_every}")
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(map(_dtype_name, STORE_DTYPES))}, got {dtype!r}")
+    loaded = isinstance(vae, torch.nn.Module)
+    if not loaded and not callable(vae):
+        raise TypeError(f"vae must be an AutoencoderKL or a function that loads one, got {type(vae).__name__}")
+    if not loaded and model is None:
+        raise ValueError("model is required when vae is a loader function (it is recorded in the store)")
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {out} is a file; pass a folder for the latent store")
+    reader = "exact" if exact_resize or size is None else "fast"
+    settings = _settings(vae, model, size, dtype, sample, seed, reader) if loaded else None
+    known = {
+        "model": model if model is not None else settings and settings["model"],
+        "dtype": _dtype_name(dtype),
+        "size": size,
+        "sample": bool(sample),
+        "seed": int(seed) if sample else None,
+        "reader": reader,
+    }
+    workers = workers if workers is not None else default_workers()
+    vae_device = _vae_device(vae) if loaded else torch.device(device if device is not None else "cpu")
+
+    dist = ProcessGroup.from_env(vae_device)
+    lock: WriterLock | None = None
+    merge: Merge | None = None
+    try:
+        prepared: Plan | BaseException
+        if dist.rank == 0:
+            try:
+                lock, plan, merge = _prepare(out, source, known, overwrite, keep_missing)
+                prepared = plan
+            except Exception as err:
+                prepared = err
+        else:
+            prepared = RuntimeError("unset")
+        prepared = dist.broadcast(prepared)
+        if isinstance(prepared, BaseException):
+            raise prepared
+        plan = prepared
+        summary = EncodeSummary(output=out, total=plan.total, skipped=plan.skipped, removed=plan.removed,
+                                rank=dist.rank)  # fmt: skip
+        if plan.up_to_date:
+            summary.failed = dict(sorted(plan.failures.items()))
+            summary.seconds = time.perf_counter() - start
+            logger.info("nothing to encode: all %d images are stored in %s", plan.total, out)
+            return summary
+        if plan.todo and not loaded:
+            vae = vae()
+            loaded = True
+            summary.loaded_model = True
+        if loaded:
+            settings = _settings(vae, model, size, dtype, sample, seed, reader)
+        else:  # nothing to encode, only the index to update: the stored settings stand
+            settings = _stored_settings(merge) if dist.rank == 0 else {}
+        if plan.stored_settings is not None and loaded:
+            problems = mismatch(plan.stored_settings, settings)
+            if problems and not overwrite:
+                raise StoreMismatchError(out, problems)
+            if problems:  # differs in what only the loaded model tells (its dtype or factors): replan from empty
+                if dist.rank == 0:
+                    assert merge is not None
+                    merge.state.close()
+                    logger.info("overwrite: removed %d file(s) of the previous store in %s",
+                                remove_store_files(out), out)  # fmt: skip
+                    plan, merge = plan_run(StoreState(), scan_source(source), keep_missing)
+                plan = dist.broadcast(plan)
+                summary.skipped, summary.removed = plan.skipped, 0
+        todo = plan.todo
+        mine = todo[dist.rank :: dist.world_size]
+        share_cores(workers)
+        logger.info(
+            "encoding %d of %d images (%d already stored) into %s%s",
+            len(todo), plan.total, plan.skipped, out,
+            f"; rank {dist.rank} of {dist.world_size} takes {len(mine)}" if dist.world_size > 1 else "",
+        )  # fmt: skip
+        writer = _ShardWriter(out, uuid.uuid4().hex[:12], dist.rank, settings, max_shard_size, checkpoint_every)
+        encoded, failed = 0, dict[str, str]()
+        if mine:
+            encoder = _Encoder(vae, sample, seed, dtype)
+            desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)})"
+            items = [(key, plan.root / key) for key in mine]
+            with _sigterm_flushes():
+                try:
+                    encoded, failed = _pipeline(items, size, exact_resize, batch_size, workers, encoder, writer,
+                                                progress and dist.rank == 0, desc)  # fmt: skip
+                finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
+                    writer.flush()
+        dist.barrier()  # all shards are on disk
+        results = dist.gather((encoded, failed, writer.written))
+        failures = {k: v for _, f, _ in results for k, v in f.items()}
+        failures.update(plan.failures)
+        if dist.rank == 0:
+            assert merge is not None
+            commit_run(out, merge, [name for r in results for name in r[2]], settings, failures, plan.root)
+        dist.barrier()  # the index exists when encode_dataset returns on any rank
+        summary.encoded = sum(r[0] for r in results)
+        summary.failed = dict(sorted(failures.items()))
+        summary.shards = sum(len(r[2]) for r in results)
+        summary.seconds = time.perf_counter() - start
+        return summary
+    finally:
+        if merge is not None:
+            merge.state.close()
+        if lock is not None:
+            lock.release()
+        dist.close()
+
+
+def _prepare(
+    out: Path,
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    known: dict[str, Any],
+    overwrite: bool,
+    keep_missing: bool,
+) -> tuple[WriterLock | None, Plan, Merge]:
+    """Rank 0, before any model loads: lock the store, walk the source once, read the store, plan the work.
+
+    A store with nothing to do is left exactly as it was (nothing is written), so a rerun works on read-only
+    media too.
+    """
+    src = scan_source(source)
+    lock: WriterLock | None = None
+    if out.is_dir() or _can_create(out):
+        lock = WriterLock(out).acquire()
+    try:
+        writable = lock is not None and lock.writable
+        state = scan_store(out)
+        problems = mismatch(state.settings, known) if state.settings is not None else []
+        if problems and not overwrite:
+            state.close()
+            raise StoreMismatchError(out, problems)
+        if problems:
+            state.close()
+            if not writable:
+                raise PermissionError(errno.EACCES, f"cannot write to {out} (read-only) to replace the store")
+            logger.info("overwrite: removed %d file(s) of the previous store in %s", remove_store_files(out), out)
+            state = StoreState()
+        plan, merge = plan_run(state, src, keep_missing)
+        if plan.up_to_date:
+            tidy(state, writable)
+            return lock, plan, merge
+        if not writable:
+            state.close()
+            raise PermissionError(
+                errno.EACCES,
+                f"cannot write to {out}: it is read-only or not writable, and {len(plan.todo)} image(s) need "
+                "encoding; choose a writable output folder",
+            )
+        assert lock is not None
+        lock.claim()
+        probe_writable(out)
+        tidy(state, writable)
+        return lock, plan, merge
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _can_create(out: Path) -> bool:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return False
+        raise write_error(out, err) from err
+    return True
+
+
+def _stored_settings(merge: Merge | None) -> dict[str, Any]:
+    assert merge is not None
+    state = merge.state
+    if state.index is not None:
+        meta = state.index["metadata"]
+        return {k: v for k, v in meta.items() if k not in ("count", "total_size", "source", "updated")}
+    if state.orphans:
+        return normalise_settings(state.orphans[-1].settings)
+    return {}
+
+
+def _pipeline(
+    items: Sequence[tuple[str, Path]],
+    size: int | None,
+    exact_resize: bool,
+    batch_size: int,
+    workers: int,
+    encoder: _Encoder,
+    writer: _ShardWriter,
+    progress: bool,
+    desc: str,
+) -> tuple[int, dict[str, str]]:
+    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures)."""
+    from tqdm.auto import tqdm
+
+    failed: dict[str, str] = {}
+    encoded = 0
+    bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
+    try:
+        batches = iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers)
+        with closing(stacked_batches(batches)) as assembled:  # closed at once on an exception: the helper stops
+            for batch in assembled:
+                if isinstance(batch[0], str):
+                    key, err = batch
+                    failed[key] = failure_reason(err)
+                    logger.warning("skipped %s: %s", key, failed[key])
+                    bar.update(1)
+                    continue
+                chunk, x = batch
+                done, errors = encoder(chunk, x)
+                for item, z in done:
+                    entry = {
+                        "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
+                        "source_bytes": item.stat[0],
+                        "source_mtime_ns": item.stat[1],
+                    }
+                    writer.add(item.key, z, entry)
+                encoded += len(done)
+                failed.update(errors)
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+    return encoded, failed

@@ -1,0 +1,322 @@
+"""The store as a reader: :class:`LatentStore` (a lazy read-only mapping and a ``Dataset``) and
+:class:`BucketBatchSampler`.
+
+Opening reads the index and memory-maps the per-key table (:mod:`vae_toolkit._table`); a latent is read from
+its shard at the recorded offset when asked for. Writing a store is :mod:`vae_toolkit.encoding`'s; its files,
+:mod:`vae_toolkit.store_files`'.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from . import _table
+from ._checks import check_int
+from .store_files import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    REBUILD,
+    SHARD_RE,
+    STORE_DTYPES,
+    StoreDamagedError,
+    index_problem,
+)
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger(__name__)
+
+
+class LatentStore(Mapping[str, torch.Tensor], Dataset):
+    """A latent store opened read-only: a mapping ``key -> latent`` and a ``torch.utils.data.Dataset``.
+
+    Opening reads the small index and memory-maps the per-key table: no Python object per key is made, so
+    a store of millions of latents opens in milliseconds, and forked DataLoader workers share the table
+    instead of copying it. A latent is read from its shard at the recorded byte offset when asked for. As a
+    dataset, ``store[i]`` is the latent of the i-th key in sorted order (``store.key(i)`` names it);
+    :class:`BucketBatchSampler` batches latents of equal shape. ``store.metadata`` holds the model, its
+    scaling and shift factors, dtype and the settings of the run; ``store.entry(key)`` the image size used
+    and the source file's size and mtime; ``store.failures`` the images that could not be encoded.
+
+    A store opened before a later encode run keeps serving what it had (shards are never changed, only
+    replaced); if a shard it had not read yet was removed meanwhile, reading raises a
+    :class:`StoreDamagedError` that says to open the store again.
+
+    Example:
+        >>> store = LatentStore("photos-latents")  # doctest: +SKIP
+        >>> z = store["holiday/beach.jpg"]                # scaled latents, as latents.encode returns them
+        >>> loader = torch.utils.data.DataLoader(store, batch_size=16, shuffle=True)  # with --size
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser()
+        index_path = self.path / INDEX_NAME
+        rebuild = REBUILD.format(out=self.path)
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if self.path.is_dir() and any(SHARD_RE.match(p.name) for p in self.path.iterdir()):
+                raise FileNotFoundError(
+                    f"{self.path} has latent shards but no {INDEX_NAME}: the encode run did not finish; {rebuild} "
+                    "to complete the store"
+                ) from None
+            raise FileNotFoundError(f"no latent store at {self.path}: {INDEX_NAME} not found") from None
+        except ValueError as err:
+            raise ValueError(f"{index_path} is not valid JSON ({err}); {rebuild}") from err
+        meta = index.get("metadata") if isinstance(index, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{index_path} is not a vae-toolkit latent index")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{self.path} is a latent store of format version {meta.get('format_version')}; this version reads "
+                f"version {FORMAT_VERSION}: {rebuild} to upgrade it (no image is encoded again)"
+            )
+        problem = index_problem(index)
+        if problem is not None:
+            raise ValueError(f"{index_path} is damaged ({problem}); {rebuild}")
+        table_path = self.path / index["table"]["file"]
+        try:
+            size = table_path.stat().st_size
+            if size != index["table"]["bytes"]:
+                raise _table.TableError(f"{table_path} has {size} bytes, the index recorded {index['table']['bytes']}")
+            self._table = _table.Table(table_path)
+        except FileNotFoundError:
+            raise StoreDamagedError(
+                errno.ENOENT, f"{table_path} is missing: the store changed or is damaged; {rebuild}"
+            ) from None
+        except _table.TableError as err:
+            raise StoreDamagedError(errno.EIO, f"{err}; {rebuild}") from err
+        self.metadata: dict[str, Any] = meta
+        self.failures: dict[str, str] = index.get("failures", {})
+        self._shards: list[dict[str, Any]] = index["shards"]
+        self._files: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        if self._table.count != meta.get("count", self._table.count) or (
+            self._table.count and int(self._table.column("shard").max()) >= len(self._shards)
+        ):
+            self._table.close()
+            raise StoreDamagedError(errno.EIO, f"{table_path} does not match the index; {rebuild}")
+
+    def __len__(self) -> int:
+        return self._table.count
+
+    def __iter__(self) -> Iterator[str]:
+        return self._table.iter_keys()
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self._table.find(key) >= 0
+
+    def _row(self, key: str | int) -> int:
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+            i = int(key)
+            n = self._table.count
+            if not -n <= i < n:
+                raise IndexError(f"index {i} out of range for a store of {n} latents")
+            return i % n if n else i
+        if not isinstance(key, str):
+            raise TypeError(f"keys are str (image paths relative to the source) or int indices, got {key!r}")
+        row = self._table.find(key)
+        if row < 0:
+            raise KeyError(f"{key!r} is not in the latent store {self.path} ({len(self)} latents)")
+        return row
+
+    def __getitem__(self, key: str | int) -> torch.Tensor:
+        """The latent of ``key`` (a str), or of the ``key``-th key in sorted order (an int)."""
+        row = self._row(key)
+        t = self._table
+        shard = int(t.column("shard")[row])
+        offset, nbytes = int(t.column("offset")[row]), int(t.column("nbytes")[row])
+        buffer = bytearray(nbytes)
+        got = self._read(shard, offset, buffer)
+        if got != nbytes:
+            raise StoreDamagedError(
+                errno.EIO,
+                f"latent shard {self.path / self._shards[shard]['file']} is truncated or damaged (read {got} of "
+                f"{nbytes} bytes at {offset}); {REBUILD.format(out=self.path)}: it encodes them again",
+            )
+        dtype = STORE_DTYPES[int(t.column("dtype")[row])]
+        shape = tuple(int(v) for v in t.column("shape")[row])
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
+
+    def _read(self, shard: int, offset: int, buffer: bytearray) -> int:
+        handle = self._files.get(shard)
+        if handle is None:
+            handle = self._open(shard)
+        if isinstance(handle, int):
+            return os.preadv(handle, [buffer], offset)
+        with self._lock:  # no pread (Windows): one file position, shared
+            handle.seek(offset)
+            return int(handle.readinto(buffer))
+
+    def _open(self, shard: int) -> Any:
+        with self._lock:
+            if shard in self._files:
+                return self._files[shard]
+            record = self._shards[shard]
+            path = self.path / record["file"]
+            rebuild = REBUILD.format(out=self.path)
+            try:
+                handle: Any = os.open(path, os.O_RDONLY) if hasattr(os, "preadv") else open(path, "rb")
+            except FileNotFoundError:
+                raise StoreDamagedError(
+                    errno.ENOENT,
+                    f"latent shard {path} is gone: the store changed since it was opened (a later encode run "
+                    "replaced it) or was damaged; open it again with LatentStore(...)",
+                ) from None
+            fd = handle if isinstance(handle, int) else handle.fileno()
+            size = os.fstat(fd).st_size
+            if size != record["bytes"]:
+                _close(handle)
+                raise StoreDamagedError(
+                    errno.EIO,
+                    f"latent shard {path} is damaged ({size} bytes, the index recorded {record['bytes']}); {rebuild}: "
+                    "it encodes its latents again",
+                )
+            self._files[shard] = handle
+            return handle
+
+    def key(self, index: int) -> str:
+        """The ``index``-th key in sorted order (the key of ``store[index]``)."""
+        return self._table.key(self._row(index))
+
+    def entry(self, key: str) -> dict[str, Any]:
+        """What the table records for ``key``: ``size`` [w, h] used, ``source_bytes``, ``source_mtime_ns``."""
+        if not isinstance(key, str):
+            raise TypeError(f"keys are str (image paths relative to the source), got {key!r}")
+        row = self._row(key)
+        t = self._table
+        w, h = (int(v) for v in t.column("size")[row])
+        return {
+            "size": [w, h],
+            "source_bytes": int(t.column("source_bytes")[row]),
+            "source_mtime_ns": int(t.column("source_mtime_ns")[row]),
+        }
+
+    @property
+    def shapes(self) -> np.ndarray:
+        """The latents' shapes ``(C, h, w)`` as a read-only ``[len(store), 3]`` int array (memory-mapped)."""
+        return self._table.column("shape")
+
+    def close(self) -> None:
+        """Close the open shard files (they are opened again when needed)."""
+        with self._lock:
+            for handle in self._files.values():
+                _close(handle)
+            self._files.clear()
+
+    def __enter__(self) -> LatentStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started with spawn: open the store again
+        return {"path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (
+            f"LatentStore({str(self.path)!r}, {len(self)} latents, model={m.get('model')!r}, dtype={m.get('dtype')})"
+        )
+
+
+def _close(handle: Any) -> None:
+    if isinstance(handle, int):
+        os.close(handle)
+    else:
+        handle.close()
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of store indices whose latents have the same shape, shuffled and seeded (aspect-ratio buckets).
+
+    A store encoded without ``size`` holds latents of several shapes, which ``torch.stack`` cannot batch.
+    This sampler groups the indices by shape (from the store's memory-mapped table: no Python object per
+    key), shuffles within each group and then the order of the batches, with a generator seeded by
+    ``seed + epoch`` (call :meth:`set_epoch` each epoch). Under DDP, pass ``num_replicas`` and ``rank`` to
+    give each process every ``num_replicas``-th batch.
+
+    Example:
+        >>> store = LatentStore("photos-latents")  # doctest: +SKIP
+        >>> sampler = BucketBatchSampler(store, batch_size=16, seed=0)
+        >>> loader = torch.utils.data.DataLoader(store, batch_sampler=sampler, num_workers=4)
+        >>> for epoch in range(10):
+        ...     sampler.set_epoch(epoch)
+        ...     for z in loader:  # [B, C, h, w], one shape per batch
+        ...         ...
+    """
+
+    def __init__(
+        self,
+        store: LatentStore,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        check_int("batch_size", batch_size, 1)
+        check_int("seed", seed, 0)
+        check_int("num_replicas", num_replicas, 1)
+        check_int("rank", rank, 0)
+        if rank >= num_replicas:
+            raise ValueError(f"rank must be < num_replicas ({num_replicas}), got {rank}")
+        shapes = np.asarray(store.shapes)
+        if len(shapes):
+            _, self._group = np.unique(shapes, axis=0, return_inverse=True)
+            self._group = self._group.reshape(-1)
+        else:
+            self._group = np.zeros(0, dtype=np.int64)
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw another order: epoch ``e`` uses the seed ``seed + e``."""
+        self.epoch = int(epoch)
+
+    def _batches(self) -> list[np.ndarray]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = np.argsort(self._group, kind="stable")
+        bounds = np.flatnonzero(np.diff(self._group[order])) + 1
+        batches: list[np.ndarray] = []
+        for members in np.split(order, bounds) if len(order) else []:
+            if self.shuffle:
+                members = rng.permutation(members)
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start : start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self._batches():
+            yield batch.tolist()
+
+    def __len__(self) -> int:
+        return len(self._batches())
