@@ -435,8 +435,19 @@ def test_pictures_keep_only_the_worst_and_the_picks(run):
 
 
 def test_picks_do_not_depend_on_the_batch_size(run):
+    """The seeded picks are the same images whatever the batch size. The worst images are chosen by PSNR, which
+    may differ in the last digits between batch shapes (oneDNN kernels): two runs may swap images whose PSNRs tie
+    within 0.01 dB, never pick a clearly better one."""
     _, result, single, _ = run
-    assert result.shown == single.shown
+    assert result.shown.keys() == single.shown.keys()
+    assert result.shown["picks"] == single.shown["picks"]
+    psnr = {(r["image"], r["model"]): r["psnr"] for r in single.rows}
+    for section, keys in single.shown.items():
+        if section == "picks":
+            continue
+        model = section.removeprefix("worst ")
+        got = [psnr[(k, model)] for k in result.shown[section]]
+        assert got == pytest.approx([psnr[(k, model)] for k in keys], abs=0.01)
 
 
 def test_index_html_is_self_contained(run):
