@@ -4,6 +4,7 @@ batching, ranking, failures, the report folder (in a real browser), torchrun, an
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
@@ -421,10 +422,17 @@ def test_pictures_keep_only_the_worst_and_the_picks(run):
         psnrs = sorted((r["psnr"], r["image"]) for r in result.rows if r["model"] == model)
         assert shown[f"worst {model}"] == [k for _, k in psnrs[:2]]
     assert len(shown["picks"]) == 2
-    kept = set(shown["worst good"]) | set(shown["worst perturbed"]) | set(shown["picks"])
-    assert set(result._shown.images) == kept  # never every reconstruction
+    worst = set(shown["worst good"]) | set(shown["worst perturbed"])
+    assert not set(shown["picks"]) & worst  # the picks show other images than the worst ones
+    kept = worst | set(shown["picks"])
+    assert set(result.shown_images) == kept
+    # never every reconstruction: the worst, and the picks' candidates (picks + every worst slot)
+    assert kept <= set(result._shown.images) and len(result._shown.images) <= 2 * 2 + (2 + 2 * 2)
     pictures = sorted(p.name for p in (out / "images").glob("compare-*.png"))
     assert len(pictures) == len(kept)
+    page = (out / "index.html").read_text()
+    for picture in pictures:
+        assert page.count(f'src="images/{picture}"') == 1  # each image shown once; later sections link to it
     assert sorted(p.name for p in (out / "images").glob("distribution-*.png")) == [
         "distribution-mae.png",
         "distribution-psnr.png",
@@ -634,3 +642,91 @@ def test_metrics_on_a_cuda_model_equal_the_cpu_ones(tmp_path):
     for c, g in zip(cpu, cuda, strict=True):
         assert g["psnr"] == c["psnr"] and g["mae"] == c["mae"]
         assert abs(g["ssim"] - c["ssim"]) < 1e-5 and abs(g["ms_ssim"] - c["ms_ssim"]) < 1e-5
+
+
+# --- the report reads like a model card ------------------------------------------------------------------
+
+
+def _cells(table: str) -> list[list[str]]:
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)
+    return [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows]
+
+
+def test_the_first_table_is_the_model_card(run):
+    _, result, _, out = run
+    page = (out / "index.html").read_text()
+    first = re.search(r"<table.*?</table>", page, re.S).group(0)
+    assert 'id="summary"' in first
+    head = re.findall(r"<th(?:\s[^>]*)?>(.*?)</th>", first)
+    assert [html.unescape(h) for h in head] == ["model", "rFID ↓", "PSNR dB ↑", "SSIM ↑", "N"]
+    rows = [r for r in _cells(first) if r]
+    for model, cells in zip(result.models, rows, strict=True):
+        s = result.summary[model]
+        assert cells[0] == model and cells[1] == "–" and cells[-1] == str(s["count"])
+        assert cells[2] == f"{s['psnr']['mean']:.2f} ± {s['psnr']['std']:.2f}"
+        assert cells[3] == f"{s['ssim']['mean']:.4f} ± {s['ssim']['std']:.4f}"
+    # the distributions come right after it, then the ranking, the statistics and the pictures
+    order = [page.index(f"<h2>{h}</h2>") for h in ("Results", "Distributions", "Ranking", "Statistics", "Pictures")]
+    assert order == sorted(order)
+
+
+def test_std_is_the_standard_deviation_over_the_images(run):
+    _, result, _, out = run
+    stored = json.loads((out / "summary.json").read_text())
+    for model in result.models:
+        values = np.array([r["psnr"] for r in result.rows if r["model"] == model])
+        assert result.summary[model]["psnr"]["std"] == pytest.approx(values.std(ddof=0))
+        assert stored["models"][model]["psnr"]["std"] == pytest.approx(values.std(ddof=0))
+
+
+def test_the_ranking_counts_the_images_each_model_is_best_on(run):
+    _, result, _, out = run
+    page = (out / "index.html").read_text()
+    psnr = {(r["image"], r["model"]): r["psnr"] for r in result.rows}
+    images = sorted({r["image"] for r in result.rows})
+    for model in result.models:
+        others = [m for m in result.models if m != model]
+        wins = sum(all(psnr[(i, model)] > psnr[(i, o)] for o in others) for i in images)
+        assert f"<b>{model}</b>: mean PSNR" in page
+        assert re.search(rf"<b>{model}</b>: mean PSNR [\d.]+ dB; best PSNR on {wins} of {len(images)} images", page)
+
+
+def test_each_caption_states_the_zoom_and_does_not_repeat_the_section_header(run):
+    from vae_toolkit._report import _zoom_window
+
+    _, result, _, out = run
+    page = (out / "index.html").read_text()
+    captions = [html.unescape(c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", page, re.S)]
+    shown = result.shown_images
+    pictures = [c for c in captions if "magnified" in c]
+    assert len(pictures) == len(shown)
+    for key, image in shown.items():
+        h, w = image.original.shape[:2]
+        cw, ch, factor = _zoom_window(h, w)
+        caption = next(c for c in pictures if c.startswith(f"{key} ({w}x{h})"))
+        assert f"the {cw}x{ch} pixels at" in caption and caption.endswith(f"magnified x{factor}.")
+        assert "Worst images" not in caption and "Fixed picks" not in caption
+    assert _zoom_window(600, 800) == (96, 96, 2) and _zoom_window(40, 24) == (8, 8, 24)
+
+
+def test_the_plots_are_matplotlib_figures(run):
+    _, result, _, out = run
+    for metric in ("psnr", "ssim", "mae"):
+        with Image.open(out / "images" / f"distribution-{metric}.png") as im:
+            assert im.format == "PNG" and im.width >= 600
+            assert "matplotlib" in im.info.get("Software", "")  # matplotlib stamps the PNGs it writes
+    with Image.open(out / "images" / "error-scale.png") as im:
+        assert "matplotlib" in im.info.get("Software", "")
+
+
+def test_a_report_without_matplotlib_is_refused_before_any_model_loads(models, source, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ImportError, match=r'matplotlib: pip install "vae-toolkit\[eval\]"'):
+        evaluate({"m": make_tiny_vae()}, source[0], tmp_path / "report", progress=False)
+    code = cli.main(["evaluate", str(source[0]), "-o", str(tmp_path / "r2"), "--model", str(models / "good")])
+    assert code == 2 and 'pip install "vae-toolkit[eval]"' in capsys.readouterr().err
+    assert not (tmp_path / "report").exists() and not (tmp_path / "r2").exists()

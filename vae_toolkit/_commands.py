@@ -437,7 +437,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
     try:  # before any model loads
         check_report_folder(args.output, args.overwrite)
-    except (ReportExistsError, NotADirectoryError) as err:
+    except (ReportExistsError, NotADirectoryError, ImportError) as err:
         raise UsageError(str(err)) from err
     device = args.device
     if local_rank() is not None and device == "cuda":

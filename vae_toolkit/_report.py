@@ -1,7 +1,10 @@
 """The evaluation report folder: ``metrics.csv``, ``summary.json``, ``images/*.png`` and ``index.html``.
 
-Drawn with Pillow only (no plotting library); the page is self-contained (inline CSS, no script, no
-network) and links only to ``images/``.
+The distributions and the error maps' colour scale are matplotlib figures (the ``eval`` extra); the side-by-side
+pictures are assembled with Pillow from the images themselves. The page is ``report_template.html`` filled in
+with :class:`string.Template`: self-contained (inline CSS, no script, no network), linking only to
+``images/``, ``metrics.csv`` and ``summary.json``. The report reads a result through the
+:class:`EvaluationResult` protocol and imports nothing of the code that computed it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ ERROR_GAIN = 4  # error maps: |difference| x 4, so that 64 levels (of 255) reach
 ZOOM_TILE = 192
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
-_INFERNO = [(0.0, (0, 0, 4)), (0.25, (87, 16, 110)), (0.5, (188, 55, 84)), (0.75, (249, 142, 9)),
-            (1.0, (252, 255, 164))]  # fmt: skip
+COLORMAP = "inferno"  # matplotlib's: perceptually uniform, readable in grey
 
 
 class EvaluationResult(Protocol):
@@ -73,6 +75,8 @@ def write_report(result: EvaluationResult, out: Path) -> None:
     _atomic_text(out / "summary.json", json.dumps(result.summary_json(), indent=2, allow_nan=False) + "\n")
     pictures = _write_pictures(result, images)
     plots = _write_plots(result, images)
+    if pictures:
+        _error_scale(images / "error-scale.png")
     _atomic_text(out / "index.html", _html(result, pictures, plots))
 
 
@@ -114,12 +118,10 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _colormap() -> np.ndarray:
-    x = np.linspace(0, 1, 256)
-    stops = [s for s, _ in _INFERNO]
-    return np.stack([np.interp(x, stops, [c[i] for _, c in _INFERNO]) for i in range(3)], axis=1).astype(np.uint8)
+    """matplotlib's ``inferno`` as a [256, 3] uint8 table: the error maps and their colour bar share it."""
+    from matplotlib import colormaps
 
-
-_LUT = _colormap()
+    return np.round(colormaps[COLORMAP](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 def _error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,8 +129,8 @@ def _error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=2, dtype=np.float32)
 
 
-def _error_image(err: np.ndarray) -> np.ndarray:
-    return _LUT[np.clip(np.rint(err * ERROR_GAIN), 0, 255).astype(np.uint8)]
+def _error_image(err: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    return lut[np.clip(np.rint(err * ERROR_GAIN), 0, 255).astype(np.uint8)]
 
 
 def _display_size(w: int, h: int, longest: int) -> tuple[int, int]:
@@ -182,6 +184,7 @@ def _fmt(metric: str, value: Any) -> str:
 @dataclass
 class _Picture:
     key: str
+    anchor: str
     file: str
     width: int
     height: int
@@ -195,23 +198,39 @@ def _slug(key: str) -> str:
 def _write_pictures(result: EvaluationResult, folder: Path) -> dict[str, _Picture]:
     """One PNG per shown image: original, reconstructions, error maps, and a zoom where the models differ most."""
     values = {(r["image"], r["model"]): r for r in result.rows}
+    lut = _colormap() if result.shown_images else None
     pictures = {}
     for i, (key, shown) in enumerate(sorted(result.shown_images.items())):
-        name = f"compare-{i:03d}-{_slug(key.rsplit('.', 1)[0])}.png"
-        image = _comparison(key, shown.original, shown.reconstructions, result.models, values)
+        slug = _slug(key.rsplit(".", 1)[0])
+        name = f"compare-{i:03d}-{slug}.png"
+        assert lut is not None
+        image, zoom = _comparison(shown.original, shown.reconstructions, result.models, values, key, lut)
         image.save(folder / name, optimize=True)
-        psnrs = ", ".join(f"{m} {_fmt('psnr', values[(key, m)]['psnr'])} dB" for m in result.models)
-        pictures[key] = _Picture(key, f"images/{name}", image.width, image.height, f"{key}: PSNR {psnrs}")
+        h, w = shown.original.shape[:2]
+        scores = "; ".join(
+            f"{m}: PSNR {_fmt('psnr', values[(key, m)]['psnr'])} dB, SSIM {_fmt('ssim', values[(key, m)]['ssim'])}"
+            for m in result.models
+        )
+        caption = f"{key} ({w}x{h}). {scores}. {zoom}"
+        pictures[key] = _Picture(key, f"img-{i:03d}", f"images/{name}", image.width, image.height, caption)
     return pictures
 
 
+def _zoom_window(h: int, w: int) -> tuple[int, int, int]:
+    """The zoom's square side (pixels of the image, at most the image) and its whole-pixel magnification."""
+    side = min(max(8, min(h, w) // 4), ZOOM_TILE // 2, h, w)
+    return min(side, w), min(side, h), max(1, ZOOM_TILE // side)
+
+
 def _comparison(
-    key: str,
     original: np.ndarray,
     recons: dict[str, np.ndarray],
     models: Sequence[str],
     values: dict[tuple[str, str], dict[str, Any]],
-) -> Image.Image:
+    key: str,
+    lut: np.ndarray,
+) -> tuple[Image.Image, str]:
+    """The picture of one image, and the sentence that says what its zoom shows."""
     from PIL import Image, ImageDraw
 
     h, w = original.shape[:2]
@@ -222,83 +241,59 @@ def _comparison(
         maps = [_error(recons[a], recons[b]) for i, a in enumerate(models) for b in models[i + 1 :]]
     else:
         maps = [errors[models[0]]]
-    side = max(8, min(h, w) // 4)
-    zx, zy = _most_different_window(maps, side)
-    cw, ch = min(side, w), min(side, h)
-    zw, zh = _display_size(cw, ch, ZOOM_TILE)
-    if max(zw, zh) < ZOOM_TILE:  # zoom in: nearest neighbour, whole pixels
-        factor = max(1, ZOOM_TILE // max(cw, ch))
-        zw, zh = cw * factor, ch * factor
+    cw, ch, factor = _zoom_window(h, w)
+    zx, zy = _most_different_window(maps, max(cw, ch))
+    zw, zh = cw * factor, ch * factor
 
     columns = 1 + 2 * len(models)
-    gap, title_h, label_h, bar_h = 10, 30, 34, 34
+    gap, label_h = 10, 34
     col_w = max(tw, zw)
     width = gap + columns * (col_w + gap)
-    height = title_h + label_h + th + gap + label_h + zh + gap + bar_h
+    height = label_h + th + gap + zh + gap
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    psnr_text = "   ".join(f"{m}: {_fmt('psnr', values[(key, m)]['psnr'])} dB" for m in models)
-    _text(draw, (gap, 8), f"{key}  ({w}x{h})   PSNR  {psnr_text}", 14)
-
-    panels: list[tuple[str, np.ndarray, np.ndarray]] = [("original", original, original)]
+    panels: list[tuple[str, np.ndarray]] = [("original", original)]
     for m in models:
         r = values[(key, m)]
-        label = f"{m}\nPSNR {_fmt('psnr', r['psnr'])} dB, SSIM {_fmt('ssim', r['ssim'])}"
-        panels.append((label, recons[m], recons[m]))
+        panels.append((f"{m}\nPSNR {_fmt('psnr', r['psnr'])} dB", recons[m]))
     for m in models:
-        panels.append(
-            (f"{m} error (|diff| x{ERROR_GAIN})\nMAE {_fmt('mae', values[(key, m)]['mae'])}", errors[m], errors[m])
-        )
-    y_full = title_h + label_h
-    y_zoom = y_full + th + gap + label_h
-    for c, (label, full, _) in enumerate(panels):
+        panels.append((f"{m} error (|diff| x{ERROR_GAIN})\nMAE {_fmt('mae', values[(key, m)]['mae'])}", errors[m]))
+    y_full, y_zoom = label_h, label_h + th + gap
+    for c, (label, full) in enumerate(panels):
         x = gap + c * (col_w + gap)
-        _text(draw, (x, title_h), label, 12)
-        arr = _error_image(full) if full.ndim == 2 else full
+        _text(draw, (x, 2), label, 12)
+        arr = _error_image(full, lut) if full.ndim == 2 else full
         canvas.paste(_tile(arr, (tw, th)), (x, y_full))
         crop = full[zy : zy + ch, zx : zx + cw]
-        zarr = _error_image(crop) if crop.ndim == 2 else crop
+        zarr = _error_image(crop, lut) if crop.ndim == 2 else crop
         canvas.paste(_tile(np.ascontiguousarray(zarr), (zw, zh)), (x, y_zoom))
-    # the zoomed region, marked on the original
-    sx, sy = tw / w, th / h
+    sx, sy = tw / w, th / h  # the zoomed region, framed on the original
     draw.rectangle(
         (gap + zx * sx, y_full + zy * sy, gap + (zx + cw) * sx - 1, y_full + (zy + ch) * sy - 1),
         outline=(255, 220, 0),
         width=2,
     )
     what = "the models differ most" if len(models) > 1 else "the error is largest"
-    _text(draw, (gap, y_zoom - label_h + 4), f"zoom: {cw}x{ch} pixels at ({zx}, {zy}), where {what}", 12)
-    _colorbar(
-        canvas, draw, gap + (1 + len(models)) * (col_w + gap), height - bar_h + 4, len(models) * (col_w + gap) - gap
-    )
-    return canvas
+    scale = "full size" if (tw, th) == (w, h) else f"shown at {tw / w:.0%}"
+    zoom = f"Top row {scale}; bottom row: the {cw}x{ch} pixels at ({zx}, {zy}) where {what}, magnified x{factor}."
+    return canvas, zoom
 
 
-def _colorbar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x: int, y: int, width: int) -> None:
-    from PIL import Image
+def _error_scale(path: Path) -> None:
+    """The error maps' colour scale: levels of mean absolute difference, as the maps draw them."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
-    width = max(120, min(width, 400))
-    ramp = _LUT[np.linspace(0, 255, width).astype(np.uint8)][None].repeat(10, axis=0)
-    canvas.paste(Image.fromarray(np.ascontiguousarray(ramp)), (x, y))
-    top = 255 / ERROR_GAIN
-    for frac in (0, 0.25, 0.5, 0.75, 1.0):
-        tx = x + int(frac * (width - 1))
-        draw.line((tx, y + 10, tx, y + 13), fill=(20, 20, 20))
-        label = f"{frac * top:.0f}" + ("+" if frac == 1.0 else "")
-        _text(draw, (min(tx, x + width - 24), y + 14), label, 11)
+    fig = Figure(figsize=(6.4, 0.9), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    mappable = ScalarMappable(norm=Normalize(0, 255 / ERROR_GAIN), cmap=COLORMAP)
+    bar = fig.colorbar(mappable, cax=ax, orientation="horizontal", extend="max")
+    bar.set_label(f"error map: mean |difference| over R, G, B, in levels of 255 (x{ERROR_GAIN}: 64+ saturates)")
+    fig.savefig(path, format="png")
 
 
 # --- distributions --------------------------------------------------------------------------------
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
 def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str, int, int, str]]:
@@ -312,138 +307,193 @@ def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str,
             continue
         infinite = sum(1 for v in per_model.values() for x in v if math.isinf(x))
         finite = {m: np.asarray([x for x in v if math.isfinite(x)], dtype=np.float64) for m, v in per_model.items()}
-        image = _box_plot(metric, finite, result.models, result.higher_is_better[metric])
         name = f"distribution-{metric}.png"
-        image.save(folder / name, optimize=True)
+        width, height = _box_plot(folder / name, metric, finite, result.models, result.higher_is_better[metric])
         note = f"{infinite} identical reconstruction(s) (PSNR inf) are not drawn." if infinite else ""
-        plots[metric] = (f"images/{name}", image.width, image.height, note)
+        plots[metric] = (f"images/{name}", width, height, note)
     return plots
 
 
-def _box_plot(metric: str, values: dict[str, np.ndarray], models: Sequence[str], higher: bool) -> Image.Image:
-    from PIL import Image, ImageDraw
+def _box_plot(
+    path: Path, metric: str, values: dict[str, np.ndarray], models: Sequence[str], higher: bool
+) -> tuple[int, int]:
+    """matplotlib's box plot of one metric, a row per model (best on top), with the mean as a white dot."""
+    from matplotlib.figure import Figure
 
-    label_w, right, top, row_h, axis_h = 150, 30, 40, 44, 44
-    width = 760
-    plot_w = width - label_w - right
-    height = top + row_h * len(models) + axis_h
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+    dpi = 100
+    fig = Figure(figsize=(7.2, 1.2 + 0.55 * len(models)), dpi=dpi, layout="constrained")
+    ax = fig.add_subplot()
+    order = list(reversed(models))  # matplotlib draws the first row at the bottom
+    data = [values[m] if len(values[m]) else np.array([np.nan]) for m in order]
+    boxes = ax.boxplot(
+        data,
+        orientation="horizontal",
+        tick_labels=order,
+        patch_artist=True,
+        showmeans=True,
+        meanprops={"marker": "o", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 5},
+        medianprops={"color": "black"},
+        flierprops={"marker": ".", "markersize": 4},
+    )
+    for patch, m in zip(boxes["boxes"], order, strict=True):
+        r, g, b = PALETTE[models.index(m) % len(PALETTE)]
+        patch.set_facecolor((r / 255, g / 255, b / 255, 0.55))
     better = "higher is better" if higher else "lower is better"
-    _text(draw, (10, 10), f"{metric}{UNITS[metric]}: per-image values ({better})", 14)
-    everything = (
-        np.concatenate([v for v in values.values() if len(v)]) if any(len(v) for v in values.values()) else None
-    )
-    if everything is None:
-        return canvas
-    lo, hi = float(everything.min()), float(everything.max())
-    pad = (hi - lo) * 0.05 or max(abs(hi) * 0.01, 1e-3)
-    lo, hi = lo - pad, hi + pad
-
-    def px(v: float) -> float:
-        return label_w + (v - lo) / (hi - lo) * plot_w
-
-    axis_y = top + row_h * len(models)
-    for t in _nice_ticks(lo, hi):
-        x = px(t)
-        draw.line((x, top - 4, x, axis_y), fill=(225, 225, 225))
-        draw.line((x, axis_y, x, axis_y + 4), fill=(60, 60, 60))
-        _text(draw, (int(x) - 14, axis_y + 8), f"{t:g}", 11)
-    draw.line((label_w, axis_y, label_w + plot_w, axis_y), fill=(60, 60, 60))
-    for i, model in enumerate(models):
-        color = PALETTE[i % len(PALETTE)]
-        light = tuple(int(c + (255 - c) * 0.6) for c in color)
-        cy = top + row_h * i + row_h // 2
-        _text(draw, (10, cy - 8), model[:20], 13, fill=color)
-        v = values[model]
-        if not len(v):
-            _text(draw, (label_w + 4, cy - 8), "no values", 11)
-            continue
-        p5, q1, med, q3, p95 = np.percentile(v, [5, 25, 50, 75, 95])
-        draw.line((px(p5), cy, px(p95), cy), fill=color, width=2)
-        for end in (p5, p95):
-            draw.line((px(end), cy - 7, px(end), cy + 7), fill=color, width=2)
-        draw.rectangle((px(q1), cy - 12, max(px(q3), px(q1) + 1), cy + 12), fill=light, outline=color, width=2)
-        draw.line((px(med), cy - 12, px(med), cy + 12), fill=(20, 20, 20), width=3)
-        for extreme in (v.min(), v.max()):
-            draw.ellipse((px(extreme) - 3, cy - 3, px(extreme) + 3, cy + 3), outline=color, width=2)
-        mx = px(float(v.mean()))
-        draw.polygon([(mx, cy - 6), (mx + 6, cy), (mx, cy + 6), (mx - 6, cy)], fill=color)
-    _text(
-        draw,
-        (label_w, height - 18),
-        "box: 25th-75th percentile, black bar: median, diamond: mean, whiskers: 5th-95th percentile, circles: min/max",
-        10,
-    )
-    return canvas
+    ax.set_xlabel(f"{metric}{UNITS.get(metric, '')} per image ({better})")
+    ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path, format="png")
+    width, height = fig.canvas.get_width_height()
+    return width, height
 
 
 # --- the page -------------------------------------------------------------------------------------
 
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px; color: #1a1a1a;
-       max-width: 1500px; }
-h1 { margin-bottom: 4px; } h2 { margin-top: 32px; border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-.meta { color: #555; }
-table { border-collapse: collapse; margin: 8px 0; font-variant-numeric: tabular-nums; }
-th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: right; font-size: 14px; }
-.scroll { overflow-x: auto; }  /* a wide summary (many models and metrics) scrolls by itself, not the page */
-th { background: #f3f3f3; } td.model, th.model { text-align: left; font-weight: 600; }
-td.best { background: #e3f4e1; font-weight: 600; }
-.swatch { display: inline-block; width: 12px; height: 12px; margin-right: 6px; vertical-align: -1px; }
-figure { margin: 12px 0 24px 0; } figcaption { color: #444; font-size: 14px; margin-top: 4px; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-dt { font-weight: 600; margin-top: 8px; } dd { margin-left: 16px; color: #333; }
-pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 12px; }
-.note { color: #8a5a00; }
-"""
+CARD_METRICS = ("psnr", "ssim", "lpips")  # the model card's columns after rFID, as SD VAE cards report them
 
 
 def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[str, tuple[str, int, int, str]]) -> str:
+    from importlib.resources import files
+    from string import Template
+
     e = html.escape
-    definitions, higher_is_better = result.definitions, result.higher_is_better
-    summary = result.summary
     settings = result.settings
-    models = result.models
     n_images = settings.get("images", 0)
     size_text = f" ({settings['size']} px)" if settings.get("size") else ""
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>VAE evaluation: {e(', '.join(models))}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>VAE evaluation</h1>",
-        f'<p class="meta">{n_images} image(s) from <code>{e(str(settings.get("source")))}</code>, '
-        f"{e(settings.get('preparation', ''))}{size_text}; "
-        f"{len(result.failures)} failed; models: {e(', '.join(models))}; "
+    meta = (
+        f"{n_images} image(s) from <code>{e(str(settings.get('source')))}</code>, "
+        f"{e(settings.get('preparation', ''))}{size_text}; {len(result.failures)} failed; "
+        f"models: {e(', '.join(result.models))}; "
         f"vae-toolkit {e(str(settings.get('versions', {}).get('vae-toolkit')))}, "
-        f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}.</p>",
-    ]
-    parts += [f'<p class="note">{e(n)}</p>' for n in result.notes]
+        f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}."
+    )
+    template = Template(files("vae_toolkit").joinpath("report_template.html").read_text(encoding="utf-8"))
+    return template.substitute(
+        models=e(", ".join(result.models)),
+        meta=meta,
+        notes="\n".join(f'<p class="note">{e(n)}</p>' for n in result.notes),
+        model_card=_model_card(result),
+        distributions=_distributions(plots),
+        ranking=_ranking(result),
+        statistics=_statistics(result),
+        failures=_failures(result),
+        pictures=_pictures(result, pictures),
+        definitions="\n".join(f"<dt>{e(metric)}</dt><dd>{e(text)}</dd>" for metric, text in result.definitions.items())
+        + "\n<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
+        "center-cropped to a multiple of 8, or resized and center-cropped to N x N with --size N); each model "
+        "encodes it (the latent distribution's mean) and decodes it, and the reconstruction is the lossless "
+        "uint8 conversion of the decoded tensor (tensor_to_pil). The metrics compare the prepared original with "
+        "that uint8 reconstruction.</dd>",
+        settings=e(json.dumps(settings, indent=2)),
+    )
 
-    parts.append("<h2>Ranking</h2>")
-    parts.append('<ol id="ranking">')
+
+def _mean_std(metric: str, stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "–"
+    mean, std = stats["mean"], stats.get("std")
+    if std is None or not math.isfinite(std):
+        return _fmt(metric, mean)
+    return f"{_fmt(metric, mean)} ± {_fmt(metric, std)}"
+
+
+def _model_card(result: EvaluationResult) -> str:
+    """The table a model card shows: rFID, then mean ± standard deviation over the images, and N."""
+    e = html.escape
+    summary = result.summary
+    metrics = [m for m in CARD_METRICS if m in result.metrics]
+    head = '<tr><th class="model">model</th><th>rFID ↓</th>'
+    head += "".join(
+        f"<th>{e(m.upper())}{e(UNITS[m])} {'↑' if result.higher_is_better[m] else '↓'}</th>" for m in metrics
+    )
+    head += "<th>N</th></tr>"
+    rows = []
+    for m in result.models:
+        s = summary[m]
+        rfid = s.get("rfid")
+        rfid_text = "–" if rfid is None else f"{rfid:.2f}"
+        if rfid is not None and s.get("rfid_images") != s["count"]:
+            rfid_text += f" ({s.get('rfid_images')} images)"
+        cells = "".join(f"<td>{_mean_std(metric, s[metric])}</td>" for metric in metrics)
+        rows.append(f'<tr><td class="model">{e(m)}</td><td>{rfid_text}</td>{cells}<td>{s["count"]}</td></tr>')
+    missing = [m for m in CARD_METRICS if m not in result.metrics]
+    note = (
+        "mean ± standard deviation over the images (numpy's std, ddof=0); N: images reconstructed. "
+        "rFID: – where it was not computed"
+        + (
+            f"; {', '.join(x.upper() for x in missing)} not computed in this run (see the notes above)"
+            if missing
+            else ""
+        )
+        + ". Definitions at the end of the page."
+    )
+    return (
+        f'<div class="scroll"><table id="summary"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table></div>'
+        f'<p class="meta">{e(note)}</p>'
+    )
+
+
+def _distributions(plots: dict[str, tuple[str, int, int, str]]) -> str:
+    e = html.escape
+    return "\n".join(
+        f'<figure><img src="{e(file)}" width="{w}" height="{h}" alt="{e(metric)} per image">'
+        + (f"<figcaption>{e(note)}</figcaption>" if note else "")
+        + "</figure>"
+        for metric, (file, w, h, note) in plots.items()
+    )
+
+
+def _wins(result: EvaluationResult) -> dict[str, int]:
+    """Per model, the images on which its PSNR is strictly the best of all models (ties count for none)."""
+    by_image: dict[str, dict[str, float]] = {}
+    for r in result.rows:
+        if r["psnr"] is not None:
+            by_image.setdefault(r["image"], {})[r["model"]] = r["psnr"]
+    wins = dict.fromkeys(result.models, 0)
+    for scores in by_image.values():
+        if len(scores) < len(result.models):
+            continue
+        best = max(scores.values())
+        winners = [m for m, v in scores.items() if v == best]
+        if len(winners) == 1:
+            wins[winners[0]] += 1
+    return wins
+
+
+def _ranking(result: EvaluationResult) -> str:
+    e = html.escape
+    summary = result.summary
+    wins = _wins(result)
+    compared = len({r["image"] for r in result.rows if r["psnr"] is not None})
+    items = []
     for m in result.ranking:
         s = summary[m]["psnr"]
         mean = _fmt("psnr", s["mean"]) if s else "–"
-        color = PALETTE[models.index(m) % len(PALETTE)]
-        parts.append(
-            f'<li><span class="swatch" style="background: rgb{color}"></span><b>{e(m)}</b>: mean PSNR {mean} dB</li>'
+        color = PALETTE[result.models.index(m) % len(PALETTE)]
+        best = f"; best PSNR on {wins[m]} of {compared} images" if len(result.models) > 1 else ""
+        items.append(
+            f'<li><span class="swatch" style="background: rgb{color}"></span><b>{e(m)}</b>: '
+            f"mean PSNR {mean} dB{best}</li>"
         )
-    parts.append('</ol><p class="meta">Ordered by mean PSNR, best first.</p>')
+    return f'<ol id="ranking">{"".join(items)}</ol><p class="meta">Ordered by mean PSNR, best first.</p>'
 
-    parts.append("<h2>Summary</h2>")
-    stats = {True: ("mean", "median", "p5", "min"), False: ("mean", "median", "p95", "max")}
+
+def _statistics(result: EvaluationResult) -> str:
+    e = html.escape
+    summary, models, higher_is_better = result.summary, result.models, result.higher_is_better
+    stats = {True: ("mean", "std", "median", "p5", "min"), False: ("mean", "std", "median", "p95", "max")}
     head1 = '<tr><th class="model" rowspan="2">model</th><th rowspan="2">images</th>'
     head2 = "<tr>"
     for metric in result.metrics:
-        head1 += f'<th colspan="4">{e(metric)}{e(UNITS[metric])} ({"↑" if higher_is_better[metric] else "↓"})</th>'
-        head2 += "".join(f"<th>{s}</th>" for s in stats[higher_is_better[metric]])
-    parts.append(f'<div class="scroll"><table id="summary"><thead>{head1}</tr>{head2}</tr></thead><tbody>')
+        cols = stats[higher_is_better[metric]]
+        arrow = "↑" if higher_is_better[metric] else "↓"
+        head1 += f'<th colspan="{len(cols)}">{e(metric)}{e(UNITS[metric])} ({arrow})</th>'
+        head2 += "".join(f"<th>{s}</th>" for s in cols)
+    parts = [f'<div class="scroll"><table id="statistics"><thead>{head1}</tr>{head2}</tr></thead><tbody>']
     best: dict[tuple[str, str], float] = {}
     for metric in result.metrics:
         for stat in stats[higher_is_better[metric]]:
+            if stat == "std":
+                continue
             vals = [summary[m][metric][stat] for m in models if summary[m][metric]]
             if vals:
                 best[(metric, stat)] = max(vals) if higher_is_better[metric] else min(vals)
@@ -452,19 +502,16 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
         for metric in result.metrics:
             s = summary[m][metric]
             for stat in stats[higher_is_better[metric]]:
-                value = s[stat] if s else None
-                cls = (
-                    ' class="best"'
-                    if value is not None and len(models) > 1 and value == best.get((metric, stat))
-                    else ""
-                )
+                value = s.get(stat) if s else None
+                is_best = value is not None and len(models) > 1 and value == best.get((metric, stat))
+                cls = ' class="best"' if is_best else ""
                 row += f"<td{cls}>{_fmt(metric, value)}</td>"
         parts.append(row + "</tr>")
     parts.append("</tbody></table></div>")
     parts.append(
-        '<p class="meta">p5 / p95: 5th / 95th percentile over the images; green: the best model in that column. '
-        'Every value per image is in <a href="metrics.csv">metrics.csv</a>, the statistics in '
-        '<a href="summary.json">summary.json</a>.</p>'
+        '<p class="meta">std: standard deviation over the images; p5 / p95: 5th / 95th percentile; green: the best '
+        'model in that column. Every value per image is in <a href="metrics.csv">metrics.csv</a>, the statistics '
+        'in <a href="summary.json">summary.json</a>.</p>'
     )
     parts.append('<table id="worst"><thead><tr><th class="model">model</th>')
     parts += [f"<th>worst {e(metric)}</th>" for metric in result.metrics]
@@ -478,53 +525,46 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
         )
         parts.append(f'<tr><td class="model">{e(m)}</td>{cells}</tr>')
     parts.append("</tbody></table>")
+    return "\n".join(parts)
 
-    if result.failures:
-        parts.append(f"<h2>Failures ({len(result.failures)})</h2><ul>")
-        parts += [f"<li><code>{e(k)}</code>: {e(v)}</li>" for k, v in sorted(result.failures.items())]
-        parts.append("</ul>")
 
-    parts.append("<h2>Pictures</h2>")
-    parts.append(
+def _failures(result: EvaluationResult) -> str:
+    if not result.failures:
+        return ""
+    e = html.escape
+    items = "".join(f"<li><code>{e(k)}</code>: {e(v)}</li>" for k, v in sorted(result.failures.items()))
+    return f"<h2>Failures ({len(result.failures)})</h2><ul>{items}</ul>"
+
+
+def _pictures(result: EvaluationResult, pictures: dict[str, _Picture]) -> str:
+    """Each image once: in the first section that lists it; later sections link to it."""
+    e = html.escape
+    parts = [
         '<p class="meta">Each picture: the prepared original, each model\'s reconstruction and its error map '
-        f"(mean absolute difference over R, G, B, amplified x{ERROR_GAIN}, on the colour scale below it), then a "
-        "zoom on the region (yellow frame) where the models differ most.</p>"
-    )
-    shown = result.shown
-    for section, keys in shown.items():
+        f"(mean absolute difference over R, G, B, amplified x{ERROR_GAIN}, on the colour scale below), then a "
+        "zoom on the region (yellow frame) where the models differ most; each caption says the zoom's "
+        "magnification.</p>"
+    ]
+    if pictures:
+        parts.append('<img src="images/error-scale.png" alt="colour scale of the error maps">')
+    placed: set[str] = set()
+    for section, keys in result.shown.items():
+        keys = [k for k in keys if k in pictures]
         if not keys:
             continue
         if section == "picks":
-            title = f"Fixed picks (seed {settings.get('seed')})"
+            title = f"Fixed picks (seed {result.settings.get('seed')}), other than the images above"
         else:
             title = f"Worst images of {section.removeprefix('worst ')} (lowest PSNR first)"
         parts.append(f"<h3>{e(title)}</h3>")
         for key in keys:
-            p = pictures.get(key)
-            if p is None:
+            p = pictures[key]
+            if key in placed:
+                parts.append(f'<figure class="also"><a href="#{p.anchor}">{e(key)}</a>: shown above.</figure>')
                 continue
+            placed.add(key)
             parts.append(
-                f'<figure><img src="{e(p.file)}" width="{p.width}" height="{p.height}" alt="{e(key)}" loading="eager">'
-                f"<figcaption>{e(p.caption)}</figcaption></figure>"
+                f'<figure id="{p.anchor}"><img src="{e(p.file)}" width="{p.width}" height="{p.height}" '
+                f'alt="{e(key)}" loading="eager"><figcaption>{e(p.caption)}</figcaption></figure>'
             )
-
-    parts.append("<h2>Distributions</h2>")
-    for metric, (file, w, h, note) in plots.items():
-        parts.append(
-            f'<figure><img src="{e(file)}" width="{w}" height="{h}" alt="{e(metric)} per image">'
-            f"<figcaption>{e(note)}</figcaption></figure>"
-        )
-
-    parts.append("<h2>Definitions</h2><dl>")
-    for metric in result.metrics:
-        parts.append(f"<dt>{e(metric)}</dt><dd>{e(definitions[metric])}</dd>")
-    parts.append(
-        "<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
-        "center-cropped to a multiple of 8, or resized and center-cropped to N x N with --size N); each model "
-        "encodes it (the latent distribution's mean) and decodes it, and the reconstruction is the lossless "
-        "uint8 conversion of the decoded tensor (tensor_to_pil). The metrics compare the prepared original with "
-        "that uint8 reconstruction.</dd></dl>"
-    )
-    parts.append(f"<h2>Settings</h2><pre>{e(json.dumps(settings, indent=2))}</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return "\n".join(parts)

@@ -71,11 +71,15 @@ class Shown:
 class Keeper:
     """Keeps the ``worst`` lowest-PSNR images of each model and the ``picks`` seeded picks, nothing more.
 
+    The picks are the images of smallest seeded priority that are not among the worst of any model: enough
+    candidates are kept (``picks`` plus every worst slot) that the picks show ``picks`` other images.
+
     Ties go to the smaller key, so the kept images do not depend on the order they come in (or on the ranks).
     """
 
     def __init__(self, models: Sequence[str], worst: int, picks: int, seed: int) -> None:
         self.models, self.worst, self.picks, self.seed = list(models), worst, picks, seed
+        self.candidates = picks + worst * len(self.models) if picks else 0
         self.lowest: dict[str, list[tuple[float, str]]] = {m: [] for m in self.models}  # (psnr, key), worst first
         self.picked: list[tuple[int, str]] = []  # (priority, key), smallest first
         self.images: dict[str, Shown] = {}
@@ -84,7 +88,7 @@ class Keeper:
         """Keep ``shown`` if it is among the worst of a model (``scores``: model -> PSNR) or a pick."""
         for model in self.models:
             self.lowest[model] = sorted([*self.lowest[model], (scores[model], shown.key)])[: self.worst]
-        self.picked = sorted([*self.picked, (_pick_priority(self.seed, shown.key), shown.key)])[: self.picks]
+        self.picked = sorted([*self.picked, (_pick_priority(self.seed, shown.key), shown.key)])[: self.candidates]
         wanted = self.wanted()
         if shown.key in wanted:  # own copies: the arrays given may be views of a whole batch
             copies = {m: r.copy() for m, r in shown.reconstructions.items()}
@@ -92,15 +96,23 @@ class Keeper:
         for key in [k for k in self.images if k not in wanted]:
             del self.images[key]
 
+    def worst_keys(self) -> set[str]:
+        return {key for kept in self.lowest.values() for _, key in kept}
+
+    def picks_shown(self) -> list[str]:
+        """The picks: the first ``picks`` candidates by priority that are not among the worst images."""
+        worst = self.worst_keys()
+        return [key for _, key in self.picked if key not in worst][: self.picks]
+
     def wanted(self) -> set[str]:
-        return {key for kept in self.lowest.values() for _, key in kept} | {key for _, key in self.picked}
+        return self.worst_keys() | {key for _, key in self.picked}
 
     def merge(self, others: Sequence[Keeper]) -> None:
         """Fold the keepers of the other ranks into this one."""
         for other in others:
             for model in self.models:
                 self.lowest[model] = sorted(self.lowest[model] + other.lowest[model])[: self.worst]
-            self.picked = sorted(self.picked + other.picked)[: self.picks]
+            self.picked = sorted(self.picked + other.picked)[: self.candidates]
             self.images.update(other.images)
         wanted = self.wanted()
         self.images = {k: v for k, v in sorted(self.images.items()) if k in wanted}
@@ -113,14 +125,17 @@ def _percentile(values: np.ndarray, q: float) -> float:
 
 
 def _stats(values: Sequence[float], keys: Sequence[str], higher_is_better: bool) -> dict[str, Any]:
-    """mean, median, 5th / 95th percentile, min, max and the worst image (ties: the first key)."""
+    """mean, standard deviation (ddof=0; ``None`` when a value is infinite), median, 5th / 95th percentile,
+    min, max and the worst image (ties: the first key)."""
     arr = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         mean = float(np.mean(arr))
+        std = float(np.std(arr))
     worst = int(np.argmin(arr) if higher_is_better else np.argmax(arr))
     return {
         "count": len(arr),
         "mean": mean if not math.isnan(mean) else math.inf,  # inf + inf, all identical
+        "std": std if math.isfinite(std) else None,
         "median": _percentile(arr, 50),
         "p5": _percentile(arr, 5),
         "p95": _percentile(arr, 95),
@@ -188,13 +203,16 @@ class EvaluationResult:
         if self._shown is None:
             return {}
         out = {f"worst {m}": [k for _, k in self._shown.lowest[m]] for m in self.models}
-        out["picks"] = sorted(k for _, k in self._shown.picked)
+        out["picks"] = sorted(self._shown.picks_shown())
         return out
 
     @property
     def shown_images(self) -> dict[str, Shown]:
         """The pictures' material: key -> the prepared original and each model's reconstruction (uint8)."""
-        return dict(sorted(self._shown.images.items())) if self._shown is not None else {}
+        if self._shown is None:
+            return {}
+        shown = {key for keys in self.shown.values() for key in keys}
+        return {k: v for k, v in sorted(self._shown.images.items()) if k in shown}
 
     @property
     def definitions(self) -> dict[str, str]:
@@ -254,7 +272,12 @@ def check_report_folder(folder: str | os.PathLike[str], overwrite: bool = False)
     Raises:
         ReportExistsError: (a ``FileExistsError``) the folder exists and is not empty.
         NotADirectoryError: it is a file.
+        ImportError: matplotlib (the ``eval`` extra), which draws the report's plots, is not installed.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError('the report\'s plots need matplotlib: pip install "vae-toolkit[eval]"')
     out = Path(folder).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"report folder {out} is a file; pass a folder (-o REPORT)")
