@@ -17,7 +17,7 @@ It does not import vae_toolkit. Stored (float64 unless said): ``lpips_{alex,vgg}
 ``lpips.LPIPS(net=...)`` on ``metric_weights.lpips_images(0)``), ``lpips_{alex,vgg}_grad`` (float32, the
 gradient of their sum with respect to the first batch), ``fid_{64,2048}`` (pytorch-fid's
 ``calculate_frechet_distance`` of the statistics of ``metric_weights.fid_sets()`` through its ``InceptionV3``),
-``fid_features_2048_real`` (float32, those features of the real set), ``frechet_small`` (pytorch-fid's
+``fid_features_2048_{real,fake}`` (float32, the features of each set), ``frechet_small`` (pytorch-fid's
 distance of the small statistics of ``metric_weights.small_statistics()``) and ``versions``.
 """
 
@@ -51,7 +51,9 @@ def lpips_reference(net: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torchvision's deprecated `pretrained` argument inside lpips
-        model = lpips.LPIPS(net=net, version="0.1", lpips=True, pnet_rand=True, model_path=str(folder / heads), verbose=False)
+        model = lpips.LPIPS(
+            net=net, version="0.1", lpips=True, pnet_rand=True, model_path=str(folder / heads), verbose=False
+        )
     net_state = {}
     for key in model.net.state_dict():
         _, index, param = key.split(".")  # sliceK.<index in features>.<weight|bias>
@@ -87,8 +89,8 @@ def fid_reference(folder: Path) -> dict[str, np.ndarray]:
             act = np.empty((len(images), dims))  # float64, as get_activations
             act[:] = pred.squeeze(3).squeeze(2).cpu().numpy()
             stats.append((np.mean(act, axis=0), np.cov(act, rowvar=False)))
-            if dims == 2048 and images is real:
-                out["fid_features_2048_real"] = act.astype(np.float32)
+            if dims == 2048:
+                out[f"fid_features_2048_{'real' if images is real else 'fake'}"] = act.astype(np.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # scipy's deprecated `disp`, as pytorch-fid calls it
             out[f"fid_{dims}"] = np.float64(calculate_frechet_distance(*stats[0], *stats[1]))
