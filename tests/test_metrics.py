@@ -74,10 +74,16 @@ def _importable(*names: str) -> bool:
     return True
 
 
-def _uint8_pair(seed: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def _uint8_pair(seed: int, h: int, w: int, flat: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A random uint8 image and a noisy copy; ``flat``: a bright, nearly flat one (where SSIM is most sensitive
+    to its window's normalisation)."""
     rng = np.random.default_rng(seed)
-    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    noise = rng.integers(-25, 26, (h, w, 3))
+    if flat:
+        a = np.clip(rng.integers(200, 250, (1, 1, 3)) + rng.integers(-2, 3, (h, w, 3)), 0, 255).astype(np.uint8)
+        noise = rng.integers(-2, 3, (h, w, 3))
+    else:
+        a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        noise = rng.integers(-25, 26, (h, w, 3))
     return a, np.clip(a.astype(np.int64) + noise, 0, 255).astype(np.uint8)
 
 
@@ -88,12 +94,13 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 # --- PSNR, SSIM, MS-SSIM, MAE -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("flat", [False, True], ids=["noisy", "flat"])
 @pytest.mark.parametrize(
     "name, size, tol",
-    [("psnr", (40, 48), 1e-4), ("ssim", (40, 48), 1e-5), ("mae", (40, 48), 1e-4), ("ms_ssim", (168, 176), 1e-5)],
+    [("psnr", (40, 48), 1e-4), ("ssim", (40, 48), 1e-6), ("mae", (40, 48), 1e-4), ("ms_ssim", (168, 176), 1e-6)],
 )
-def test_whole_level_images_give_evaluates_values(name, size, tol):
-    pairs = [_uint8_pair(seed, *size) for seed in range(3)]
+def test_whole_level_images_give_evaluates_values(name, size, tol, flat):
+    pairs = [_uint8_pair(seed, *size, flat=flat) for seed in range(3)]
     x = torch.cat([_tensor(a) for a, _ in pairs])
     y = torch.cat([_tensor(b) for _, b in pairs])
     got = getattr(metrics, name)(x, y)
@@ -390,10 +397,19 @@ def test_images_with_nan_are_left_out_of_fid(caplog):
     with caplog.at_level(logging.WARNING, logger="vae_toolkit.metrics"):
         fid.update(broken, real=True)
     assert (fid.num_real, fid.num_skipped) == (3, 1)
-    assert any("NaN or inf" in r.getMessage() for r in caplog.records)
+    assert any("1 image(s) with NaN or inf values" in r.getMessage() for r in caplog.records)
     clean = metrics.FrechetInceptionDistance(64)
     clean.update(real[[0, 2, 3]], real=True)
     np.testing.assert_allclose(fid.statistics()[1], clean.statistics()[1], rtol=1e-10, atol=1e-12)
+
+
+def test_feature_rows_with_nan_are_left_out():
+    features = torch.rand(4, 64)
+    features[2, 7] = float("inf")
+    fid = metrics.FrechetInceptionDistance(64)
+    fid.update_features(features, real=False)
+    assert (fid.num_fake, fid.num_skipped) == (3, 1)
+    np.testing.assert_allclose(fid.statistics(False)[0], features[[0, 1, 3]].double().mean(0).numpy(), rtol=1e-12)
 
 
 def test_fid_needs_two_images_per_set():
