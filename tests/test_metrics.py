@@ -97,15 +97,15 @@ def _tensor(arr: np.ndarray) -> torch.Tensor:
 @pytest.mark.parametrize("flat", [False, True], ids=["noisy", "flat"])
 @pytest.mark.parametrize(
     "name, size, tol",
-    [("psnr", (40, 48), 1e-4), ("ssim", (40, 48), 1e-6), ("mae", (40, 48), 1e-4), ("ms_ssim", (168, 176), 1e-6)],
+    [("psnr", (40, 48), 1e-4), ("ssim", (40, 48), 1e-6), ("mae", (40, 48), 1e-4), ("ms_ssim", (161, 163), 1e-6)],
 )
 def test_whole_level_images_give_evaluates_values(name, size, tol, flat):
-    pairs = [_uint8_pair(seed, *size, flat=flat) for seed in range(3)]
+    pairs = [_uint8_pair(seed, *size, flat=flat) for seed in range(2)]
     x = torch.cat([_tensor(a) for a, _ in pairs])
     y = torch.cat([_tensor(b) for _, b in pairs])
     got = getattr(metrics, name)(x, y)
     expected = [getattr(evaluate, name)(a, b) for a, b in pairs]
-    assert got.shape == (3,) and got.dtype == torch.float32
+    assert got.shape == (2,) and got.dtype == torch.float32
     np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=tol)
 
 
@@ -113,7 +113,7 @@ def test_ssim_is_scikit_images_and_ms_ssim_pytorch_msssims():
     from pytorch_msssim import ms_ssim
     from skimage.metrics import structural_similarity
 
-    a, b = _uint8_pair(5, 170, 180)
+    a, b = _uint8_pair(5, 161, 165)
     x, y = _tensor(a), _tensor(b)
     reference = structural_similarity(
         a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255, channel_axis=-1
@@ -282,17 +282,18 @@ def _fid(dims: int, real: torch.Tensor, fake: torch.Tensor) -> metrics.FrechetIn
 
 
 def test_fid_2048_features_and_statistics_equal_pytorch_fids():
+    real, _ = mw.fid_sets()
     fid = metrics.FrechetInceptionDistance(2048)
-    for images, name, real_set in zip(mw.fid_sets(), ("real", "fake"), (True, False), strict=True):
-        reference = REFERENCES[f"fid_features_2048_{name}"]
-        features = fid.features(images)
-        assert np.abs(features.numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
-        fid.update_features(features, real=real_set)
+    reference = REFERENCES["fid_features_2048_real"]
+    assert np.abs(fid.features(real).numpy() - reference).max() <= 1e-5 * np.abs(reference).max()
+    for real_set, name in ((True, "real"), (False, "fake")):  # statistics of pytorch-fid's own features
+        act = REFERENCES[f"fid_features_2048_{name}"]
+        fid.update_features(torch.from_numpy(act), real=real_set)
         mu, sigma = fid.statistics(real_set)
-        act = reference.astype(np.float64)
-        np.testing.assert_allclose(mu, np.mean(act, axis=0), rtol=1e-5, atol=1e-5 * np.abs(act).max())
-        cov = np.cov(act, rowvar=False)
-        np.testing.assert_allclose(sigma, cov, rtol=0, atol=1e-4 * np.abs(cov).max())
+        act64 = act.astype(np.float64)
+        np.testing.assert_allclose(mu, np.mean(act64, axis=0), rtol=1e-12, atol=0)
+        cov = np.cov(act64, rowvar=False)
+        np.testing.assert_allclose(sigma, cov, rtol=0, atol=1e-10 * np.abs(cov).max())
 
 
 @pytest.mark.skipif(
@@ -376,14 +377,15 @@ def test_halves_merged_equal_one_pass():
 
 
 def test_memory_does_not_grow_with_the_number_of_images():
-    real, _ = mw.fid_sets(6)
+    real, _ = mw.fid_sets(2)
     fid = metrics.FrechetInceptionDistance(192)
-    fid.update_real(real[:2])
+    fid.update_real(real)
     after_two = fid.nbytes
-    fid.update_real(real[2:])
-    fid.update_fake(real)
-    fid.update_fake(real)
     assert after_two == 8 * (192 + 192**2)  # the real set's sums
+    for _ in range(10):
+        fid.update_features(torch.rand(500, 192), real=False)
+    fid.update_features(torch.rand(500, 192), real=True)
+    assert (fid.num_real, fid.num_fake) == (502, 5000)
     assert fid.nbytes == 2 * 8 * (192 + 192**2)  # both sets, whatever the number of images
     held = [v for v in vars(fid).values() if isinstance(v, (list, tuple, set))]
     assert not held, "the accumulator must not keep per-image data"

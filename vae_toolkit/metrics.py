@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import warnings
@@ -568,8 +569,10 @@ class FrechetInceptionDistance:
         """
         import torch.distributed as dist
 
-        out = FrechetInceptionDistance(self.dims, device=self._device, batch_size=self.batch_size)
-        out.merge(self)
+        out = copy.copy(self)  # the settings; the sums are copied below
+        out._sums = {real: t.clone() for real, t in self._sums.items()}
+        out._outer = {real: t.clone() for real, t in self._outer.items()}
+        out._counts = dict(self._counts)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return out
         device = out._device or torch.device("cpu")
