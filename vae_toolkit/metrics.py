@@ -325,6 +325,7 @@ class LPIPS(nn.Module):
 
     @property
     def heads(self) -> tuple[_Head, ...]:
+        """The five linear heads, ``lin0`` to ``lin4``."""
         return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
