@@ -1,0 +1,700 @@
+"""Image metrics on tensors, as the field computes them: PSNR, SSIM, MS-SSIM, MAE, LPIPS and FID.
+
+Every function takes two batches ``[N, 3, H, W]`` in the library's convention (``[-1, 1]``, as
+:func:`~vae_toolkit.load_and_preprocess_image` returns and :func:`vae_toolkit.latents.decode` produces) and
+returns one value per image as a tensor of shape ``[N]`` on the inputs' device, differentiable where the
+definition is, so that ``loss = metrics.lpips(decoded, target).mean()`` works in an optimisation loop.
+
+- Computation dtype: float16 and bfloat16 inputs are computed (and returned) in float32, float64 stays
+  float64 for PSNR, SSIM, MS-SSIM and MAE; LPIPS runs in its network's dtype (float32).
+- Pixel values: ``[-1, 1]`` is mapped to ``[0, 255]`` as ``(x + 1) * 127.5``, without rounding or clamping,
+  so the metrics stay differentiable. On images whose values are whole levels (``u / 127.5 - 1`` of uint8
+  ``u``, e.g. from :func:`~vae_toolkit.pil_to_tensor`) PSNR, SSIM, MS-SSIM and MAE equal
+  :mod:`vae_toolkit.evaluate`'s values of the uint8 images. To measure what would be saved as a PNG, quantise
+  first: ``((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1``.
+- NaN or inf in an image gives NaN for that image (no error); :class:`FrechetInceptionDistance` leaves such
+  images out and logs how many.
+
+Definitions (:data:`DEFINITIONS`) and references: PSNR with peak 255; SSIM as scikit-image's
+``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)``;
+MS-SSIM as pytorch-msssim 1.0's ``ms_ssim``; LPIPS as the ``lpips`` package 0.1.4 (``lpips=True``, v0.1);
+FID as pytorch-fid 0.3.0. The networks are plain modules of this library (no torchvision, lpips or pytorch-fid
+at run time) loading the field's weight files from ``torch.hub.get_dir()/checkpoints`` (see
+:mod:`vae_toolkit._weights`); they are fetched when first needed, never at import. scipy (the ``eval`` extra) is
+imported only by :func:`frechet_distance`.
+
+Example:
+    >>> from vae_toolkit import metrics
+    >>> metrics.psnr(decoded, target)  # doctest: +SKIP
+    tensor([24.1, 26.3])
+    >>> loss = metrics.lpips(decoded, target).mean()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _weights
+from ._backbones import AlexNetFeatures, FIDInceptionV3, TapFeatures, VGG16Features, min_side
+from ._weights import InvalidWeightsError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch.distributed
+
+__all__ = [
+    "DEFINITIONS",
+    "LPIPS",
+    "FrechetInceptionDistance",
+    "InvalidWeightsError",
+    "WeightsUnavailableError",
+    "frechet_distance",
+    "lpips",
+    "mae",
+    "ms_ssim",
+    "psnr",
+    "ssim",
+    "weights_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+weights_dir = _weights.weights_dir
+
+#: What each metric is, with the reference it equals.
+DEFINITIONS = {
+    "psnr": "Peak signal-to-noise ratio in dB on values 0-255 ((x + 1) * 127.5): 10 log10(255^2 / MSE); identical "
+    "images give inf. Higher is better.",
+    "ssim": "Structural similarity (Wang et al. 2004): 11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, data range "
+    "255, mean over the valid window positions, averaged over R, G and B: skimage.metrics.structural_similarity("
+    "gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255). 1 means identical.",
+    "ms_ssim": "Multi-scale SSIM (Wang et al. 2003): 5 scales, weights 0.0448, 0.2856, 0.3001, 0.2363, 0.1333, the "
+    "SSIM window, 2x2 average pooling between scales, as pytorch-msssim 1.0's ms_ssim; images of at least 161x161. "
+    "1 means identical.",
+    "mae": "Mean absolute error in levels 0-255. Lower is better.",
+    "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), v0.1, as the lpips package 0.1.4 "
+    "computes it with lpips=True (AlexNet unless stated: VGG-16). Lower is better.",
+    "fid": "Frechet distance between Gaussians fitted to the 2048-d pool features of Inception-v3 (pytorch-fid's FID "
+    "weights, bilinear resize to 299x299) of two image sets, as pytorch-fid 0.3.0 computes it. Biased upward for "
+    "fewer than 2,048 images per set: compare only values over the same number of images. Lower is better.",
+}
+
+_SSIM_WINDOW = 11
+_SSIM_SIGMA = 1.5
+_SSIM_K = (0.01, 0.03)
+_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+#: pytorch-msssim's ms_ssim: the shorter side must exceed (11 - 1) * 2**4.
+MS_SSIM_MIN_SIDE = (_SSIM_WINDOW - 1) * 2 ** (len(_MS_SSIM_WEIGHTS) - 1) + 1
+#: Images fewer than this per set give an FID that is biased and not comparable with published values.
+FID_MIN_IMAGES = 2048
+
+
+# --- inputs ------------------------------------------------------------------------------------------------
+
+
+def _check_batch(x: object, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor [N, 3, H, W] in [-1, 1], got {type(x).__name__}")
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(
+            f"{name} must have shape [N, 3, H, W], got {tuple(x.shape)}; add a batch dimension with x[None]"
+        )
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor in [-1, 1], got {x.dtype}; convert uint8 images with "
+            "x.float() / 127.5 - 1"
+        )
+    return x
+
+
+def _pair(x: object, y: object, min_size: int = 1, what: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``y`` checked, in their common computation dtype (at least float32)."""
+    a, b = _check_batch(x, "x"), _check_batch(y, "y")
+    if a.shape != b.shape:
+        raise ValueError(f"x and y differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"x and y are on different devices: {a.device} and {b.device}")
+    if min(a.shape[-2:]) < min_size:
+        raise ValueError(
+            f"{what} needs images of at least {min_size}x{min_size} pixels, got {a.shape[-1]}x{a.shape[-2]} "
+            "(width x height)"
+        )
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype), b.to(dtype)
+
+
+def _levels(x: torch.Tensor) -> torch.Tensor:
+    """``[-1, 1]`` -> ``[0, 255]``, unrounded."""
+    return (x + 1) * 127.5
+
+
+# --- PSNR, MAE ---------------------------------------------------------------------------------------------
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB per image, peak 255, of two batches ``[N, 3, H, W]`` in ``[-1, 1]``; ``inf`` where identical.
+
+    ``10 log10(255^2 / MSE)`` with the MSE of ``(x + 1) * 127.5`` and ``(y + 1) * 127.5`` (unrounded), which on
+    whole-level images is :func:`vae_toolkit.evaluate.psnr` of the uint8 images.
+
+    Raises:
+        TypeError: not floating-point tensors.
+        ValueError: not ``[N, 3, H, W]``, or of different shapes or devices.
+    """
+    a, b = _pair(x, y)
+    mse = ((a - b) * 127.5).square().flatten(1).mean(1)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def mae(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error per image in levels 0-255 (``|x - y| * 127.5``) of two batches in ``[-1, 1]``.
+
+    Raises:
+        TypeError, ValueError: as :func:`psnr`.
+    """
+    a, b = _pair(x, y)
+    return ((a - b) * 127.5).abs().flatten(1).mean(1)
+
+
+# --- SSIM, MS-SSIM -----------------------------------------------------------------------------------------
+
+
+def _gaussian(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 11-tap Gaussian (sigma 1.5) normalised in float64, then cast to ``dtype``: ``[channels, 1, 1, 11]``.
+
+    Normalising in float64 puts float32 SSIM within 2e-5 of scikit-image's float64 value on 8-bit images (the
+    window of :mod:`vae_toolkit.evaluate`); pytorch-msssim's own window, normalised in float32, is 3e-5 off.
+    """
+    coords = torch.arange(_SSIM_WINDOW, dtype=torch.float64) - _SSIM_WINDOW // 2
+    g = torch.exp(-(coords**2) / (2 * _SSIM_SIGMA**2))
+    return (g / g.sum()).to(dtype).reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(device)
+
+
+def _blur(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter without padding, rows then columns (pytorch-msssim's ``gaussian_filter``)."""
+    channels = x.shape[1]
+    x = F.conv2d(x, win.transpose(2, 3), groups=channels)
+    return F.conv2d(x, win, groups=channels)
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """Channels-last on a CPU, where oneDNN's depthwise convolutions run 3-5x faster so; values agree to 1e-7."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
+
+
+def _ssim_terms(a: torch.Tensor, b: torch.Tensor, win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image and channel ``(ssim, cs)`` of two batches of levels 0-255: pytorch-msssim's ``_ssim``."""
+    c1 = (_SSIM_K[0] * 255) ** 2
+    c2 = (_SSIM_K[1] * 255) ** 2
+    mu1, mu2 = _blur(a, win), _blur(b, win)
+    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
+    sigma1_sq = _blur(a * a, win) - mu1_sq
+    sigma2_sq = _blur(b * b, win) - mu2_sq
+    sigma12 = _blur(a * b, win) - mu1_mu2
+    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
+    ssim_map = ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
+    return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM per image of two batches ``[N, 3, H, W]`` in ``[-1, 1]`` (see :data:`DEFINITIONS`).
+
+    Computed on ``(x + 1) * 127.5`` with data range 255: on whole-level images, scikit-image's
+    ``structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
+    channel_axis=-1)`` of the uint8 images within 2e-5, and :func:`vae_toolkit.evaluate.ssim`.
+
+    Raises:
+        TypeError, ValueError: as :func:`psnr`; ValueError also for a side shorter than 11 pixels (the window).
+    """
+    a, b = _pair(x, y, _SSIM_WINDOW, "SSIM")
+    win = _gaussian(3, a.device, a.dtype)
+    per_channel, _ = _ssim_terms(_layout(_levels(a)), _layout(_levels(b)), win)
+    return per_channel.mean(1)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """5-scale MS-SSIM per image of two batches in ``[-1, 1]``, as pytorch-msssim 1.0's ``ms_ssim`` with the
+    window of :func:`ssim` (see :data:`DEFINITIONS`).
+
+    Raises:
+        TypeError, ValueError: as :func:`psnr`; ValueError also for a side shorter than 161 pixels
+            (:data:`MS_SSIM_MIN_SIDE`, 5 scales of an 11-pixel window).
+    """
+    a, b = _pair(x, y, MS_SSIM_MIN_SIDE, "MS-SSIM")
+    win = _gaussian(3, a.device, a.dtype)
+    a, b = _layout(_levels(a)), _layout(_levels(b))
+    mcs: list[torch.Tensor] = []
+    per_channel = a.new_empty(0)
+    for level in range(len(_MS_SSIM_WEIGHTS)):
+        per_channel, cs = _ssim_terms(a, b, win)
+        if level < len(_MS_SSIM_WEIGHTS) - 1:
+            mcs.append(torch.relu(cs))
+            padding = (a.shape[2] % 2, a.shape[3] % 2)
+            a = F.avg_pool2d(a, kernel_size=2, padding=padding)
+            b = F.avg_pool2d(b, kernel_size=2, padding=padding)
+    stacked = torch.stack([*mcs, torch.relu(per_channel)], dim=0)  # (scale, image, channel)
+    weights = stacked.new_tensor(_MS_SSIM_WEIGHTS).view(-1, 1, 1)
+    return torch.prod(stacked**weights, dim=0).mean(1)
+
+
+# --- LPIPS -------------------------------------------------------------------------------------------------
+
+_LPIPS_NETS: dict[str, tuple[type[TapFeatures], _weights.WeightsFile, _weights.WeightsFile]] = {
+    "alex": (AlexNetFeatures, _weights.ALEXNET, _weights.LPIPS_ALEX),
+    "vgg": (VGG16Features, _weights.VGG16, _weights.LPIPS_VGG),
+}
+
+
+class _Head(nn.Module):
+    """An lpips ``NetLinLayer``: ``model.0`` stands for its dropout (inactive in evaluation), ``model.1`` the
+    1x1 convolution without bias, so that the parameter is named ``lin{k}.model.1.weight`` as in lpips' files."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, kernel_size=1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Unit length over channels, as lpips' ``normalize_tensor``: ``x / (sqrt(sum x^2) + eps)``."""
+    return x / (torch.sqrt(torch.sum(x**2, dim=1, keepdim=True)) + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 (Zhang et al. 2018) as the ``lpips`` package 0.1.4 computes it with ``lpips=True``.
+
+    Both images are scaled by lpips' ``ScalingLayer`` (shift ``[-0.030, -0.088, -0.188]``, scale ``[0.458, 0.448,
+    0.450]``), passed through the backbone (AlexNet: its five ReLUs; VGG-16: relu1_2, relu2_2, relu3_3, relu4_3,
+    relu5_3), each feature map is unit-normalised over channels (eps 1e-10), the squared differences weighted by
+    the linear heads (1x1 convolutions), averaged over space, and the five layers summed. All parameters are
+    frozen; gradients flow to the inputs.
+
+    Weights: the backbone from torchvision's file (``alexnet-owt-7be5be79.pth`` or ``vgg16-397923af.pth``) and the
+    heads from the lpips package's (``lpips-v0.1-alex.pth`` or ``lpips-v0.1-vgg.pth``), in
+    ``torch.hub.get_dir()/checkpoints``, downloaded there when missing (see :mod:`vae_toolkit._weights`). Both
+    files are found before either is read, so a missing one fails fast.
+
+    Args:
+        net: ``"alex"`` (the default of lpips and torchmetrics) or ``"vgg"`` (what latent-diffusion trained with).
+
+    Raises:
+        ValueError: an unknown ``net``.
+        WeightsUnavailableError: a weight file is missing and cannot be downloaded (offline or no network).
+        InvalidWeightsError: a weight file is truncated or holds another network.
+
+    Example:
+        >>> loss_fn = LPIPS("alex").to(device)  # doctest: +SKIP
+        >>> loss = loss_fn(decoded, target).mean()  # doctest: +SKIP
+    """
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+
+    def __init__(self, net: Literal["alex", "vgg"] = "alex") -> None:
+        super().__init__()
+        if net not in _LPIPS_NETS:
+            raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+        backbone_cls, backbone_file, heads_file = _LPIPS_NETS[net]
+        for spec in (backbone_file, heads_file):  # both present (or fetched) before reading either
+            _weights.locate(spec)
+        self.net_name = net
+        self.net = backbone_cls()
+        self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (_Head(c) for c in backbone_cls.channels)
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        self.min_side = min_side(self.net.features)
+
+        backbone = _weights.load_state_dict(
+            backbone_file, _shapes(self.net), ignore_prefixes=("classifier.",)
+        )  # torchvision's classifier is not used
+        heads = _weights.load_state_dict(heads_file, {k: v for k, v in _shapes(self).items() if k.startswith("lin")})
+        self.net.load_state_dict(backbone)
+        self.load_state_dict(heads, strict=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def heads(self) -> tuple[_Head, ...]:
+        """The five linear heads, ``lin0`` to ``lin4``."""
+        return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """LPIPS per image ``[N]`` of two batches ``[N, 3, H, W]`` in ``[-1, 1]``, in the module's dtype.
+
+        Raises:
+            TypeError: not floating-point tensors.
+            ValueError: not ``[N, 3, H, W]``, different shapes or devices, not on the module's device, or a side
+                shorter than the backbone needs (AlexNet: 31 pixels, VGG-16: 16).
+        """
+        name = "LPIPS (AlexNet)" if self.net_name == "alex" else "LPIPS (VGG-16)"
+        a, b = _pair(x, y, self.min_side, name)
+        param = next(self.parameters())
+        if a.device != param.device:
+            raise ValueError(
+                f"the images are on {a.device} but the LPIPS module on {param.device}; move one with .to()"
+            )
+        a, b = a.to(param.dtype), b.to(param.dtype)
+        feats0 = self.net((a - self.shift) / self.scale)
+        feats1 = self.net((b - self.shift) / self.scale)
+        value: torch.Tensor | int = 0
+        for head, f0, f1 in zip(self.heads, feats0, feats1, strict=True):
+            value = value + head((_unit(f0) - _unit(f1)) ** 2).mean([2, 3], keepdim=True)
+        assert isinstance(value, torch.Tensor)
+        return value.flatten()
+
+
+def _shapes(module: nn.Module) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in module.state_dict().items()}
+
+
+_LPIPS_CACHE: dict[tuple[str, str], LPIPS] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex") -> torch.Tensor:
+    """LPIPS per image of two batches ``[N, 3, H, W]`` in ``[-1, 1]`` (see :class:`LPIPS`), differentiable.
+
+    The module is built once per ``(net, device)`` and kept for later calls.
+
+    Raises:
+        as :class:`LPIPS` and :meth:`LPIPS.forward`.
+
+    Example:
+        >>> loss = lpips(vae_toolkit.latents.decode(vae, z), target).mean()  # doctest: +SKIP
+    """
+    a = _check_batch(x, "x")
+    key = (net, str(a.device))
+    with _CACHE_LOCK:
+        module = _LPIPS_CACHE.get(key)
+        if module is None:
+            module = _LPIPS_CACHE[key] = LPIPS(net).to(a.device)
+    return module(x, y)
+
+
+# --- FID ---------------------------------------------------------------------------------------------------
+
+_INCEPTION_CACHE: dict[str, FIDInceptionV3] = {}
+
+
+def _inception(device: torch.device) -> FIDInceptionV3:
+    """pytorch-fid's FID Inception with its weights, built once per device."""
+    key = str(device)
+    with _CACHE_LOCK:
+        if key not in _INCEPTION_CACHE:
+            net = FIDInceptionV3()
+            expected = _shapes(net)
+            counters = [k for k in expected if k.endswith("num_batches_tracked")]  # unused in evaluation
+            state = _weights.load_state_dict(
+                _weights.FID_INCEPTION, expected, ignore_prefixes=("fc.",), optional=counters
+            )  # the ImageNet classifier is not used
+            net.load_state_dict(state, strict=not set(counters) - set(state))
+            _INCEPTION_CACHE[key] = net.requires_grad_(False).eval().to(device)
+        return _INCEPTION_CACHE[key]
+
+
+class FrechetInceptionDistance:
+    """FID between two image sets, accumulated batch by batch: pytorch-fid 0.3.0's value, in bounded memory.
+
+    Each image is resized to 299x299 (bilinear, ``align_corners=False``, on ``(x + 1) / 2`` as pytorch-fid does
+    on ``[0, 1]`` images), scaled to ``[-1, 1]`` and passed through pytorch-fid's FID Inception-v3; of each set
+    only the count, the float64 sum of the ``dims``-d features and the float64 sum of their outer products are
+    kept (``2 * (dims + dims^2) * 8`` bytes, 64 MiB for 2048: independent of the number of images). The mean
+    is ``sum / n`` and the covariance ``(sum_outer - n * mean mean^T) / (n - 1)`` (``np.cov``'s, ddof 1);
+    :meth:`compute` takes :func:`frechet_distance` of them.
+
+    Accumulators of parts of the data (other processes, ranks) combine by adding their sums
+    (:meth:`merge`, :meth:`all_reduce`): the counts exactly, the float64 sums up to the rounding of float64
+    additions in another order (relative 1e-16 per addition; products of float32 features are exact in float64),
+    which changes the FID by far less than its own numerical precision.
+
+    Images with NaN or inf values are left out (counted in :attr:`num_skipped`, logged).
+
+    Args:
+        dims: 2048 (the pool features every paper reports), or 768, 192, 64 as pytorch-fid's ``--dims``.
+        device: where the statistics are kept; by default the device of the first images (the CPU for MPS,
+            which has no float64).
+        batch_size: images per Inception forward pass.
+
+    Raises:
+        ValueError: ``dims`` not one of 64, 192, 768, 2048.
+        WeightsUnavailableError: pytorch-fid's weight file is missing and cannot be downloaded.
+
+    Example:
+        >>> fid = FrechetInceptionDistance()  # doctest: +SKIP
+        >>> for originals, reconstructions in batches:  # doctest: +SKIP
+        ...     fid.update(originals, real=True)
+        ...     fid.update(reconstructions, real=False)
+        >>> fid.compute(), fid.num_real  # doctest: +SKIP
+    """
+
+    def __init__(self, dims: int = 2048, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
+        if dims not in FIDInceptionV3.BLOCK_BY_DIMS:
+            raise ValueError(f"dims must be one of 64, 192, 768, 2048 (pytorch-fid's), got {dims!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _weights.locate(_weights.FID_INCEPTION)  # fail (or fetch) now, before any image is read
+        self.dims = dims
+        self.batch_size = batch_size
+        self._device = None if device is None else _stats_device(torch.device(device))
+        self._sums: dict[bool, torch.Tensor] = {}
+        self._outer: dict[bool, torch.Tensor] = {}
+        self._counts = {True: 0, False: 0}
+        self.num_skipped = 0
+
+    # statistics
+
+    @property
+    def num_real(self) -> int:
+        """Images accumulated as real (originals)."""
+        return self._counts[True]
+
+    @property
+    def num_fake(self) -> int:
+        """Images accumulated as generated (reconstructions)."""
+        return self._counts[False]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running sums (the same for any number of images)."""
+        return sum(t.numel() * t.element_size() for t in (*self._sums.values(), *self._outer.values()))
+
+    def _buffers(self, real: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._device is None:
+            self._device = _stats_device(device)
+        if real not in self._sums:
+            self._sums[real] = torch.zeros(self.dims, dtype=torch.float64, device=self._device)
+            self._outer[real] = torch.zeros(self.dims, self.dims, dtype=torch.float64, device=self._device)
+        return self._sums[real], self._outer[real]
+
+    def reset(self) -> None:
+        """Forget every image."""
+        self._sums.clear()
+        self._outer.clear()
+        self._counts = {True: 0, False: 0}
+        self.num_skipped = 0
+
+    # accumulating
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The ``[N, dims]`` float32 Inception features of ``images`` ``[N, 3, H, W]`` in ``[-1, 1]``.
+
+        Computed on the images' device, without gradients. Useful to compute the originals' features once and
+        add them to several accumulators with :meth:`update_features`.
+        """
+        x = _check_batch(images, "images")
+        net = _inception(x.device)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(x), self.batch_size):
+                part = x[start : start + self.batch_size].to(torch.float32)
+                part = (part + 1) / 2  # pytorch-fid resizes images in [0, 1], then scales them to [-1, 1]
+                part = F.interpolate(part, size=(299, 299), mode="bilinear", align_corners=False)
+                out.append(net(2 * part - 1, self.dims))
+        return torch.cat(out) if out else x.new_zeros(0, self.dims, dtype=torch.float32)
+
+    def update(self, images: torch.Tensor, *, real: bool) -> None:
+        """Add a batch ``[N, 3, H, W]`` in ``[-1, 1]`` to the real (``real=True``) or generated set.
+
+        Images holding NaN or inf are left out with a log line.
+        """
+        x = _check_batch(images, "images")
+        finite = torch.isfinite(x.detach()).flatten(1).all(1)
+        if not bool(finite.all()):
+            skipped = int((~finite).sum())
+            self.num_skipped += skipped
+            logger.warning("FID: %d image(s) with NaN or inf values left out of the %s set", skipped, _set(real))
+            x = x[finite]
+        if len(x):
+            self.update_features(self.features(x), real=real)
+
+    def update_real(self, images: torch.Tensor) -> None:
+        """:meth:`update` with ``real=True``."""
+        self.update(images, real=True)
+
+    def update_fake(self, images: torch.Tensor) -> None:
+        """:meth:`update` with ``real=False``."""
+        self.update(images, real=False)
+
+    def update_features(self, features: torch.Tensor, *, real: bool) -> None:
+        """Add precomputed :meth:`features` ``[N, dims]`` to one set (rows with NaN or inf are left out)."""
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.dims:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a tensor [N, {self.dims}], got {shape}")
+        finite = torch.isfinite(features).all(1)
+        if not bool(finite.all()):
+            skipped = int((~finite).sum())
+            self.num_skipped += skipped
+            logger.warning("FID: %d feature row(s) with NaN or inf left out of the %s set", skipped, _set(real))
+            features = features[finite]
+        total, outer = self._buffers(real, features.device)
+        f = features.detach().to(total.device).to(torch.float64)
+        total += f.sum(0)
+        outer += f.T @ f
+        self._counts[real] += len(f)
+
+    # combining
+
+    def merge(self, other: FrechetInceptionDistance) -> FrechetInceptionDistance:
+        """Add ``other``'s images (its sums and counts) to this accumulator; returns ``self``.
+
+        Raises:
+            ValueError: the two accumulators have different ``dims``.
+        """
+        if other.dims != self.dims:
+            raise ValueError(f"cannot merge FID accumulators of {self.dims} and {other.dims} dims")
+        for real in (True, False):
+            if real in other._sums:
+                total, outer = self._buffers(real, other._sums[real].device)
+                total += other._sums[real].to(total.device)
+                outer += other._outer[real].to(outer.device)
+            self._counts[real] += other._counts[real]
+        self.num_skipped += other.num_skipped
+        return self
+
+    def all_reduce(self, group: torch.distributed.ProcessGroup | None = None) -> FrechetInceptionDistance:
+        """A new accumulator holding the images of every rank of ``group`` (a collective: call it on every rank).
+
+        This accumulator is left as it is, so calling it again does not count any image twice. Without an
+        initialised process group (one process) it is a copy. The buffers are summed where they are (use a CPU
+        accumulator with gloo, a CUDA one with NCCL); see the class docstring for exactness.
+        """
+        import torch.distributed as dist
+
+        out = copy.copy(self)  # the settings; the sums are copied below
+        out._sums = {real: t.clone() for real, t in self._sums.items()}
+        out._outer = {real: t.clone() for real, t in self._outer.items()}
+        out._counts = dict(self._counts)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+            return out
+        device = out._device or torch.device("cpu")
+        for real in (True, False):
+            out._buffers(real, device)
+        counts = torch.tensor([out._counts[True], out._counts[False], out.num_skipped], dtype=torch.int64)
+        counts = counts.to(out._sums[True].device)
+        dist.all_reduce(counts, group=group)
+        for real in (True, False):
+            dist.all_reduce(out._sums[real], group=group)
+            dist.all_reduce(out._outer[real], group=group)
+        out._counts = {True: int(counts[0]), False: int(counts[1])}
+        out.num_skipped = int(counts[2])
+        return out
+
+    # the distance
+
+    def statistics(self, real: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, sigma)`` of one set as float64 numpy arrays: pytorch-fid's ``np.mean(act, axis=0)`` and
+        ``np.cov(act, rowvar=False)``, from the running sums.
+
+        Raises:
+            ValueError: fewer than 2 images in that set.
+        """
+        n = self._counts[real]
+        if n < 2:
+            raise ValueError(f"FID needs at least 2 images in each set, the {_set(real)} set has {n}")
+        mu = (self._sums[real] / n).cpu()
+        outer = self._outer[real].cpu()
+        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
+        sigma = (sigma + sigma.T) / 2  # the sums of products are symmetric up to the matrix product's rounding
+        return mu.numpy(), sigma.numpy()
+
+    def compute(self) -> float:
+        """The Fréchet distance between the real and the generated set (:func:`frechet_distance`).
+
+        Logs a warning when a set has fewer than 2,048 images: FID is then biased and not comparable with
+        values over other numbers of images (model cards use 5,000 or 50,000).
+
+        Raises:
+            ValueError: fewer than 2 images in a set; or, as pytorch-fid, an imaginary component above 1e-3.
+            ImportError: scipy is not installed (``pip install "vae-toolkit[eval]"``).
+        """
+        mu1, sigma1 = self.statistics(True)
+        mu2, sigma2 = self.statistics(False)
+        fewest = min(self.num_real, self.num_fake)
+        if fewest < FID_MIN_IMAGES:
+            logger.warning(
+                "FID over %d real and %d generated images: below %d images FID is biased upward and not comparable "
+                "with published values (model cards use 5,000 or 50,000)",
+                self.num_real,
+                self.num_fake,
+                FID_MIN_IMAGES,
+            )
+        return frechet_distance(mu1, sigma1, mu2, sigma2)
+
+
+def _set(real: bool) -> str:
+    return "real" if real else "generated"
+
+
+def _stats_device(device: torch.device) -> torch.device:
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """The Fréchet distance ``|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``, as pytorch-fid
+    0.3.0's ``calculate_frechet_distance``.
+
+    The square root is ``scipy.linalg.sqrtm(sigma1.dot(sigma2))``; when it is not finite, ``eps`` is added to both
+    diagonals and it is taken again; an imaginary part (numerical error) is dropped if the diagonal's is within
+    1e-3 of 0.
+
+    Raises:
+        ValueError: shapes that do not match, or an imaginary component above 1e-3 (pytorch-fid's check).
+        ImportError: scipy is not installed.
+    """
+    import numpy as np
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(
+            f"the two sets' statistics differ in shape: mu {mu1.shape} and {mu2.shape}, sigma {sigma1.shape} and "
+            f"{sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    covmean = _sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        logger.warning("FID: the product of the covariances is singular; adding %s to their diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            m = np.max(np.abs(covmean.imag))
+            raise ValueError(f"FID: imaginary component {m} in the square root of the covariances' product")
+        covmean = covmean.real
+    tr_covmean = np.trace(covmean)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+    """``scipy.linalg.sqrtm(matrix)``: the value pytorch-fid's ``sqrtm(..., disp=False)[0]`` gives.
+
+    scipy 1.16 deprecated ``disp`` (removed in 1.18) and computes the same square root without it (``disp=False``
+    only added an error estimate, one more matrix product); older scipy prints to stdout without ``disp=False``.
+    Its warning about a singular or ill-conditioned matrix (expected with fewer images than dimensions) goes
+    to the log.
+    """
+    try:
+        import scipy
+        from scipy.linalg import sqrtm
+    except ImportError as err:
+        raise ImportError("FID needs scipy for the matrix square root: pip install 'vae-toolkit[eval]'") from err
+
+    version = tuple(int(p) for p in scipy.__version__.split(".")[:2] if p.isdigit())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sqrtm(matrix) if version >= (1, 16) else sqrtm(matrix, disp=False)[0]
+    for warning in caught:
+        logger.info("FID: scipy.linalg.sqrtm: %s", warning.message)
+    return result
