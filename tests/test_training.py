@@ -223,8 +223,10 @@ def test_training_settings_are_store_settings(vae, source, tmp_path):
         encode(vae, source, out, **BUCKETS, flip=True)
     with pytest.raises(StoreMismatchError, match="distribution: stored False, requested True"):
         encode(vae, source, out, **BUCKETS, distribution=True)
+    with pytest.raises(ValueError, match="give no bucket"):  # refused before the store is touched
+        encode(vae, source, out, buckets=32, bucket_step=64, overwrite=True)
     again = encode(vae, source, out, **BUCKETS)
-    assert again.encoded == 0 and again.skipped == 10
+    assert again.encoded == 0 and again.skipped == 10  # nothing stored was lost
 
 
 def test_bad_training_arguments(vae, source, tmp_path):

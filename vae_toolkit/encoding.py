@@ -334,7 +334,8 @@ def encode_dataset(
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
     The latents are stored scaled, exactly as :func:`vae_toolkit.latents.encode` returns them for
-    ``load_for_encoding(path, size, exact=exact_resize)`` alone. Running the same call again resumes: images
+    ``load_for_encoding(path, size, exact=exact_resize)`` alone (with ``buckets``, for
+    :func:`vae_toolkit.buckets.prepare_image`'s image). Running the same call again resumes: images
     already stored (and unchanged on disk) are skipped, and the model is not even loaded when there is
     nothing to encode (pass a loader function as ``vae``). Under torchrun (``WORLD_SIZE > 1``) call it on every
     rank with the same arguments and the VAE on the rank's own device; the ranks split the images and rank 0
