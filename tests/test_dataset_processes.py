@@ -16,6 +16,8 @@ import torch
 from conftest import make_tiny_vae, write_hub_model
 from test_dataset import reference, shard_keys, write_images
 
+from vae_toolkit import latents
+from vae_toolkit.buckets import prepare_image
 from vae_toolkit.dataset import INDEX_NAME, LatentStore, find_images, sample_generator
 
 TESTS = Path(__file__).parent
@@ -30,6 +32,7 @@ DRIVER = textwrap.dedent(
     from vae_toolkit.dataset import encode_dataset
 
     source, output, delay, kill_on_replace = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    options = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {{}}
     vae = make_tiny_vae()
     if delay:
         real = vae.encode
@@ -46,7 +49,7 @@ DRIVER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_replace(src, dst)
         store_files.os.replace = replace
-    s = encode_dataset(vae, source, output, batch_size=2, max_shard_size=1, workers=2, progress=False)
+    s = encode_dataset(vae, source, output, batch_size=2, max_shard_size=1, workers=2, progress=False, **options)
     print(json.dumps({{"encoded": s.encoded, "skipped": s.skipped, "failed": s.failed}}))
     """
 )
@@ -68,25 +71,35 @@ def source(tmp_path_factory):
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the children import this checkout's vae_toolkit, not another installed copy
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS.parent), env.get("PYTHONPATH")]))
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     return env
 
 
-def _run(driver: Path, source: Path, out: Path, delay: float = 0.0, kill_on_replace: int = 0):
+def _run(driver: Path, source: Path, out: Path, delay: float = 0.0, kill_on_replace: int = 0, options=None):
     cmd = [sys.executable, str(driver), str(source), str(out), str(delay), str(kill_on_replace)]
+    cmd.append(json.dumps(options or {}))
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _check_complete(out: Path, source: Path, vae) -> None:
+def _check_complete(out: Path, source: Path, vae, options=None) -> None:
     keys = find_images(source)[1]
     stored = shard_keys(out)  # also proves every shard file is a complete safetensors file
     assert sorted(stored) == keys, "every image present exactly once"
     assert not list(out.glob("*.tmp"))
     with LatentStore(out) as s:
         assert list(s) == keys
+        assert s.flips == bool((options or {}).get("flip")) and s.distributions == bool(
+            (options or {}).get("distribution")
+        )
         for key in keys[::7]:
             assert (s[key] - reference(vae, source / key)).abs().max().item() <= 1e-5
+            if s.flips:  # the latent of the mirrored image
+                with torch.no_grad():
+                    mirrored = latents.encode(vae, prepare_image(source / key).image.flip(-1)[None])[0]
+                assert (s.get(key, flipped=True) - mirrored).abs().max().item() <= 1e-5
 
 
 # label -> (kill once this many shards exist, kill at the n-th os.replace: a shard's or the index's rename)
@@ -96,7 +109,10 @@ SCENARIOS = {
     "before the first rename": (0, 1),
     "before the 6th rename": (0, 6),
     "before the index rename": (0, N_IMAGES + 1),
+    "after 2 shards, flip + distribution": (2, 0),
+    "before the 6th rename, flip + distribution": (0, 6),
 }
+OPTIONS = {label: {"flip": True, "distribution": True} for label in SCENARIOS if label.endswith("distribution")}
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +121,14 @@ def killed(driver, source, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("killed")
     outs = {label: tmp / str(i) for i, label in enumerate(SCENARIOS)}
     procs = {
-        label: _run(driver, source, outs[label], delay=0.1 if shards else 0.0, kill_on_replace=replace)
+        label: _run(
+            driver,
+            source,
+            outs[label],
+            delay=0.1 if shards else 0.0,
+            kill_on_replace=replace,
+            options=OPTIONS.get(label),
+        )  # fmt: skip
         for label, (shards, replace) in SCENARIOS.items()
     }
     deadline = time.monotonic() + 120
@@ -123,7 +146,7 @@ def killed(driver, source, tmp_path_factory):
     stored = {label: len(shard_keys(outs[label])) for label in SCENARIOS}
     temporary = {label: len(list(outs[label].glob("*.tmp"))) for label in SCENARIOS}
     assert not any((out / INDEX_NAME).exists() for out in outs.values())  # every run was killed before the end
-    reruns = {label: _run(driver, source, outs[label]) for label in SCENARIOS}
+    reruns = {label: _run(driver, source, outs[label], options=OPTIONS.get(label)) for label in SCENARIOS}
     second = {label: (*proc.communicate(timeout=120), proc.returncode) for label, proc in reruns.items()}
     return outs, first, stored, temporary, second
 
@@ -141,7 +164,7 @@ def test_sigkill_then_the_same_run_again_completes_without_recomputing(killed, s
     assert returncode == 0, stderr
     result = json.loads(stdout.strip().splitlines()[-1])
     assert result == {"encoded": N_IMAGES - stored[label], "skipped": stored[label], "failed": {}}
-    _check_complete(outs[label], source, make_tiny_vae())
+    _check_complete(outs[label], source, make_tiny_vae(), OPTIONS.get(label))
 
 
 # --- torchrun -------------------------------------------------------------------------------------
@@ -160,6 +183,7 @@ def torchrun_runs(tmp_path_factory):
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     base += ["-m", "vae_toolkit", "encode", str(src), "--model", "sd14", "--batch-size", "3", "--no-progress"]
     commands = {"mean": ["-o", str(tmp / "mean")], "sample": ["-o", str(tmp / "sample"), "--sample", "--seed", "5"]}
+    commands["training"] = ["-o", str(tmp / "training"), *TRAINING_ARGS]
     procs = {
         label: subprocess.Popen(base + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for label, args in commands.items()
@@ -201,6 +225,35 @@ def test_torchrun_two_ranks_match_one_process(torchrun_runs, label):
     assert returncode == 1, stderr
     assert stdout.count("encode: 14 images: 13 encoded, 0 already stored, 1 failed") == 1  # rank 0 reports
     assert stderr.count("skipped part1/broken.png") == 1
+
+
+TRAINING_ARGS = ["--flip", "--distribution", "--buckets", "24", "--bucket-step", "8"]
+
+
+def test_torchrun_flip_distribution_buckets_match_one_process(torchrun_runs, tmp_path):
+    from vae_toolkit.dataset import encode_dataset
+
+    tmp, src, results = torchrun_runs
+    stdout, stderr, returncode = results["training"]
+    assert returncode == 1 and "13 encoded" in stdout, stderr  # 1: the broken file
+    vae = _tiny_sd14(tmp / "hf")
+    one = tmp_path / "one"
+    encode_dataset(vae, src, one, model="sd14", batch_size=5, progress=False, buckets=24, bucket_step=8, flip=True,
+                   distribution=True)  # fmt: skip
+    a, b = LatentStore(tmp / "training"), LatentStore(one)
+    assert list(a) == list(b) and len(a) == 13 and a.flips and a.distributions
+    assert {name.split("-")[2] for name in (p.name for p in (tmp / "training").glob("*.safetensors"))} == {
+        "r000",
+        "r001",
+    }
+    for key in a:
+        for flipped in (False, True):
+            for x, y in zip(a.distribution(key, flipped=flipped), b.distribution(key, flipped=flipped), strict=True):
+                assert (x - y).abs().max().item() <= 1e-5, key
+        assert a.entry(key) == b.entry(key)
+    rerun = encode_dataset(vae, src, tmp / "training", model="sd14", progress=False, buckets=24, bucket_step=8,
+                           flip=True, distribution=True)  # fmt: skip
+    assert (rerun.encoded, rerun.skipped) == (0, 13)
 
 
 def test_torchrun_store_is_resumed_by_a_single_process(torchrun_runs, tmp_path):

@@ -382,7 +382,35 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     enc.add_argument("source", type=Path, metavar="SOURCE", help="a folder of images (searched recursively)")
     enc.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the store folder")
-    enc.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
+    shape = enc.add_mutually_exclusive_group()
+    shape.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
+    shape.add_argument(
+        "--buckets",
+        type=_positive_int,
+        metavar="AREA",
+        help="aspect-ratio buckets of about AREA x AREA pixels: each image is resized to cover the bucket nearest "
+        "its aspect ratio and center-cropped to it (see README, 'Training with the store')",
+    )
+    enc.add_argument(
+        "--bucket-step",
+        type=_int_arg("bucket step", MULTIPLE, f"a positive multiple of {MULTIPLE}", MULTIPLE),
+        default=64,
+        metavar="S",
+        help="with --buckets: both sides of a bucket are multiples of S (default 64)",
+    )
+    enc.add_argument(
+        "--max-aspect",
+        type=_positive_float("max aspect"),
+        default=4.0,
+        metavar="R",
+        help="with --buckets: the largest long side / short side of a bucket (default 4)",
+    )
+    enc.add_argument("--flip", action="store_true", help="also store the latent of each horizontally mirrored image")
+    enc.add_argument(
+        "--distribution",
+        action="store_true",
+        help="store the latent distribution's mean and std instead of one latent (draw a sample when training)",
+    )
     enc.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="images per batch (default 8)")
     enc.add_argument(
         "--latent-dtype",

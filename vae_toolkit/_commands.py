@@ -271,20 +271,23 @@ def _mismatch_message(err: Any) -> str:
 
 def encode_command(args: argparse.Namespace) -> int:
     from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
+    from .encoding import training_settings
     from .vae_loader import VAELoader
 
     if not args.source.exists():
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
     model = model_name(args.model)  # a folder is recorded as its resolved path
-    reader = "exact" if args.exact_resize or args.size is None else "fast"
+    reader = "exact" if args.exact_resize or (args.size is None and args.buckets is None) else "fast"
     expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
     try:
+        expected.update(training_settings(args.size, args.buckets, args.bucket_step, args.max_aspect, args.flip,
+                                          args.distribution, args.sample))  # fmt: skip
         if not args.overwrite:
             check_store(args.output, **expected)  # refuse a store of another model before loading one
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err
-    except NotADirectoryError as err:
+    except (NotADirectoryError, ValueError) as err:  # also a bucket setting without any bucket
         raise UsageError(str(err)) from err
     device = args.device
     if local_rank() is not None and device == "cuda":
@@ -315,6 +318,11 @@ def encode_command(args: argparse.Namespace) -> int:
                 checkpoint_every=args.checkpoint_every,
                 keep_missing=args.keep_missing,
                 device=device,
+                buckets=args.buckets,
+                bucket_step=args.bucket_step,
+                max_aspect=args.max_aspect,
+                flip=args.flip,
+                distribution=args.distribution,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err

@@ -23,7 +23,10 @@ Columns (``n`` rows, sorted by key as UTF-8 bytes, which is also Python's ``str`
 - ``offset`` / ``nbytes`` int64: where the tensor's bytes lie inside that shard (absolute file offsets);
 - ``dtype`` uint8: code into :data:`DTYPES`; ``shape`` int32 ``[n, 3]``: the latent's ``(C, h, w)``;
 - ``size`` int32 ``[n, 2]``: the image size ``(w, h)`` that was encoded;
-- ``source_bytes`` / ``source_mtime_ns`` int64: the source file's size and mtime when it was encoded.
+- ``source_bytes`` / ``source_mtime_ns`` int64: the source file's size and mtime when it was encoded;
+- ``original_size``, ``resized_size``, ``crop`` int32 ``[n, 2]``: the file's ``(H, W)``, the size ``(H', W')``
+  it was resized to and the crop's top-left ``(top, left)`` in it (SDXL's conditioning). Tables written
+  before these columns lack them; they read as -1.
 
 A truncated or damaged file is detected on opening (magic, header, declared length, column bounds) and is never
 misread; the index records the table's length and SHA-256, which a rerun of ``encode`` checks in full.
@@ -59,7 +62,12 @@ COLUMNS: dict[str, tuple[str, int]] = {
     "size": ("<i4", 2),
     "source_bytes": ("<i8", 1),
     "source_mtime_ns": ("<i8", 1),
+    "original_size": ("<i4", 2),
+    "resized_size": ("<i4", 2),
+    "crop": ("<i4", 2),
 }
+# columns added after the first tables of format 2 were written: a table without them reads them as -1
+OPTIONAL = frozenset({"original_size", "resized_size", "crop"})
 
 
 class TableError(ValueError):
@@ -189,6 +197,10 @@ class Table:
             raise TableError(f"{self.path} is truncated or damaged ({size} bytes, its header says {total})")
         columns: dict[str, np.ndarray] = {}
         for name in ("key_offsets", "key_blob", *COLUMNS):
+            if name in OPTIONAL and name not in layout:
+                width = COLUMNS[name][1]
+                columns[name] = np.full((count, width) if width > 1 else (count,), -1, dtype=COLUMNS[name][0])
+                continue
             try:
                 dtype, shape, offset = layout[name]
                 array = np.frombuffer(mm, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=int(offset))

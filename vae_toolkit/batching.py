@@ -14,15 +14,16 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
+from .buckets import CropPlan
 from .image_utils import ImageProcessingError, available_cpus, load_for_encoding
 from .sources import file_stat
 
@@ -72,6 +73,76 @@ class Item:
     key: str
     stat: tuple[int, int]
     image: torch.Tensor
+    plan: CropPlan | None = None  # how the image was resized and cropped (its conditioning)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def read_ahead(
+    items: Iterable[tuple[str, T]], work: Callable[[T], R], workers: int, window: int
+) -> Iterator[tuple[str, R | Exception]]:
+    """``work(source)`` for each ``(key, source)`` on ``workers`` threads, ``window`` ahead, in input order.
+
+    ``items`` is consumed on the calling thread as results are taken (a tar stream is read so, one member at a
+    time); a failure is yielded as its exception.
+    """
+    pending: deque[tuple[str, Future[R]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vae_toolkit_read") as pool:
+        it = iter(items)
+        try:
+            for key, source in it:
+                pending.append((key, pool.submit(work, source)))
+                if len(pending) >= window:
+                    break
+            while pending:
+                key, future = pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(work, nxt[1])))
+                try:
+                    result = future.result()
+                except Exception as err:  # a bad file: reported, never stops the run
+                    yield key, err
+                else:
+                    yield key, result
+        finally:
+            for _, future in pending:
+                future.cancel()
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
+def group_batches(
+    prepared: Iterable[tuple[str, Item | Exception]], batch_size: int
+) -> Iterator[list[Item] | tuple[str, Exception]]:
+    """Batches of items of equal image shape (at most ``batch_size``), or ``(key, exception)``.
+
+    Items wait for a full batch of their size; when ``4 * batch_size`` wait over all sizes, the fullest
+    partial batch goes, so memory stays bounded.
+    """
+    buckets: dict[tuple[int, ...], list[Item]] = {}
+    held = 0
+    max_held = 4 * batch_size
+    for key, item in prepared:
+        if isinstance(item, Exception):
+            yield key, item
+            continue
+        shape = tuple(item.image.shape)
+        bucket = buckets.setdefault(shape, [])
+        bucket.append(item)
+        held += 1
+        if len(bucket) >= batch_size:
+            held -= len(bucket)
+            yield buckets.pop(shape)
+        elif held >= max_held:  # many sizes at once: the fullest partial batch
+            fullest = max(buckets, key=lambda s: len(buckets[s]))
+            held -= len(buckets[fullest])
+            yield buckets.pop(fullest)
+    for shape in list(buckets):
+        yield buckets.pop(shape)
 
 
 def iter_images(
@@ -105,28 +176,11 @@ def iter_images(
         stat = file_stat(Path(path))
         return stat, load_for_encoding(path, size, exact=exact_resize)
 
-    pending: deque[tuple[str, Future[tuple[tuple[int, int], torch.Tensor]]]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vae_toolkit_read") as pool:
-        it = iter(items)
-        try:
-            for key, path in it:
-                pending.append((key, pool.submit(work, path)))
-                if len(pending) >= window:
-                    break
-            while pending:
-                key, future = pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt[0], pool.submit(work, nxt[1])))
-                try:
-                    stat, image = future.result()
-                except Exception as err:  # a bad file: reported, never stops the run
-                    yield key, None, err
-                else:
-                    yield key, stat, image
-        finally:
-            for _, future in pending:
-                future.cancel()
+    for key, result in read_ahead(items, work, workers, window):
+        if isinstance(result, Exception):
+            yield key, None, result
+        else:
+            yield key, result[0], result[1]
 
 
 def iter_batches(
@@ -145,28 +199,18 @@ def iter_batches(
     when ``4 * batch_size`` wait over all sizes, the fullest partial batch goes, so memory stays bounded.
     """
     workers = workers if workers is not None else default_workers()
-    buckets: dict[tuple[int, ...], list[tuple[str, tuple[int, int], torch.Tensor]]] = {}
-    held = 0
-    max_held = 4 * batch_size
     window = max(2 * batch_size, 2 * workers)
-    for key, stat, result in iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window):
-        if isinstance(result, Exception):
-            yield key, result
-            continue
-        assert stat is not None
-        shape = tuple(result.shape)
-        bucket = buckets.setdefault(shape, [])
-        bucket.append((key, stat, result))
-        held += 1
-        if len(bucket) >= batch_size:
-            held -= len(bucket)
-            yield buckets.pop(shape)
-        elif held >= max_held:  # many sizes at once: the fullest partial batch
-            fullest = max(buckets, key=lambda s: len(buckets[s]))
-            held -= len(buckets[fullest])
-            yield buckets.pop(fullest)
-    for shape in list(buckets):
-        yield buckets.pop(shape)
+    images = iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window)
+
+    def prepared() -> Iterator[tuple[str, Item | Exception]]:
+        for key, stat, result in images:
+            if isinstance(result, Exception) or stat is None:
+                yield key, result if isinstance(result, Exception) else RuntimeError("no stat")
+            else:
+                yield key, Item(key, stat, result)
+
+    for batch in group_batches(prepared(), batch_size):
+        yield batch if isinstance(batch, tuple) else [(item.key, item.stat, item.image) for item in batch]
 
 
 def _stack(images: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -195,7 +239,7 @@ _END = object()
 
 
 def stacked_batches(
-    batches: Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]],
+    batches: Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | list[Item] | tuple[str, Exception]],
 ) -> Generator[tuple[list[Item], torch.Tensor] | tuple[str, Exception], None, None]:
     """``batches`` run on a helper thread that also stacks each batch: the model's thread only encodes.
 
@@ -222,6 +266,9 @@ def stacked_batches(
             for batch in batches:
                 if isinstance(batch, tuple):
                     out: Any = batch
+                elif isinstance(batch[0], Item):  # Items keep their crop plans
+                    x = _stack([item.image for item in batch])
+                    out = ([Item(it.key, it.stat, x[i], it.plan) for i, it in enumerate(batch)], x)
                 else:
                     x = _stack([image for _, _, image in batch])
                     out = ([Item(key, stat, x[i]) for i, (key, stat, _) in enumerate(batch)], x)

@@ -40,12 +40,15 @@ The code lives in one module per step of an image's path, and this module gather
 - :mod:`vae_toolkit.encoding`: :func:`encode_dataset`, from batches to shards;
 - :mod:`vae_toolkit.store_files`: the store's format (files, lock, index, checks);
 - :mod:`vae_toolkit.store_update`: planning a run and committing its shards into the table and index;
-- :mod:`vae_toolkit.store`: the store as a reader (:class:`LatentStore`, :class:`BucketBatchSampler`).
+- :mod:`vae_toolkit.store`: the store as a reader (:class:`LatentStore`, :class:`BucketBatchSampler`);
+- :mod:`vae_toolkit.buckets`: aspect-ratio buckets and each image's resize and crop (its SDXL conditioning);
+- :mod:`vae_toolkit.training`: :class:`TrainingDataset`, latents with their conditioning, flips and draws.
 """
 
 from __future__ import annotations
 
 from .batching import default_workers, failure_reason, iter_batches, iter_images
+from .buckets import CropPlan, bucket_sizes, choose_bucket, plan_crop, prepare_image
 from .encoding import MULTIPLE, EncodeSummary, encode_dataset, sample_generator
 from .sources import find_images
 from .store import BucketBatchSampler, LatentStore
@@ -59,9 +62,16 @@ from .store_files import (
     StoreMismatchError,
     check_store,
 )
+from .training import TrainingDataset
 
 __all__ = [
     "BucketBatchSampler",
+    "CropPlan",
+    "TrainingDataset",
+    "bucket_sizes",
+    "choose_bucket",
+    "plan_crop",
+    "prepare_image",
     "EncodeSummary",
     "LatentStore",
     "StoreDamagedError",

@@ -30,9 +30,10 @@ from . import latents
 from ._checks import check_int
 from ._dist import ProcessGroup
 from ._version import __version__
-from .batching import Item, default_workers, failure_reason, iter_batches, share_cores, stacked_batches
+from .batching import Item, default_workers, failure_reason, group_batches, read_ahead, share_cores, stacked_batches
+from .buckets import bucket_sizes, prepare_image
 from .model_config import get_all_model_configs
-from .sources import scan_source
+from .sources import file_stat, scan_source
 from .store_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -78,6 +79,7 @@ class EncodeSummary:
             same on every rank.
         removed: Entries removed because their source file is gone (see ``keep_missing``).
         loaded_model: Whether the model was loaded (a run with nothing to encode does not load it).
+        upscaled: Images of this run smaller than their bucket (``buckets``), scaled up.
     """
 
     output: Path
@@ -90,6 +92,7 @@ class EncodeSummary:
     rank: int = 0
     removed: int = 0
     loaded_model: bool = False
+    upscaled: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -98,20 +101,23 @@ class EncodeSummary:
 
     def __str__(self) -> str:
         removed = f", {self.removed} removed (source file gone)" if self.removed else ""
+        upscaled = f" ({self.upscaled} smaller than their bucket, scaled up)" if self.upscaled else ""
         return (
-            f"{self.total} images: {self.encoded} encoded, {self.skipped} already stored, {len(self.failed)} failed"
-            f"{removed} -> {self.output} ({self.shards} new shard(s)) in {self.seconds:.1f} s, "
-            f"{self.images_per_second:.1f} images/s"
+            f"{self.total} images: {self.encoded} encoded{upscaled}, {self.skipped} already stored, "
+            f"{len(self.failed)} failed{removed} -> {self.output} ({self.shards} new shard(s)) in "
+            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
         )
 
 
-def sample_generator(seed: int, key: str) -> torch.Generator:
+def sample_generator(seed: int, key: str, flipped: bool = False) -> torch.Generator:
     """The CPU generator whose noise ``encode_dataset(..., sample=True, seed=seed)`` uses for ``key``.
 
     ``latents.encode(vae, x, sample=True, generator=sample_generator(seed, key))`` reproduces the stored
-    latent of that image, whatever the batch size or number of ranks of the run that stored it.
+    latent of that image, whatever the batch size or number of ranks of the run that stored it; with
+    ``flip=True``, ``flipped=True`` gives the noise of the mirrored image's latent.
     """
-    digest = hashlib.sha256(f"{int(seed)}\0{key}".encode()).digest()
+    text = f"{int(seed)}\0{key}\0flipped" if flipped else f"{int(seed)}\0{key}"
+    digest = hashlib.sha256(text.encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
@@ -159,8 +165,17 @@ class _ShardWriter:
 class _Encoder:
     """Encodes batches of equal-size images; halves the batch on out-of-memory, down to one image."""
 
-    def __init__(self, vae: Any, sample: bool, seed: int, store_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        vae: Any,
+        sample: bool,
+        seed: int,
+        store_dtype: torch.dtype,
+        flip: bool = False,
+        distribution: bool = False,
+    ) -> None:
         self.vae, self.sample, self.seed, self.store_dtype = vae, sample, seed, store_dtype
+        self.flip, self.distribution = flip, distribution
         self.limits: dict[tuple[int, ...], int] = {}  # image shape -> batch size that fitted after an OOM
 
     def __call__(
@@ -197,13 +212,27 @@ class _Encoder:
         return done, failed
 
     def _encode(self, chunk: list[Item], x: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """One tensor per item: its latent, or ``[mean, std]`` (``distribution``), then the same of the mirrored
+        image (``flip``), concatenated along the channels."""
         if x is None:
             x = torch.stack([item.image for item in chunk])
-        generator = [sample_generator(self.seed, item.key) for item in chunk] if self.sample else None
+        n = len(chunk)
+        if self.flip:
+            x = torch.cat([x, x.flip(-1)])
         with torch.inference_mode():
-            z = latents.encode(self.vae, x, sample=self.sample, generator=generator)
-        z = z.to(device="cpu", dtype=self.store_dtype).contiguous()
-        return [t.clone() for t in z]  # own storage: safetensors refuses tensors that share memory
+            if self.distribution:
+                z = torch.cat(latents.encode_distribution(self.vae, x), dim=1)
+            else:
+                generator = None
+                if self.sample:
+                    generator = [sample_generator(self.seed, item.key) for item in chunk]
+                    if self.flip:
+                        generator += [sample_generator(self.seed, item.key, flipped=True) for item in chunk]
+                z = latents.encode(self.vae, x, sample=self.sample, generator=generator)
+        z = z.to(device="cpu", dtype=self.store_dtype)
+        if self.flip:
+            z = torch.cat([z[:n], z[n:]], dim=1)
+        return [t.clone() for t in z.contiguous()]  # own storage: safetensors refuses tensors that share memory
 
 
 def _free_cached_memory() -> None:
@@ -226,7 +255,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _settings(
-    vae: Any, model: str | None, size: int | None, dtype: torch.dtype, sample: bool, seed: int, reader: str = "exact"
+    vae: Any,
+    model: str | None,
+    size: int | None,
+    dtype: torch.dtype,
+    sample: bool,
+    seed: int,
+    reader: str = "exact",
+    training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a reader must know about the latents, and what must match for a store to be resumed."""
     config = getattr(vae, "config", None)
@@ -249,6 +285,7 @@ def _settings(
         "sample": bool(sample),
         "seed": int(seed) if sample else None,
         "reader": reader,
+        **(training or {}),
     }
 
 
@@ -288,11 +325,17 @@ def encode_dataset(
     checkpoint_every: float = 60.0,
     keep_missing: bool = False,
     device: str | torch.device | None = None,
+    buckets: int | None = None,
+    bucket_step: int = 64,
+    max_aspect: float = 4.0,
+    flip: bool = False,
+    distribution: bool = False,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
     The latents are stored scaled, exactly as :func:`vae_toolkit.latents.encode` returns them for
-    ``load_for_encoding(path, size, exact=exact_resize)`` alone. Running the same call again resumes: images
+    ``load_for_encoding(path, size, exact=exact_resize)`` alone (with ``buckets``, for
+    :func:`vae_toolkit.buckets.prepare_image`'s image). Running the same call again resumes: images
     already stored (and unchanged on disk) are skipped, and the model is not even loaded when there is
     nothing to encode (pass a loader function as ``vae``). Under torchrun (``WORLD_SIZE > 1``) call it on every
     rank with the same arguments and the VAE on the rank's own device; the ranks split the images and rank 0
@@ -326,6 +369,14 @@ def encode_dataset(
             removes them. Entries not in a list of files are always kept.
         device: With a loader function as ``vae``: the device it loads on (chooses the process group's
             backend under torchrun).
+        buckets: Aspect-ratio buckets of about ``buckets x buckets`` pixels (instead of ``size``): each image
+            is resized to cover the bucket nearest its aspect ratio and center-cropped to it (the rule:
+            :mod:`vae_toolkit.buckets`; the list: :func:`vae_toolkit.buckets.bucket_sizes`).
+        bucket_step: With ``buckets``: both sides of a bucket are multiples of it (default 64).
+        max_aspect: With ``buckets``: the largest long side / short side of a bucket (default 4).
+        flip: Also store the latent of the horizontally mirrored image (``store.get(key, flipped=True)``).
+        distribution: Store the latent distribution's mean and std instead of one latent; a reader draws a
+            sample (``store.sample(key, generator)``). Not with ``sample``.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -357,6 +408,8 @@ def encode_dataset(
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
         raise ValueError(f"checkpoint_every must be a finite number of seconds > 0, got {checkpoint_every}")
+    training = training_settings(size, buckets, bucket_step, max_aspect, flip, distribution, sample)
+    bucket_list = None if buckets is None else bucket_sizes(buckets, bucket_step, max_aspect)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(_dtype_name, STORE_DTYPES))}, got {dtype!r}")
     loaded = isinstance(vae, torch.nn.Module)
@@ -367,8 +420,8 @@ def encode_dataset(
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} is a file; pass a folder for the latent store")
-    reader = "exact" if exact_resize or size is None else "fast"
-    settings = _settings(vae, model, size, dtype, sample, seed, reader) if loaded else None
+    reader = "exact" if exact_resize or (size is None and buckets is None) else "fast"
+    settings = _settings(vae, model, size, dtype, sample, seed, reader, training) if loaded else None
     known = {
         "model": model if model is not None else settings and settings["model"],
         "dtype": _dtype_name(dtype),
@@ -376,6 +429,7 @@ def encode_dataset(
         "sample": bool(sample),
         "seed": int(seed) if sample else None,
         "reader": reader,
+        **training,
     }
     workers = workers if workers is not None else default_workers()
     vae_device = _vae_device(vae) if loaded else torch.device(device if device is not None else "cpu")
@@ -409,7 +463,7 @@ def encode_dataset(
             loaded = True
             summary.loaded_model = True
         if loaded:
-            settings = _settings(vae, model, size, dtype, sample, seed, reader)
+            settings = _settings(vae, model, size, dtype, sample, seed, reader, training)
         else:  # nothing to encode, only the index to update: the stored settings stand
             settings = _stored_settings(merge) if dist.rank == 0 else {}
         if plan.stored_settings is not None and loaded:
@@ -434,26 +488,28 @@ def encode_dataset(
             f"; rank {dist.rank} of {dist.world_size} takes {len(mine)}" if dist.world_size > 1 else "",
         )  # fmt: skip
         writer = _ShardWriter(out, uuid.uuid4().hex[:12], dist.rank, settings, max_shard_size, checkpoint_every)
-        encoded, failed = 0, dict[str, str]()
+        encoded, failed, upscaled = 0, dict[str, str](), 0
         if mine:
-            encoder = _Encoder(vae, sample, seed, dtype)
+            encoder = _Encoder(vae, sample, seed, dtype, flip, distribution)
             desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)})"
             items = [(key, plan.root / key) for key in mine]
             with _sigterm_flushes():
                 try:
-                    encoded, failed = _pipeline(items, size, exact_resize, batch_size, workers, encoder, writer,
-                                                progress and dist.rank == 0, desc)  # fmt: skip
+                    encoded, failed, upscaled = _pipeline(items, size, bucket_list, exact_resize, batch_size,
+                                                          workers, encoder, writer, progress and dist.rank == 0,
+                                                          desc)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
-        results = dist.gather((encoded, failed, writer.written))
-        failures = {k: v for _, f, _ in results for k, v in f.items()}
+        results = dist.gather((encoded, failed, writer.written, upscaled))
+        failures = {k: v for _, f, _, _ in results for k, v in f.items()}
         failures.update(plan.failures)
         if dist.rank == 0:
             assert merge is not None
             commit_run(out, merge, [name for r in results for name in r[2]], settings, failures, plan.root)
         dist.barrier()  # the index exists when encode_dataset returns on any rank
         summary.encoded = sum(r[0] for r in results)
+        summary.upscaled = sum(r[3] for r in results)
         summary.failed = dict(sorted(failures.items()))
         summary.shards = sum(len(r[2]) for r in results)
         summary.seconds = time.perf_counter() - start
@@ -538,9 +594,38 @@ def _stored_settings(merge: Merge | None) -> dict[str, Any]:
     return {}
 
 
+def training_settings(
+    size: int | None,
+    buckets: int | None,
+    bucket_step: int,
+    max_aspect: float,
+    flip: bool,
+    distribution: bool,
+    sample: bool,
+) -> dict[str, Any]:
+    """The training-cache settings a store records (checked, as the others, on every rerun)."""
+    for name, value in (("flip", flip), ("distribution", distribution)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if buckets is not None and size is not None:
+        raise ValueError(
+            f"size ({size}) and buckets ({buckets}) exclude each other: size crops every image square, buckets "
+            "keep each image's aspect ratio; pass one of them"
+        )
+    if distribution and sample:
+        raise ValueError("sample and distribution exclude each other: distribution stores what a sample is drawn "
+                         "from (mean and std), sample one drawn latent; pass one of them")  # fmt: skip
+    spec = None
+    if buckets is not None:
+        bucket_sizes(buckets, bucket_step, max_aspect)  # raises when there is no bucket
+        spec = {"area": int(buckets), "step": int(bucket_step), "max_aspect": float(max_aspect)}
+    return {"buckets": spec, "flip": flip, "distribution": distribution}
+
+
 def _pipeline(
     items: Sequence[tuple[str, Path]],
     size: int | None,
+    buckets: list[tuple[int, int]] | None,
     exact_resize: bool,
     batch_size: int,
     workers: int,
@@ -548,15 +633,28 @@ def _pipeline(
     writer: _ShardWriter,
     progress: bool,
     desc: str,
-) -> tuple[int, dict[str, str]]:
-    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures)."""
+) -> tuple[int, dict[str, str], int]:
+    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures, upscaled)."""
     from tqdm.auto import tqdm
 
     failed: dict[str, str] = {}
-    encoded = 0
+    encoded = upscaled = 0
+
+    def read(path: Path) -> tuple[tuple[int, int], Any]:
+        stat = file_stat(path)
+        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize)
+
+    def prepared() -> Iterator[tuple[str, Item | Exception]]:
+        for key, result in read_ahead(items, read, workers, max(2 * batch_size, 2 * workers)):
+            if isinstance(result, Exception):
+                yield key, result
+            else:
+                stat, image = result
+                yield key, Item(key, stat, image.image, image.plan)
+
     bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
-        batches = iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers)
+        batches = group_batches(prepared(), batch_size)
         with closing(stacked_batches(batches)) as assembled:  # closed at once on an exception: the helper stops
             for batch in assembled:
                 if isinstance(batch[0], str):
@@ -568,15 +666,19 @@ def _pipeline(
                 chunk, x = batch
                 done, errors = encoder(chunk, x)
                 for item, z in done:
-                    entry = {
+                    entry: dict[str, Any] = {
                         "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
                         "source_bytes": item.stat[0],
                         "source_mtime_ns": item.stat[1],
                     }
+                    if item.plan is not None:
+                        entry.update(original_size=list(item.plan.original), resized_size=list(item.plan.resized),
+                                     crop=list(item.plan.crop))  # fmt: skip
+                        upscaled += item.plan.upscaled
                     writer.add(item.key, z, entry)
                 encoded += len(done)
                 failed.update(errors)
                 bar.update(len(chunk))
     finally:
         bar.close()
-    return encoded, failed
+    return encoded, failed, upscaled

@@ -11,7 +11,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, Union
@@ -87,13 +87,16 @@ _Box: TypeAlias = "tuple[float, float, float, float]"
 _DCT_FORMATS = frozenset(("JPEG", "MPO"))  # PIL decodes these at 1/2, 1/4 or 1/8 scale on request (draft)
 
 
-def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int], _Box | None]:
+def _open_rgb(
+    path: PathLike, draft_size: int | Callable[[tuple[int, int]], int | None] | None = None
+) -> tuple[Image.Image, tuple[int, int], _Box | None]:
     """``(rgb, size, box)``: the loaded RGB image, the file's own size, and where that full image lies in ``rgb``.
 
     With ``draft_size``, a JPEG whose shorter side is at least twice ``draft_size`` is decoded at the largest
     DCT scale (1/2, 1/4, 1/8) that keeps its shorter side >= ``draft_size``; ``box`` is then the full image in
     the decoded image's coordinates (``(0, 0, width / scale, height / scale)``). Otherwise ``box`` is None and
-    ``rgb`` is the full image, exactly as ``open_image`` returns it.
+    ``rgb`` is the full image, exactly as ``open_image`` returns it. ``draft_size`` may be a function of the
+    file's ``(width, height)`` (its target, or None for no draft), for a target that depends on the image.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -104,8 +107,9 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
     try:
         with Image.open(path) as img:
             size, box = img.size, None
-            if draft_size is not None and img.format in _DCT_FORMATS and min(size) >= 2 * draft_size:
-                drafted = img.draft("RGB", (draft_size, draft_size))
+            want = draft_size(size) if callable(draft_size) else draft_size
+            if want is not None and img.format in _DCT_FORMATS and min(size) >= 2 * want:
+                drafted = img.draft("RGB", (want, want))
                 box = drafted[1] if drafted is not None and img.size != size else None
             warn_if_clipped(img, path)
             img.load()
@@ -133,6 +137,18 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
         # Whatever a decoder raises for a corrupt or unsupported file (OSError, ValueError, SyntaxError,
         # but also NotImplementedError, TypeError, struct.error, ... from the format plugins).
         raise ImageProcessingError(f"Failed to load image {path}: {type(err).__name__}: {err}") from err
+
+
+def open_for_resize(
+    path: PathLike, draft_size: Callable[[tuple[int, int]], int | None]
+) -> tuple[Image.Image, tuple[int, int], tuple[float, float, float, float] | None]:
+    """``(rgb, (width, height) of the file, box)``: ``open_image``, with the fast reader's JPEG draft.
+
+    ``draft_size(width, height)`` gives the shorter side the image will be resized to (None: no draft); a JPEG
+    at least twice that is decoded at a reduced DCT scale, and ``box`` is where the full image lies in ``rgb``
+    (resample from it with ``rgb.resize(..., box=...)``). Used by the aspect-bucket reader.
+    """
+    return _open_rgb(path, draft_size)
 
 
 def _check_size(rgb: Image.Image, target_size: int, path: PathLike) -> None:

@@ -36,7 +36,7 @@ from ._warnings import VAEToolkitWarning
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
-__all__ = ["encode", "decode", "scaling_factors"]
+__all__ = ["encode", "encode_distribution", "decode", "scaling_factors"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,28 @@ def encode(
         z = dist.sample(generator=generator) if sample else dist.mean
     latents = (z.to(out_dtype) - shift) * scale
     return latents if batched else latents.squeeze(0)
+
+
+def encode_distribution(
+    vae: AutoencoderKL, images: torch.Tensor, *, tile: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent distribution of images in ``[-1, 1]``: its ``(mean, std)``, unscaled, as the VAE gives them.
+
+    A sample is ``(mean + std * noise - shift_factor) * scaling_factor`` (what :func:`encode` with
+    ``sample=True`` returns); ``mean`` and ``std`` are float32 (float64 for a float64 VAE) on the VAE's
+    device. Arguments and errors as :func:`encode`.
+    """
+    _check_tensor(images, "images", "images in [-1, 1]; use load_and_preprocess_image or pil_to_tensor")
+    _check_shape(images, "images", getattr(getattr(vae, "config", None), "in_channels", 3))
+    dtype, device = _dtype_device(vae)
+    out_dtype = _output_dtype(dtype)
+    batched = images.dim() == 4
+    x = (images if batched else images.unsqueeze(0)).to(device=device, dtype=dtype)
+    sample_h, sample_w = _sample_size(vae)
+    with _tiling(vae, tile, x.shape[-2] > sample_h or x.shape[-1] > sample_w):
+        dist = vae.encode(x).latent_dist
+        mean, std = dist.mean.to(out_dtype), dist.std.to(out_dtype)
+    return (mean, std) if batched else (mean.squeeze(0), std.squeeze(0))
 
 
 def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | None = None) -> torch.Tensor:

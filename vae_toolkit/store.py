@@ -134,11 +134,100 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
         return row
 
     def __getitem__(self, key: str | int) -> torch.Tensor:
-        """The latent of ``key`` (a str), or of the ``key``-th key in sorted order (an int)."""
+        """The latent of ``key`` (a str), or of the ``key``-th key in sorted order (an int).
+
+        A store of the ``distribution`` gives its mean, scaled as a latent (``(mean - shift) * scale``).
+        """
+        return self._latent(self._row(key), False)
+
+    @property
+    def flips(self) -> bool:
+        """Whether the store holds each image's mirrored latent too (``encode --flip``)."""
+        return bool(self.metadata.get("flip", False))
+
+    @property
+    def distributions(self) -> bool:
+        """Whether the store holds each latent's distribution, mean and std (``encode --distribution``)."""
+        return bool(self.metadata.get("distribution", False))
+
+    def _blocks(self) -> int:
+        return (2 if self.flips else 1) * (2 if self.distributions else 1)
+
+    def get(self, key: str | int, default: Any = None, *, flipped: bool = False) -> Any:
+        """The latent of ``key`` (``default`` when it is not stored, as a mapping's ``get``); ``flipped=True``:
+        the latent of the horizontally mirrored image (a store encoded with ``flip``).
+
+        Raises:
+            ValueError: ``flipped=True`` on a store encoded without ``flip``.
+        """
+        try:
+            row = self._row(key)
+        except (KeyError, IndexError):
+            return default
+        return self._latent(row, flipped)
+
+    def _latent(self, row: int, flipped: bool) -> torch.Tensor:
+        if self.distributions:
+            mean, _ = self._distribution(row, flipped)
+            return (mean - self._shift) * self._scale
+        return self._read_block(row, self._variant(flipped), 1)
+
+    def distribution(self, key: str | int, *, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the latent distribution of ``key`` (unscaled, float32), from a ``--distribution`` store.
+
+        Raises:
+            ValueError: the store holds latents, not distributions (or no flips, with ``flipped=True``).
+        """
+        return self._distribution(self._row(key), flipped)
+
+    def _distribution(self, row: int, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.distributions:
+            raise ValueError(f"{self.path} holds latents, not their distribution; encode with --distribution")
+        both = self._read_block(row, 2 * self._variant(flipped), 2).float()
+        half = both.shape[0] // 2
+        return both[:half], both[half:]
+
+    def sample(
+        self, key: str | int, generator: torch.Generator | None = None, *, flipped: bool = False
+    ) -> torch.Tensor:
+        """A latent drawn from the stored distribution: ``(mean + std * noise - shift) * scale`` (float32).
+
+        The noise comes from ``generator`` (a CPU generator the caller seeds, e.g. per epoch); on a store of
+        latents (no ``--distribution``) the stored latent is returned as it is.
+        """
         row = self._row(key)
+        if not self.distributions:
+            return self._latent(row, flipped)
+        mean, std = self._distribution(row, flipped)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        return (mean + std * noise - self._shift) * self._scale
+
+    @property
+    def _scale(self) -> float:
+        return float(self.metadata.get("scaling_factor") or 1.0)
+
+    @property
+    def _shift(self) -> float:
+        return float(self.metadata.get("shift_factor") or 0.0)
+
+    def _variant(self, flipped: bool) -> int:
+        if not isinstance(flipped, bool):
+            raise TypeError(f"flipped must be True or False, got {flipped!r}")
+        if flipped and not self.flips:
+            raise ValueError(f"{self.path} holds no mirrored latents; encode with --flip to store them")
+        return int(flipped)
+
+    def _read_block(self, row: int, first: int, count: int) -> torch.Tensor:
+        """Channel blocks ``first .. first + count - 1`` of the row's tensor (one block per stored variant)."""
         t = self._table
+        blocks = self._blocks()
         shard = int(t.column("shard")[row])
         offset, nbytes = int(t.column("offset")[row]), int(t.column("nbytes")[row])
+        dtype = STORE_DTYPES[int(t.column("dtype")[row])]
+        channels, h, w = (int(v) for v in t.column("shape")[row])
+        shape = (channels // blocks * count, h, w)
+        if blocks > 1:
+            offset, nbytes = offset + nbytes // blocks * first, nbytes // blocks * count
         buffer = bytearray(nbytes)
         got = self._read(shard, offset, buffer)
         if got != nbytes:
@@ -147,8 +236,6 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
                 f"latent shard {self.path / self._shards[shard]['file']} is truncated or damaged (read {got} of "
                 f"{nbytes} bytes at {offset}); {REBUILD.format(out=self.path)}: it encodes them again",
             )
-        dtype = STORE_DTYPES[int(t.column("dtype")[row])]
-        shape = tuple(int(v) for v in t.column("shape")[row])
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
 
     def _read(self, shard: int, offset: int, buffer: bytearray) -> int:
@@ -193,22 +280,43 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
         return self._table.key(self._row(index))
 
     def entry(self, key: str) -> dict[str, Any]:
-        """What the table records for ``key``: ``size`` [w, h] used, ``source_bytes``, ``source_mtime_ns``."""
+        """What the table records for ``key``.
+
+        ``size`` [w, h] encoded, ``source_bytes``, ``source_mtime_ns``, and SDXL's conditioning:
+        ``original_size`` (H, W) of the file, ``crops_coords_top_left`` (top, left) of the crop in the image
+        resized to ``resized_size`` (H', W'), and ``target_size`` (h, w) encoded. The conditioning is None for
+        entries written before it was recorded (vae-toolkit 0.2.0).
+        """
         if not isinstance(key, str):
             raise TypeError(f"keys are str (image paths relative to the source), got {key!r}")
         row = self._row(key)
         t = self._table
         w, h = (int(v) for v in t.column("size")[row])
+        original, resized, crop = (_pair(t.column(name)[row]) for name in ("original_size", "resized_size", "crop"))
         return {
             "size": [w, h],
             "source_bytes": int(t.column("source_bytes")[row]),
             "source_mtime_ns": int(t.column("source_mtime_ns")[row]),
+            "original_size": original,
+            "resized_size": resized,
+            "crops_coords_top_left": crop,
+            "target_size": (h, w),
         }
 
     @property
     def shapes(self) -> np.ndarray:
-        """The latents' shapes ``(C, h, w)`` as a read-only ``[len(store), 3]`` int array (memory-mapped)."""
-        return self._table.column("shape")
+        """The latents' shapes ``(C, h, w)`` as a read-only ``[len(store), 3]`` int array (memory-mapped).
+
+        With ``flip`` or ``distribution``, ``C`` is one latent's channels (a copy of the table's column).
+        """
+        shapes = self._table.column("shape")
+        blocks = self._blocks()
+        if blocks == 1:
+            return shapes
+        out = np.array(shapes)
+        out[:, 0] //= blocks
+        out.flags.writeable = False
+        return out
 
     def close(self) -> None:
         """Close the open shard files (they are opened again when needed)."""
@@ -240,6 +348,11 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
         return (
             f"LatentStore({str(self.path)!r}, {len(self)} latents, model={m.get('model')!r}, dtype={m.get('dtype')})"
         )
+
+
+def _pair(values: np.ndarray) -> tuple[int, int] | None:
+    a, b = (int(v) for v in values)
+    return None if a < 0 else (a, b)
 
 
 def _close(handle: Any) -> None:

@@ -41,8 +41,11 @@ TABLE_RE = re.compile(r"^latents-table-[0-9a-f]{12}\.bin$")
 _TMP_SUFFIX = ".tmp"
 _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
-_COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
-               "seed", "reader")  # fmt: skip
+_COMPATIBLE: tuple[str, ...] = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype",
+                                 "size", "sample", "seed", "reader")  # fmt: skip
+# settings of the training cache, with the value a store written before them has (so that it stays readable)
+TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False}
+_COMPATIBLE += tuple(TRAINING_DEFAULTS)
 STORE_DTYPES = _table.DTYPES
 REBUILD = "run the same encode command again (python -m vae_toolkit encode SOURCE -o {out} ...)"
 
@@ -249,6 +252,9 @@ class Record:
     size: tuple[int, int]
     stat: tuple[int, int]
     created: int
+    original_size: tuple[int, int] = (-1, -1)  # (H, W) of the file
+    resized_size: tuple[int, int] = (-1, -1)  # (H', W') before the crop
+    crop: tuple[int, int] = (-1, -1)  # (top, left) of the crop in the resized image
 
 
 @dataclass
@@ -313,9 +319,20 @@ def read_shard(path: Path) -> _Shard:
                 size=(int(entry["size"][0]), int(entry["size"][1])),
                 stat=(int(entry["source_bytes"]), int(entry["source_mtime_ns"])),
                 created=created,
+                **_conditioning(entry),
             )
         )
     return _Shard(path.name, settings, created, records, size, len(header_json), zlib.crc32(header_json))
+
+
+def _conditioning(entry: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """The crop plan an entry records (absent in shards written before it: left at -1)."""
+    out = {}
+    for name in ("original_size", "resized_size", "crop"):
+        value = entry.get(name)
+        if value is not None:
+            out[name] = (int(value[0]), int(value[1]))
+    return out
 
 
 def _shard_problem(folder: Path, record: Mapping[str, Any]) -> str | None:
@@ -370,7 +387,7 @@ def index_problem(index: Any) -> str | None:
         return "not a vae-toolkit latent index"
     if meta.get("format_version") != FORMAT_VERSION:
         return f"format version {meta.get('format_version')}, this version writes {FORMAT_VERSION}"
-    missing = [k for k in _COMPATIBLE if k not in meta]
+    missing = [k for k in _COMPATIBLE if k not in meta and k not in TRAINING_DEFAULTS]
     if missing:
         return f"its metadata lacks {', '.join(missing)}"
     shards, table = index.get("shards"), index.get("table")
@@ -430,7 +447,7 @@ def scan_store(folder: Path) -> StoreState:
             index = None
     if index is not None:
         state.index = index
-        state.settings = {k: index["metadata"].get(k) for k in _COMPATIBLE}
+        state.settings = {k: index["metadata"].get(k, TRAINING_DEFAULTS.get(k)) for k in _COMPATIBLE}
         state.shards = index["shards"]
         assert state.table is not None
         bad = np.zeros(len(state.shards), dtype=bool)
@@ -481,10 +498,12 @@ def tidy(state: StoreState, writable: bool) -> None:
 
 
 def normalise_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings of a shard written by format version 1 (no ``reader``: it was always the exact one)."""
+    """Settings of a shard written by format version 1 (no ``reader``: it was always the exact one), or before
+    the training cache's settings (no buckets, flips or distribution)."""
+    missing = {k: v for k, v in TRAINING_DEFAULTS.items() if k not in settings}
     if "reader" not in settings:
-        return {**settings, "reader": "exact"}
-    return settings
+        missing["reader"] = "exact"
+    return {**settings, **missing} if missing else settings
 
 
 def mismatch(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:

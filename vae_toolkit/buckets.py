@@ -1,0 +1,196 @@
+"""Aspect-ratio buckets, and how each image is prepared for encoding together with what a trainer needs of it.
+
+The rule of ``encode --buckets AREA`` (``encode_dataset(buckets=AREA, bucket_step=S, max_aspect=R)``):
+
+- :func:`bucket_sizes`: for every width ``w`` that is a multiple of ``S``, the height
+  ``h = floor(AREA² / w / S) · S`` (the largest multiple of ``S`` with ``w · h ≤ AREA²``), kept when ``h ≥ S``
+  and ``max(w, h) / min(w, h) ≤ R``; every kept ``(w, h)`` also gives its transpose ``(h, w)``.
+- :func:`choose_bucket`: an image of ``W x H`` goes to the bucket whose ``log(w / h)`` is nearest to
+  ``log(W / H)`` (compared exactly, as fractions); ties go to the larger area, then the wider bucket.
+- :func:`plan_crop`: it is resized, aspect kept, to the smallest size that covers the bucket
+  (``scale = max(w / W, h / H)``, ``W' = round(W · scale)``, ``H' = round(H · scale)``, Python's ``round``
+  of the exact fraction), with the resampling of ``--size`` (bilinear, antialiased; a large JPEG decoded at a
+  reduced DCT scale first unless ``exact``), then cropped to ``w x h`` at ``top = (H' - h) // 2``,
+  ``left = (W' - w) // 2``. Smaller images are scaled up.
+
+:func:`prepare_image` reads one image in any of the three modes (buckets, ``--size``, neither) and returns it
+with its conditioning: the original size ``(H, W)``, the resized size ``(H', W')`` and the crop's top-left
+corner ``(top, left)`` in the resized image (SDXL's ``original_size`` and ``crops_coords_top_left``; the
+target size is the prepared image's own ``(h, w)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import IO, Any, Union
+
+import torch
+
+from ._checks import check_int
+from ._pixels import LUT_SD, SD_NORM, rgb_to_dtype
+from .image_utils import load_for_encoding, open_for_resize
+
+logger = logging.getLogger(__name__)
+
+MULTIPLE = 8  # latents need sides that are multiples of the VAE's downsampling
+Readable = Union[str, "os.PathLike[str]", IO[bytes]]
+
+
+def bucket_sizes(area: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
+    """The buckets of ``area`` (see the module's rule) as ``(width, height)``, sorted by ``width / height``.
+
+    Args:
+        area: The side of the square of about the same area (``1024`` for SDXL's one megapixel).
+        step: Both sides are multiples of it (default 64; a multiple of 8).
+        max_aspect: The largest ``long side / short side`` kept (default 4).
+
+    Raises:
+        TypeError / ValueError: bad arguments, or no bucket at all (``area`` smaller than ``step``, or
+            ``max_aspect`` too small for any pair of multiples of ``step``).
+
+    Example:
+        >>> bucket_sizes(256)[:3]
+        [(128, 512), (128, 448), (128, 384)]
+    """
+    check_int("area", area, 1)
+    check_int("step", step, MULTIPLE)
+    if step % MULTIPLE:
+        raise ValueError(f"bucket step must be a multiple of {MULTIPLE}, got {step}")
+    if isinstance(max_aspect, bool) or not isinstance(max_aspect, (int, float)):
+        raise TypeError(f"max_aspect must be a number >= 1, got {max_aspect!r}")
+    if not 1 <= max_aspect < math.inf:
+        raise ValueError(f"max_aspect must be a finite number >= 1, got {max_aspect}")
+    square = area * area
+    found: set[tuple[int, int]] = set()
+    for w in range(step, square // step + 1, step):
+        h = square // (w * step) * step
+        if h >= step and max(w, h) <= max_aspect * min(w, h):
+            found.add((w, h))
+            found.add((h, w))
+    if not found:
+        raise ValueError(
+            f"buckets of area {area} with step {step} and max aspect {max_aspect} give no bucket (a bucket's sides "
+            f"are multiples of {step} with an area of at most {area}x{area}); choose a larger --buckets, a smaller "
+            "--bucket-step or a larger --max-aspect"
+        )
+    return sorted(found, key=lambda b: (Fraction(b[0], b[1]), b[0]))
+
+
+def choose_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of an image of ``width x height``: nearest ``log(w / h)``; ties: larger area, then wider."""
+
+    def distance(b: tuple[int, int]) -> tuple[Fraction, int, int]:
+        a, c = b[0] * height, b[1] * width  # log(w/h) - log(W/H) = log(a / c)
+        return Fraction(max(a, c), min(a, c)), -b[0] * b[1], -b[0]
+
+    return min(buckets, key=distance)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """How an image of ``original`` size becomes ``target``: resized to ``resized``, cropped at ``(top, left)``.
+
+    All sizes are ``(height, width)``, as SDXL's ``original_size`` / ``target_size`` are.
+    """
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    crop: tuple[int, int]
+    target: tuple[int, int]
+
+    @property
+    def upscaled(self) -> bool:
+        """Whether the image was scaled up (smaller than its bucket)."""
+        return self.resized[0] > self.original[0] or self.resized[1] > self.original[1]
+
+
+def plan_crop(width: int, height: int, bucket: tuple[int, int]) -> CropPlan:
+    """The resize and crop of an image of ``width x height`` into ``bucket`` ``(w, h)`` (the module's rule)."""
+    w, h = bucket
+    scale = max(Fraction(w, width), Fraction(h, height))
+    new_w, new_h = round(width * scale), round(height * scale)
+    return CropPlan((height, width), (new_h, new_w), ((new_h - h) // 2, (new_w - w) // 2), (h, w))
+
+
+def size_plan(width: int, height: int, size: int | None) -> CropPlan:
+    """The resize and crop that ``load_for_encoding(path, size)`` applies to an image of ``width x height``."""
+    if size is None:  # kept, center-cropped to multiples of 8
+        cw, ch = width - width % MULTIPLE, height - height % MULTIPLE
+        return CropPlan((height, width), (height, width), ((height - ch) // 2, (width - cw) // 2), (ch, cw))
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if width <= height else (new_long, size)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return CropPlan((height, width), (new_h, new_w), (top, left), (size, size))
+
+
+@dataclass
+class Prepared:
+    """An image as encoded (``[3, h, w]`` in ``[-1, 1]``) and how it was made from the file."""
+
+    image: torch.Tensor
+    plan: CropPlan
+
+
+def prepare_image(
+    path: Readable,
+    *,
+    size: int | None = None,
+    buckets: list[tuple[int, int]] | None = None,
+    exact: bool = False,
+) -> Prepared:
+    """Read an image as ``encode_dataset`` does, with its :class:`CropPlan`.
+
+    With ``buckets``, the image goes to its bucket (:func:`choose_bucket`), is resized and cropped by
+    :func:`plan_crop`. Otherwise the image is exactly ``load_for_encoding(path, size, exact=exact)``.
+
+    Raises:
+        ImageProcessingError: as :func:`vae_toolkit.load_for_encoding`.
+    """
+    if buckets is None:
+        width, height = _image_size(path)
+        image = load_for_encoding(path, size, exact=exact)  # type: ignore[arg-type]  # a file object too
+        return Prepared(image, size_plan(width, height, size))
+    chosen = buckets
+
+    def draft(full: tuple[int, int]) -> int | None:
+        plan = plan_crop(full[0], full[1], choose_bucket(full[0], full[1], chosen))
+        return None if exact else min(plan.resized)
+
+    rgb, (width, height), box = open_for_resize(path, draft)  # type: ignore[arg-type]
+    plan = plan_crop(width, height, choose_bucket(width, height, chosen))
+    return Prepared(rgb_to_dtype(_resize_crop(rgb, plan, box), LUT_SD, SD_NORM, torch.get_default_dtype()), plan)
+
+
+def _resize_crop(rgb: Any, plan: CropPlan, box: tuple[float, float, float, float] | None) -> Any:
+    """Resize ``rgb`` to ``plan.resized`` (bilinear, antialiased) and crop ``plan.target`` at ``plan.crop``."""
+    from PIL import Image
+
+    (new_h, new_w), (top, left), (h, w) = plan.resized, plan.crop, plan.target
+    if box is not None:  # reduced-scale decode: resample only the part that is kept (same sampling positions)
+        sx, sy = (box[2] - box[0]) / new_w, (box[3] - box[1]) / new_h
+        crop = (box[0] + left * sx, box[1] + top * sy, box[0] + (left + w) * sx, box[1] + (top + h) * sy)
+        return rgb.resize((w, h), Image.Resampling.BILINEAR, box=crop)
+    if rgb.size != (new_w, new_h):
+        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if (left, top, new_w, new_h) != (0, 0, w, h):
+        rgb = rgb.crop((left, top, left + w, top + h))
+    return rgb
+
+
+def _image_size(path: Readable) -> tuple[int, int]:
+    """The ``(width, height)`` a file declares (its header only); ``(0, 0)`` when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # the reader that follows reports it with its own message
+        return (0, 0)
+    finally:
+        if hasattr(path, "seek"):
+            path.seek(0)
