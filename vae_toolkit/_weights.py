@@ -148,7 +148,7 @@ def locate(spec: WeightsFile) -> Path:
 
 def _urlopen(url: str, timeout: float) -> IO[bytes]:
     """``urllib.request.urlopen`` (a seam for tests, which serve bytes without a network)."""
-    return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (fixed https addresses)
+    return urllib.request.urlopen(url, timeout=timeout)  # fixed https addresses of the weight files
 
 
 def _download(spec: WeightsFile, path: Path) -> None:
