@@ -292,9 +292,16 @@ def _positive_float(name: str) -> Callable[[str], float]:
 
 def _model_arg(value: str) -> str:
     """A registered model name, or a local folder holding a diffusers AutoencoderKL (kept as written)."""
-    from .vae_loader import local_model_config
+    from .vae_loader import VAELoadError, check_local_model, local_model_config
 
-    if value in list_available_models() or local_model_config(value) is not None:
+    if value in list_available_models():
+        return value
+    local = local_model_config(value)
+    if local is not None:
+        try:  # another diffusers model, or no weights: refused before any image is read
+            check_local_model(local)
+        except VAELoadError as err:
+            raise argparse.ArgumentTypeError(f"invalid model {value!r}: {err}") from None
         return value
     hint = " (the folder has no config.json, nor vae/config.json)" if Path(value).expanduser().is_dir() else ""
     raise argparse.ArgumentTypeError(

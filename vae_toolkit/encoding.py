@@ -192,7 +192,15 @@ class _Encoder:
                     n, shape[2], shape[1], self.limits[shape],
                 )  # fmt: skip
                 continue
-            done += list(zip(chunk, z, strict=True))
+            for item, latent in zip(chunk, z, strict=True):
+                if bool(torch.isfinite(latent).all()):
+                    done.append((item, latent))
+                else:  # never stored: a NaN latent would poison every batch a trainer draws it into
+                    failed[item.key] = (
+                        f"the model gave a latent with NaN or infinite values ({_dtype_name(_vae_dtype(self.vae))} "
+                        "VAE); encode in float32 (--dtype float32), or use an fp16-safe VAE"
+                    )
+                    logger.warning("skipped %s: %s", item.key, failed[item.key])
             start += n
         return done, failed
 
