@@ -435,6 +435,12 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         action="store_true",
         help="replace a store made with other settings (a store with the same settings is resumed)",
     )
+    enc.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every shard in full and check it against the SHA-256 in the index (a run checks sizes and "
+        "header checksums only); a damaged shard is moved aside and its images encoded again",
+    )
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     dec = commands.add_parser(

@@ -271,7 +271,8 @@ def _mismatch_message(err: Any) -> str:
 
 def encode_command(args: argparse.Namespace) -> int:
     from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
-    from .vae_loader import VAELoader
+    from .encoding import EXIF_ORIENTATION
+    from .vae_loader import VAELoader, weights_fingerprint
 
     if not args.source.exists():
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
@@ -279,6 +280,7 @@ def encode_command(args: argparse.Namespace) -> int:
     reader = "exact" if args.exact_resize or args.size is None else "fast"
     expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
+    expected.update({"weights": weights_fingerprint(model), "exif_orientation": EXIF_ORIENTATION})
     try:
         if not args.overwrite:
             check_store(args.output, **expected)  # refuse a store of another model before loading one
@@ -315,6 +317,7 @@ def encode_command(args: argparse.Namespace) -> int:
                 checkpoint_every=args.checkpoint_every,
                 keep_missing=args.keep_missing,
                 device=device,
+                verify=args.verify,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err

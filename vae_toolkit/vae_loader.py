@@ -178,7 +178,7 @@ class VAELoader:
             kwargs["low_cpu_mem_usage"] = False
         logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
         where = f"{repo_id}" + (f" ({subfolder})" if subfolder else "")
-        if Path(repo_id, subfolder or "", "config.json").is_file():  # a local folder: checked before diffusers reads it
+        if Path(repo_id, subfolder or "", "config.json").is_file():  # a local folder: checked before diffusers runs
             check_local_model({**config, "repo_id": repo_id})
         try:
             with _quiet_hub_notices(), _token_hidden_from_logs(token):
@@ -295,6 +295,65 @@ def _cached_file(repo_id: str, filename: str, revision: str | None) -> str | Non
     except Exception:  # a malformed repo id, an unreadable cache: nothing to tell
         return None
     return path if isinstance(path, str) else None
+
+
+def weights_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What identifies the weights that ``load_sd_vae(model)`` loads, as a latent store records them.
+
+    - A local folder (or a registered name pointing at one): ``{"files": {name: {"bytes": n, "sha256": hex}}}``
+      for its ``config.json`` and weights files (``diffusion_pytorch_model*``).
+    - A registered hub model in the local cache: ``{"repo_id": ..., "revision": <commit>}``, the snapshot
+      folder the cache resolves the name's revision to (no network).
+    - ``None`` when it cannot be told (not a folder nor a registered name, or not in the cache yet).
+
+    The weights are hashed in full (SHA-256) rather than identified by size and mtime: a copy or ``touch`` must
+    not count as a change, and a rewrite of the same size must. Hashing runs at ~0.8 GB/s here (0.41 s for the
+    335 MB of an SD VAE), below the time of loading the model, and once per file and process (cached by path,
+    size, mtime and inode).
+
+    Example:
+        >>> weights_fingerprint("sd15")  # doctest: +SKIP
+        {'repo_id': 'stable-diffusion-v1-5/stable-diffusion-v1-5', 'revision': '451f4fe1...'}
+    """
+    from .model_config import get_all_model_configs
+
+    local = local_model_config(model)
+    if local is None:
+        config = get_all_model_configs().get(str(model))
+        if config is None:
+            return None
+        repo_id = os.path.expanduser(config["repo_id"])
+        subfolder = config.get("subfolder")
+        if not os.path.isdir(repo_id):
+            path = _cached_file(
+                repo_id, f"{subfolder}/config.json" if subfolder else "config.json", config.get("revision")
+            )
+            parts = Path(path).parts if path is not None else ()
+            if "snapshots" not in parts[:-1]:
+                return None
+            return {"repo_id": config["repo_id"], "revision": parts[parts.index("snapshots") + 1]}
+        local = {"repo_id": repo_id, "subfolder": subfolder}
+    folder = Path(local["repo_id"], local.get("subfolder") or "")
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.name == "config.json" or path.name.startswith(_WEIGHTS)):
+            st = path.stat()
+            files[path.name] = {
+                "bytes": st.st_size,
+                "sha256": _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ino),
+            }
+    return {"files": files}
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:  # noqa: ARG001 - the cache key
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _check_class(found: Any, where: str) -> None:
