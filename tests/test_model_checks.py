@@ -87,7 +87,8 @@ def test_an_autoencoder_kl_with_missing_weights_is_refused(tmp_path):
     del tensors[dropped]
     tensors["not.a.vae.weight"] = torch.zeros(2)
     save_file(tensors, weights)
-    with pytest.raises(VAELoadError, match=rf"missing 1 weight\(s\) \({dropped}\).*1 unexpected \(not\.a\.vae\.weight\)"):
+    expected = rf"missing 1 weight\(s\) \({dropped}\).*1 unexpected \(not\.a\.vae\.weight\)"
+    with pytest.raises(VAELoadError, match=expected):
         VAELoader().load_sd_vae(str(folder), "cpu")
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "SD_PROCESSOR",
 ]
 
+from ._orientation import exif_orientation, swaps_axes, transpose_box, transpose_method
 from ._pixels import (
     LUT_SD,
     LUT_UNIT,
@@ -87,13 +88,16 @@ _Box: TypeAlias = "tuple[float, float, float, float]"
 _DCT_FORMATS = frozenset(("JPEG", "MPO"))  # PIL decodes these at 1/2, 1/4 or 1/8 scale on request (draft)
 
 
-def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int], _Box | None]:
+def _open_rgb(
+    path: PathLike, draft_size: int | None = None, orient: bool = False
+) -> tuple[Image.Image, tuple[int, int], _Box | None]:
     """``(rgb, size, box)``: the loaded RGB image, the file's own size, and where that full image lies in ``rgb``.
 
     With ``draft_size``, a JPEG whose shorter side is at least twice ``draft_size`` is decoded at the largest
     DCT scale (1/2, 1/4, 1/8) that keeps its shorter side >= ``draft_size``; ``box`` is then the full image in
     the decoded image's coordinates (``(0, 0, width / scale, height / scale)``). Otherwise ``box`` is None and
-    ``rgb`` is the full image, exactly as ``open_image`` returns it.
+    ``rgb`` is the full image, exactly as ``open_image`` returns it. With ``orient``, the image is turned as its
+    EXIF orientation says (``ImageOps.exif_transpose``'s pixels), and ``size`` and ``box`` with it.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -112,8 +116,15 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
             if img.mode == "RGB" and not img.readonly:
                 # What convert("RGB") returns for an RGB image (it is copy() = _new(im.copy())), minus the copy
                 # of every pixel: a plain Image sharing the decoded pixels, with the file's info.
-                return img._new(img.im), size, box
-            return img.convert("RGB"), size, box
+                rgb = img._new(img.im)
+            else:
+                rgb = img.convert("RGB")
+            method = transpose_method(exif_orientation(img)) if orient else None
+            if method is None:
+                return rgb, size, box
+            if box is not None:  # the draft's size is square, so it needs no turning; the box does
+                box = transpose_box(box, rgb.size, method)
+            return rgb.transpose(method), ((size[1], size[0]) if swaps_axes(method) else size), box
     except FileNotFoundError as err:
         raise ImageProcessingError(f"Image file not found: {path}") from err
     except IsADirectoryError as err:
@@ -242,8 +253,9 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
       is several times faster than the exact reader and differs from it by far less than one uint8 level
       on average (PSNR above 45 dB; see README, "Performance"). Other files give the exact reader's values.
 
-    Like ``open_image``, EXIF orientation is not applied (pixels come as stored) and PIL's
-    decompression-bomb limit applies.
+    The image is turned as its EXIF orientation says, as viewers show it (``ImageOps.exif_transpose``; a phone
+    portrait stored as 640x424 with orientation 6 gives a 424x640 image), before the crop or resize: ``open_image``
+    below stands for ``ImageOps.exif_transpose(open_image(path))``. PIL's decompression-bomb limit applies.
 
     Args:
         path: Image file.
@@ -269,13 +281,13 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
     if not isinstance(exact, bool):
         raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
     if size is None:
-        rgb = open_image(path)
+        rgb = _open_rgb(path, orient=True)[0]
         try:
             rgb = center_crop_to_multiple(rgb, 8)
         except InputValueError as err:
             raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)
-    rgb, full, box = _open_rgb(path, None if exact else size)
+    rgb, full, box = _open_rgb(path, None if exact else size, orient=True)
     if box is None:
         return pil_to_tensor(rgb, target_size=size)
     return rgb_to_dtype(_resize_center_crop(rgb, size, full, box), LUT_SD, SD_NORM, torch.get_default_dtype())

@@ -353,7 +353,7 @@ def _move_aside(path: Path, reason: str) -> None:
     logger.warning("%s is damaged (%s); moved it to %s, and its latents are encoded again", path, reason, target.name)
 
 
-def _read_index(folder: Path, warn: Callable[..., None]) -> dict[str, Any] | None:
+def _read_index(folder: Path, report: Callable[..., None]) -> dict[str, Any] | None:
     """The index as written by this version, or None (absent, damaged, or an older format: rebuilt from shards)."""
     path = folder / INDEX_NAME
     try:
@@ -361,11 +361,11 @@ def _read_index(folder: Path, warn: Callable[..., None]) -> dict[str, Any] | Non
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        warn("ignoring unreadable index %s (%s); it is rebuilt from the shards", path, err)
+        report("ignoring unreadable index %s (%s); it is rebuilt from the shards", path, err)
         return None
     problem = index_problem(index)
     if problem is not None:
-        warn("ignoring %s (%s); it is rebuilt from the shards", path, problem)
+        report("ignoring %s (%s); it is rebuilt from the shards", path, problem)
         return None
     return index
 
@@ -470,9 +470,9 @@ def scan_store(folder: Path, *, verify: bool = False, quiet: bool = False) -> St
     state = StoreState()
     if not folder.is_dir():
         return state
-    warn = logger.debug if quiet else logger.warning
+    report = logger.debug if quiet else logger.warning
     names = {p.name for p in folder.iterdir()}
-    index = _read_index(folder, warn)
+    index = _read_index(folder, report)
     if index is not None:
         table_path = folder / index["table"]["file"]
         try:
@@ -485,7 +485,7 @@ def scan_store(folder: Path, *, verify: bool = False, quiet: bool = False) -> St
             if (problem := table_problem(index, state.table)) is not None:
                 raise _table.TableError(f"{table_path.name} does not fit the index: {problem}")
         except (OSError, _table.TableError) as err:
-            warn("ignoring the store's table (%s); the index is rebuilt from the shards", err)
+            report("ignoring the store's table (%s); the index is rebuilt from the shards", err)
             state.close()
             index = None
     if index is not None:

@@ -335,12 +335,12 @@ def weights_fingerprint(model: str | os.PathLike[str]) -> dict[str, Any] | None:
         local = {"repo_id": repo_id, "subfolder": subfolder}
     folder = Path(local["repo_id"], local.get("subfolder") or "")
     files: dict[str, dict[str, Any]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and (path.name == "config.json" or path.name.startswith(_WEIGHTS)):
-            st = path.stat()
-            files[path.name] = {
+    for file in sorted(folder.iterdir()):
+        if file.is_file() and (file.name == "config.json" or file.name.startswith(_WEIGHTS)):
+            st = file.stat()
+            files[file.name] = {
                 "bytes": st.st_size,
-                "sha256": _sha256(str(path), st.st_size, st.st_mtime_ns, st.st_ino),
+                "sha256": _sha256(str(file), st.st_size, st.st_mtime_ns, st.st_ino),
             }
     return {"files": files}
 
