@@ -142,3 +142,20 @@ def test_a_nan_or_infinite_latent_is_a_failure_never_stored(tmp_path, value):
         assert sorted(store) == keys and "part0/black.png" in store.failures
         assert all(torch.isfinite(store[k]).all() for k in store)
     assert json.loads((out / "latents.safetensors.index.json").read_text())["failures"]["part0/black.png"] == reason
+
+
+def test_another_diffusers_model_in_the_hub_cache_is_refused_with_its_class(hf_home, registry):
+    from conftest import REVISION
+
+    from vae_toolkit import add_model_config
+    from vae_toolkit.vae_loader import weights_fingerprint
+
+    repo = hf_home / "hub" / "models--org--taesd"
+    tiny_autoencoder_tiny(repo / "snapshots" / REVISION / "vae")
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REVISION)
+    add_model_config("taesd", {"repo_id": "org/taesd", "subfolder": "vae"})
+    with pytest.raises(VAELoadError, match="holds a diffusers AutoencoderTiny .*expected a diffusers AutoencoderKL"):
+        VAELoader().load_sd_vae("taesd", "cpu")
+    assert weights_fingerprint("taesd") == {"repo_id": "org/taesd", "revision": REVISION}
+    assert weights_fingerprint("not-registered-nor-a-folder") is None

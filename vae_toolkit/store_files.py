@@ -424,15 +424,15 @@ def table_problem(index: Mapping[str, Any], table: _table.Table) -> str | None:
     ids = table.column("shard")
     if int(ids.min()) < 0 or int(ids.max()) >= len(shards):
         return "a row names a shard the index does not list"
-    begin = np.array([8 + s["header_bytes"] for s in shards], dtype=np.int64)[ids]
-    end = np.array([s["bytes"] for s in shards], dtype=np.int64)[ids]
-    offset, nbytes = table.column("offset"), table.column("nbytes")
-    itemsize = np.array([d.itemsize for d in STORE_DTYPES], dtype=np.int64)
     dtypes = table.column("dtype")
     if int(dtypes.max()) >= len(STORE_DTYPES):
         return "a row has an unknown dtype"
-    expected = np.prod(table.column("shape").astype(np.int64), axis=1) * itemsize[dtypes]
-    bad = (offset < begin) | (offset + nbytes > end) | (nbytes != expected)
+    offset, nbytes, shape = table.column("offset"), table.column("nbytes"), table.column("shape")
+    begin = np.array([8 + s["header_bytes"] for s in shards], dtype=np.int64)
+    end = np.array([s["bytes"] for s in shards], dtype=np.int64)
+    itemsize = np.array([d.itemsize for d in STORE_DTYPES], dtype=np.int64)
+    expected = itemsize[dtypes] * shape[:, 0] * shape[:, 1] * shape[:, 2]  # int64 products, one pass per column
+    bad = (offset < begin[ids]) | (offset + nbytes > end[ids]) | (nbytes != expected)
     if bad.any():
         return f"{int(np.count_nonzero(bad))} row(s) point outside the tensor data of their shard"
     return None
