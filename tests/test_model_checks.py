@@ -76,7 +76,7 @@ def test_another_diffusers_model_is_a_usage_error_before_any_image_is_read(other
     assert not read and not out.exists()  # nothing read, nothing stored
 
 
-def test_an_autoencoder_kl_with_missing_weights_is_refused(tmp_path):
+def test_an_autoencoder_kl_with_missing_weights_is_refused(tmp_path, capfd):
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "vae"
@@ -88,8 +88,23 @@ def test_an_autoencoder_kl_with_missing_weights_is_refused(tmp_path):
     tensors["not.a.vae.weight"] = torch.zeros(2)
     save_file(tensors, weights)
     expected = rf"missing 1 weight\(s\) \({dropped}\).*1 unexpected \(not\.a\.vae\.weight\)"
+    capfd.readouterr()
     with pytest.raises(VAELoadError, match=expected):
         VAELoader().load_sd_vae(str(folder), "cpu")
+    out, err = capfd.readouterr()
+    assert out == "" and "Some weights of" not in err  # diffusers' own lines say less than the error
+
+
+def test_a_pickle_only_folder_prints_no_diffusers_line(tmp_path, capfd, registry):
+    from vae_toolkit import add_model_config
+
+    make_tiny_vae().save_pretrained(tmp_path / "vae", safe_serialization=False)
+    add_model_config("pickled", {"repo_id": str(tmp_path / "vae"), "subfolder": None})
+    capfd.readouterr()
+    with pytest.raises(VAELoadError, match="no diffusion_pytorch_model.safetensors found"):
+        VAELoader().load_sd_vae("pickled", "cpu")
+    out, err = capfd.readouterr()
+    assert out == "" and "An error occurred" not in err
 
 
 def test_a_config_only_folder_is_a_clean_error_with_nothing_on_stdout(tmp_path, capfd):
