@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_dataset import write_images
 
-from vae_toolkit import VAELoader, latents, tensor_to_pil
+from vae_toolkit import VAELoader, latents, store_files, tensor_to_pil
 from vae_toolkit import __main__ as cli
 from vae_toolkit.dataset import INDEX_NAME, LatentStore
 
@@ -165,7 +165,7 @@ def test_decode_of_an_unregistered_model_needs_model(hf_home, capsys, src, tmp_p
     assert encode(capsys, src, tmp_path / "out")[0] == 0
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     index["metadata"]["model"] = "my-own-vae"
-    (tmp_path / "out" / INDEX_NAME).write_text(json.dumps(index))
+    store_files.write_index(tmp_path / "out", index)  # as a store of that model (with the index's checksum)
     code, _, err = run(capsys, "decode", str(tmp_path / "out"), "-o", str(tmp_path / "png"))
     assert code == 2 and "'my-own-vae', which is not registered here; pass --model NAME" in err
     args = ["decode", str(tmp_path / "out"), "-o", str(tmp_path / "png"), "--model", "sd14", "--no-progress"]

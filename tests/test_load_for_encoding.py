@@ -16,6 +16,7 @@ import vae_toolkit
 from vae_toolkit import (
     ImageProcessingError,
     ImageProcessor,
+    _cpus,
     available_cpus,
     image_utils,
     load_and_preprocess_image,
@@ -150,9 +151,11 @@ def test_fast_reader_maps_the_full_image_when_the_scale_does_not_divide_its_size
     assert _psnr(fast, exact) > _psnr(shifted, exact) + 1
 
 
-def test_fast_reader_keeps_the_stored_orientation_of_an_exif_rotated_jpeg(tmp_path, monkeypatch):
-    # Stored landscape, left half dark, with EXIF "rotate 90 degrees to display": like open_image, neither reader
-    # applies the tag, so the dark half stays on the left in both.
+def test_both_readers_turn_an_exif_rotated_jpeg_as_viewers_do(tmp_path, monkeypatch):
+    # Stored landscape, left half dark, with EXIF "rotate 90 degrees clockwise to display": both readers apply the
+    # tag (ImageOps.exif_transpose), so the dark half is on top in both; open_image keeps the stored pixels.
+    from PIL import ImageOps
+
     arr = _photo(1024, 512)
     arr[:, :512] //= 4
     exif = Image.Exif()
@@ -162,10 +165,11 @@ def test_fast_reader_keeps_the_stored_orientation_of_an_exif_rotated_jpeg(tmp_pa
     spy = _DraftSpy(monkeypatch)
     fast, exact = load_for_encoding(path, 128), load_for_encoding(path, 128, exact=True)
     assert len(spy.calls) == 1
-    assert torch.equal(exact, pil_to_tensor(open_image(path), target_size=128))
+    assert torch.equal(exact, pil_to_tensor(ImageOps.exif_transpose(open_image(path)), target_size=128))
+    assert open_image(path).size == (1024, 512)
     assert _psnr(fast, exact) > 35
     for out in (fast, exact):
-        assert out[:, :, :48].mean() < out[:, :, 80:].mean() - 0.5  # dark on the left: not rotated
+        assert out[:, :48, :].mean() < out[:, 80:, :].mean() - 0.5  # dark on top: turned as shown
 
 
 def test_fast_reader_output_reproduces_across_threads(files):
@@ -338,7 +342,7 @@ def test_open_image_result_is_independent_of_the_file(tmp_path):
 
 @pytest.fixture
 def no_cgroup(monkeypatch, tmp_path):
-    monkeypatch.setattr(image_utils, "_CGROUP_CPU_MAX", str(tmp_path / "absent"))
+    monkeypatch.setattr(_cpus, "_CGROUP_CPU_MAX", str(tmp_path / "absent"))
 
 
 def test_available_cpus_follows_the_affinity_mask(monkeypatch, no_cgroup):
@@ -367,7 +371,7 @@ def test_available_cpus_falls_back_to_cpu_count(monkeypatch, no_cgroup):
 def test_available_cpus_respects_a_cgroup_quota(monkeypatch, tmp_path, cpu_max, expected):
     quota = tmp_path / "cpu.max"
     quota.write_text(cpu_max)
-    monkeypatch.setattr(image_utils, "_CGROUP_CPU_MAX", str(quota))
+    monkeypatch.setattr(_cpus, "_CGROUP_CPU_MAX", str(quota))
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert available_cpus() == expected
 

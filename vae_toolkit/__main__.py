@@ -292,9 +292,16 @@ def _positive_float(name: str) -> Callable[[str], float]:
 
 def _model_arg(value: str) -> str:
     """A registered model name, or a local folder holding a diffusers AutoencoderKL (kept as written)."""
-    from .vae_loader import local_model_config
+    from .vae_loader import VAELoadError, check_local_model, local_model_config
 
-    if value in list_available_models() or local_model_config(value) is not None:
+    if value in list_available_models():
+        return value
+    local = local_model_config(value)
+    if local is not None:
+        try:  # another diffusers model, or no weights: refused before any image is read
+            check_local_model(local)
+        except VAELoadError as err:
+            raise argparse.ArgumentTypeError(f"invalid model {value!r}: {err}") from None
         return value
     hint = " (the folder has no config.json, nor vae/config.json)" if Path(value).expanduser().is_dir() else ""
     raise argparse.ArgumentTypeError(
@@ -455,6 +462,12 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace a store made with other settings (a store with the same settings is resumed)",
+    )
+    enc.add_argument(
+        "--verify",
+        action="store_true",
+        help="also read every shard in full and check it against the SHA-256 in the index (a run checks sizes and "
+        "header checksums only); a damaged shard is moved aside and its images encoded again",
     )
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
 

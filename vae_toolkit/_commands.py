@@ -271,8 +271,8 @@ def _mismatch_message(err: Any) -> str:
 
 def encode_command(args: argparse.Namespace) -> int:
     from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
-    from .encoding import training_settings
-    from .vae_loader import VAELoader
+    from .encoding import EXIF_ORIENTATION, training_settings
+    from .vae_loader import VAELoader, weights_fingerprint
 
     if not args.source.exists():
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
@@ -280,6 +280,7 @@ def encode_command(args: argparse.Namespace) -> int:
     reader = "exact" if args.exact_resize or (args.size is None and args.buckets is None) else "fast"
     expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
+    expected.update({"weights": weights_fingerprint(model), "exif_orientation": EXIF_ORIENTATION})
     try:
         expected.update(training_settings(args.size, args.buckets, args.bucket_step, args.max_aspect, args.flip,
                                           args.distribution, args.sample))  # fmt: skip
@@ -323,6 +324,7 @@ def encode_command(args: argparse.Namespace) -> int:
                 max_aspect=args.max_aspect,
                 flip=args.flip,
                 distribution=args.distribution,
+                verify=args.verify,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err

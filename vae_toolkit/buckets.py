@@ -31,6 +31,7 @@ from typing import IO, Any, Union
 import torch
 
 from ._checks import check_int
+from ._orientation import exif_orientation, swaps_axes, transpose_method
 from ._pixels import LUT_SD, SD_NORM, rgb_to_dtype
 from .image_utils import load_for_encoding, open_for_resize
 
@@ -183,12 +184,14 @@ def _resize_crop(rgb: Any, plan: CropPlan, box: tuple[float, float, float, float
 
 
 def _image_size(path: Readable) -> tuple[int, int]:
-    """The ``(width, height)`` a file declares (its header only); ``(0, 0)`` when it cannot be read."""
+    """The ``(width, height)`` a file shows (its header only, EXIF orientation applied); ``(0, 0)`` when it cannot
+    be read."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.size
+            turned = swaps_axes(transpose_method(exif_orientation(img)))  # as load_for_encoding turns it
+            return (img.size[1], img.size[0]) if turned else img.size
     except Exception:  # the reader that follows reports it with its own message
         return (0, 0)
     finally:

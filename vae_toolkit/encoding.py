@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MULTIPLE = 8  # images keep their size, center-cropped to a multiple of 8 (the SD / SDXL / FLUX downsampling)
+EXIF_ORIENTATION = "applied"  # load_for_encoding turns images as their EXIF orientation says (the store records it)
 _OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError}
 )
@@ -80,6 +81,7 @@ class EncodeSummary:
         removed: Entries removed because their source file is gone (see ``keep_missing``).
         loaded_model: Whether the model was loaded (a run with nothing to encode does not load it).
         upscaled: Images of this run smaller than their bucket (``buckets``), scaled up.
+        verified: With ``verify=True``: listed shards whose whole file matched its SHA-256 (``None`` without).
     """
 
     output: Path
@@ -93,6 +95,7 @@ class EncodeSummary:
     removed: int = 0
     loaded_model: bool = False
     upscaled: int = 0
+    verified: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -102,10 +105,12 @@ class EncodeSummary:
     def __str__(self) -> str:
         removed = f", {self.removed} removed (source file gone)" if self.removed else ""
         upscaled = f" ({self.upscaled} smaller than their bucket, scaled up)" if self.upscaled else ""
+        verified = f", {self.verified} shard(s) verified" if self.verified is not None else ""
+        rate = f", {self.images_per_second:.1f} images/s" if self.encoded else ""  # no rate of nothing
         return (
             f"{self.total} images: {self.encoded} encoded{upscaled}, {self.skipped} already stored, "
-            f"{len(self.failed)} failed{removed} -> {self.output} ({self.shards} new shard(s)) in "
-            f"{self.seconds:.1f} s, {self.images_per_second:.1f} images/s"
+            f"{len(self.failed)} failed{removed}{verified} -> {self.output} ({self.shards} new shard(s)) in "
+            f"{self.seconds:.1f} s{rate}"
         )
 
 
@@ -207,7 +212,15 @@ class _Encoder:
                     n, shape[2], shape[1], self.limits[shape],
                 )  # fmt: skip
                 continue
-            done += list(zip(chunk, z, strict=True))
+            for item, latent in zip(chunk, z, strict=True):
+                if bool(torch.isfinite(latent).all()):
+                    done.append((item, latent))
+                else:  # never stored: a NaN latent would poison every batch a trainer draws it into
+                    failed[item.key] = (
+                        f"the model gave a latent with NaN or infinite values ({_dtype_name(_vae_dtype(self.vae))} "
+                        "VAE); encode in float32 (--dtype float32), or use an fp16-safe VAE"
+                    )
+                    logger.warning("skipped %s: %s", item.key, failed[item.key])
             start += n
         return done, failed
 
@@ -265,6 +278,8 @@ def _settings(
     training: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a reader must know about the latents, and what must match for a store to be resumed."""
+    from .vae_loader import weights_fingerprint
+
     config = getattr(vae, "config", None)
     scale, shift = latents.scaling_factors(vae)
     name = model if model is not None else (getattr(config, "_name_or_path", None) or type(vae).__name__)
@@ -285,6 +300,8 @@ def _settings(
         "sample": bool(sample),
         "seed": int(seed) if sample else None,
         "reader": reader,
+        "weights": weights_fingerprint(name),
+        "exif_orientation": EXIF_ORIENTATION,
         **(training or {}),
     }
 
@@ -330,6 +347,7 @@ def encode_dataset(
     max_aspect: float = 4.0,
     flip: bool = False,
     distribution: bool = False,
+    verify: bool = False,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -377,6 +395,9 @@ def encode_dataset(
         flip: Also store the latent of the horizontally mirrored image (``store.get(key, flipped=True)``).
         distribution: Store the latent distribution's mean and std instead of one latent; a reader draws a
             sample (``store.sample(key, generator)``). Not with ``sample``.
+        verify: Also read every listed shard in full and compare it with the SHA-256 the index records (every
+            run checks sizes and header checksums only); a damaged shard is moved aside as ``*.corrupt`` and its
+            images are encoded again. Costs one read of the whole store.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -422,15 +443,21 @@ def encode_dataset(
         raise NotADirectoryError(f"output {out} is a file; pass a folder for the latent store")
     reader = "exact" if exact_resize or (size is None and buckets is None) else "fast"
     settings = _settings(vae, model, size, dtype, sample, seed, reader, training) if loaded else None
-    known = {
-        "model": model if model is not None else settings and settings["model"],
+    if settings is not None:
+        known = {k: settings[k] for k in ("model", "weights")}
+    else:
+        from .vae_loader import weights_fingerprint
+
+        known = {"model": model, "weights": weights_fingerprint(str(model))}  # checked before the model loads
+    known.update({
         "dtype": _dtype_name(dtype),
         "size": size,
         "sample": bool(sample),
         "seed": int(seed) if sample else None,
         "reader": reader,
+        "exif_orientation": EXIF_ORIENTATION,
         **training,
-    }
+    })  # fmt: skip
     workers = workers if workers is not None else default_workers()
     vae_device = _vae_device(vae) if loaded else torch.device(device if device is not None else "cpu")
 
@@ -441,7 +468,7 @@ def encode_dataset(
         prepared: Plan | BaseException
         if dist.rank == 0:
             try:
-                lock, plan, merge = _prepare(out, source, known, overwrite, keep_missing)
+                lock, plan, merge = _prepare(out, source, known, overwrite, keep_missing, verify)
                 prepared = plan
             except Exception as err:
                 prepared = err
@@ -452,7 +479,7 @@ def encode_dataset(
             raise prepared
         plan = prepared
         summary = EncodeSummary(output=out, total=plan.total, skipped=plan.skipped, removed=plan.removed,
-                                rank=dist.rank)  # fmt: skip
+                                rank=dist.rank, verified=plan.verified if verify else None)  # fmt: skip
         if plan.up_to_date:
             summary.failed = dict(sorted(plan.failures.items()))
             summary.seconds = time.perf_counter() - start
@@ -470,6 +497,8 @@ def encode_dataset(
             problems = mismatch(plan.stored_settings, settings)
             if problems and not overwrite:
                 raise StoreMismatchError(out, problems)
+            if not problems and not overwrite:
+                _warn_unknown_weights(out, plan.stored_settings, settings)
             if problems:  # differs in what only the loaded model tells (its dtype or factors): replan from empty
                 if dist.rank == 0:
                     assert merge is not None
@@ -522,12 +551,23 @@ def encode_dataset(
         dist.close()
 
 
+def _warn_unknown_weights(out: Path, stored: dict[str, Any], settings: dict[str, Any]) -> None:
+    if stored.get("weights") is None and settings.get("weights") is not None:
+        logger.warning(
+            "%s records no model weights (written before stores recorded them): the new latents are added, but "
+            "whether the stored ones were made with the same weights cannot be checked; pass --overwrite "
+            "(overwrite=True) to encode everything again",
+            out,
+        )
+
+
 def _prepare(
     out: Path,
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     known: dict[str, Any],
     overwrite: bool,
     keep_missing: bool,
+    verify: bool = False,
 ) -> tuple[WriterLock | None, Plan, Merge]:
     """Rank 0, before any model loads: lock the store, walk the source once, read the store, plan the work.
 
@@ -540,7 +580,7 @@ def _prepare(
         lock = WriterLock(out).acquire()
     try:
         writable = lock is not None and lock.writable
-        state = scan_store(out)
+        state = scan_store(out, verify=verify)
         problems = mismatch(state.settings, known) if state.settings is not None else []
         if problems and not overwrite:
             state.close()
@@ -552,6 +592,7 @@ def _prepare(
             logger.info("overwrite: removed %d file(s) of the previous store in %s", remove_store_files(out), out)
             state = StoreState()
         plan, merge = plan_run(state, src, keep_missing)
+        plan.verified = state.verified
         if plan.up_to_date:
             tidy(state, writable)
             return lock, plan, merge

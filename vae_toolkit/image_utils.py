@@ -40,6 +40,8 @@ __all__ = [
     "SD_PROCESSOR",
 ]
 
+from ._cpus import available_cpus
+from ._orientation import exif_orientation, swaps_axes, transpose_box, transpose_method
 from ._pixels import (
     LUT_SD,
     LUT_UNIT,
@@ -88,7 +90,9 @@ _DCT_FORMATS = frozenset(("JPEG", "MPO"))  # PIL decodes these at 1/2, 1/4 or 1/
 
 
 def _open_rgb(
-    path: PathLike, draft_size: int | Callable[[tuple[int, int]], int | None] | None = None
+    path: PathLike,
+    draft_size: int | Callable[[tuple[int, int]], int | None] | None = None,
+    orient: bool = False,
 ) -> tuple[Image.Image, tuple[int, int], _Box | None]:
     """``(rgb, size, box)``: the loaded RGB image, the file's own size, and where that full image lies in ``rgb``.
 
@@ -96,7 +100,9 @@ def _open_rgb(
     DCT scale (1/2, 1/4, 1/8) that keeps its shorter side >= ``draft_size``; ``box`` is then the full image in
     the decoded image's coordinates (``(0, 0, width / scale, height / scale)``). Otherwise ``box`` is None and
     ``rgb`` is the full image, exactly as ``open_image`` returns it. ``draft_size`` may be a function of the
-    file's ``(width, height)`` (its target, or None for no draft), for a target that depends on the image.
+    image's ``(width, height)`` (its target, or None for no draft), for a target that depends on the image. With
+    ``orient``, the image is turned as its EXIF orientation says (``ImageOps.exif_transpose``'s pixels), and
+    ``size``, ``box`` and the size given to ``draft_size`` with it.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -107,7 +113,9 @@ def _open_rgb(
     try:
         with Image.open(path) as img:
             size, box = img.size, None
-            want = draft_size(size) if callable(draft_size) else draft_size
+            method = transpose_method(exif_orientation(img)) if orient else None
+            shown = (size[1], size[0]) if swaps_axes(method) else size
+            want = draft_size(shown) if callable(draft_size) else draft_size
             if want is not None and img.format in _DCT_FORMATS and min(size) >= 2 * want:
                 drafted = img.draft("RGB", (want, want))
                 box = drafted[1] if drafted is not None and img.size != size else None
@@ -116,8 +124,14 @@ def _open_rgb(
             if img.mode == "RGB" and not img.readonly:
                 # What convert("RGB") returns for an RGB image (it is copy() = _new(im.copy())), minus the copy
                 # of every pixel: a plain Image sharing the decoded pixels, with the file's info.
-                return img._new(img.im), size, box
-            return img.convert("RGB"), size, box
+                rgb = img._new(img.im)
+            else:
+                rgb = img.convert("RGB")
+            if method is None:
+                return rgb, size, box
+            if box is not None:  # the draft's size is square, so it needs no turning; the box does
+                box = transpose_box(box, rgb.size, method)
+            return rgb.transpose(method), ((size[1], size[0]) if swaps_axes(method) else size), box
     except FileNotFoundError as err:
         raise ImageProcessingError(f"Image file not found: {path}") from err
     except IsADirectoryError as err:
@@ -142,13 +156,14 @@ def _open_rgb(
 def open_for_resize(
     path: PathLike, draft_size: Callable[[tuple[int, int]], int | None]
 ) -> tuple[Image.Image, tuple[int, int], tuple[float, float, float, float] | None]:
-    """``(rgb, (width, height) of the file, box)``: ``open_image``, with the fast reader's JPEG draft.
+    """``(rgb, (width, height), box)``: the image turned as its EXIF orientation says (as ``load_for_encoding``
+    reads it), with the fast reader's JPEG draft; ``(width, height)`` is the turned image's.
 
     ``draft_size(width, height)`` gives the shorter side the image will be resized to (None: no draft); a JPEG
     at least twice that is decoded at a reduced DCT scale, and ``box`` is where the full image lies in ``rgb``
     (resample from it with ``rgb.resize(..., box=...)``). Used by the aspect-bucket reader.
     """
-    return _open_rgb(path, draft_size)
+    return _open_rgb(path, draft_size, orient=True)
 
 
 def _check_size(rgb: Image.Image, target_size: int, path: PathLike) -> None:
@@ -258,8 +273,9 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
       is several times faster than the exact reader and differs from it by far less than one uint8 level
       on average (PSNR above 45 dB; see README, "Performance"). Other files give the exact reader's values.
 
-    Like ``open_image``, EXIF orientation is not applied (pixels come as stored) and PIL's
-    decompression-bomb limit applies.
+    The image is turned as its EXIF orientation says, as viewers show it (``ImageOps.exif_transpose``; a phone
+    portrait stored as 640x424 with orientation 6 gives a 424x640 image), before the crop or resize: ``open_image``
+    below stands for ``ImageOps.exif_transpose(open_image(path))``. PIL's decompression-bomb limit applies.
 
     Args:
         path: Image file.
@@ -285,52 +301,16 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
     if not isinstance(exact, bool):
         raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
     if size is None:
-        rgb = open_image(path)
+        rgb = _open_rgb(path, orient=True)[0]
         try:
             rgb = center_crop_to_multiple(rgb, 8)
         except InputValueError as err:
             raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)
-    rgb, full, box = _open_rgb(path, None if exact else size)
+    rgb, full, box = _open_rgb(path, None if exact else size, orient=True)
     if box is None:
         return pil_to_tensor(rgb, target_size=size)
     return rgb_to_dtype(_resize_center_crop(rgb, size, full, box), LUT_SD, SD_NORM, torch.get_default_dtype())
-
-
-def available_cpus() -> int:
-    """The number of CPUs this process may use: the default number of image decoding threads.
-
-    The CPU affinity mask (``os.sched_getaffinity``, which ``taskset``, cpusets and job schedulers set) where
-    the platform has one, else ``os.cpu_count()``; lowered to a cgroup v2 CPU quota (``cpu.max``, what
-    ``docker --cpus`` and Kubernetes CPU limits set) when there is one; never less than 1. PIL releases the
-    GIL while decoding and resizing, and numpy while converting, so one decoding thread per available CPU
-    keeps them all busy.
-    """
-    count = os.cpu_count() or 1
-    if hasattr(os, "sched_getaffinity"):
-        try:
-            count = len(os.sched_getaffinity(0))
-        except OSError:  # some sandboxes refuse the call
-            pass
-    quota = _cgroup_cpu_quota()
-    if quota is not None:
-        count = min(count, quota)
-    return max(1, count)
-
-
-_CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
-
-
-def _cgroup_cpu_quota() -> int | None:
-    """CPUs the cgroup v2 quota allows (``"200000 100000"`` -> 2, rounded up); None when unlimited or unknown."""
-    try:
-        with open(_CGROUP_CPU_MAX) as f:
-            quota, period = f.read().split()[:2]
-        if quota == "max":
-            return None
-        return max(1, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError, ZeroDivisionError):
-        return None
 
 
 def load_images(paths: Sequence[str | Path], target_size: int = 512, num_workers: int | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -41,11 +42,14 @@ TABLE_RE = re.compile(r"^latents-table-[0-9a-f]{12}\.bin$")
 _TMP_SUFFIX = ".tmp"
 _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
-_COMPATIBLE: tuple[str, ...] = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype",
-                                 "size", "sample", "seed", "reader")  # fmt: skip
-# settings of the training cache, with the value a store written before them has (so that it stays readable)
+_COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
+               "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution")  # fmt: skip
+# settings recorded since a later version of format 2: what a store written without them holds. Unknown weights
+# (None) are accepted with a warning; EXIF orientation was not applied then, which is refused like any other setting;
+# the training cache's settings (no buckets, flips or distribution) keep such a store readable.
 TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False}
-_COMPATIBLE += tuple(TRAINING_DEFAULTS)
+_ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", **TRAINING_DEFAULTS}
+_INDEX_CHECKSUM = "index_sha256"
 STORE_DTYPES = _table.DTYPES
 REBUILD = "run the same encode command again (python -m vae_toolkit encode SOURCE -o {out} ...)"
 
@@ -335,8 +339,9 @@ def _conditioning(entry: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _shard_problem(folder: Path, record: Mapping[str, Any]) -> str | None:
-    """Why a listed shard does not match what the index recorded (size, header checksum), or None."""
+def _shard_problem(folder: Path, record: Mapping[str, Any], verify: bool = False) -> str | None:
+    """Why a listed shard does not match what the index recorded (size, header checksum, and with ``verify`` the
+    SHA-256 of the whole file, when the index records one), or None."""
     path = folder / record["file"]
     try:
         header_json, size = read_header(path)
@@ -348,6 +353,8 @@ def _shard_problem(folder: Path, record: Mapping[str, Any]) -> str | None:
         return f"{size} bytes, the index recorded {record['bytes']}"
     if len(header_json) != record["header_bytes"] or zlib.crc32(header_json) != record["header_crc32"]:
         return "its header does not match the index (checksum)"
+    if verify and record.get("sha256") is not None and _table.sha256_file(path) != record["sha256"]:
+        return "its data does not match its SHA-256 in the index"
     return None
 
 
@@ -362,7 +369,7 @@ def _move_aside(path: Path, reason: str) -> None:
     logger.warning("%s is damaged (%s); moved it to %s, and its latents are encoded again", path, reason, target.name)
 
 
-def _read_index(folder: Path) -> dict[str, Any] | None:
+def _read_index(folder: Path, report: Callable[..., None]) -> dict[str, Any] | None:
     """The index as written by this version, or None (absent, damaged, or an older format: rebuilt from shards)."""
     path = folder / INDEX_NAME
     try:
@@ -370,11 +377,11 @@ def _read_index(folder: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        logger.warning("ignoring unreadable index %s (%s); it is rebuilt from the shards", path, err)
+        report("ignoring unreadable index %s (%s); it is rebuilt from the shards", path, err)
         return None
     problem = index_problem(index)
     if problem is not None:
-        logger.warning("ignoring %s (%s); it is rebuilt from the shards", path, problem)
+        report("ignoring %s (%s); it is rebuilt from the shards", path, problem)
         return None
     return index
 
@@ -387,7 +394,7 @@ def index_problem(index: Any) -> str | None:
         return "not a vae-toolkit latent index"
     if meta.get("format_version") != FORMAT_VERSION:
         return f"format version {meta.get('format_version')}, this version writes {FORMAT_VERSION}"
-    missing = [k for k in _COMPATIBLE if k not in meta and k not in TRAINING_DEFAULTS]
+    missing = [k for k in _COMPATIBLE if k not in meta and k not in _ADDED_SETTINGS]
     if missing:
         return f"its metadata lacks {', '.join(missing)}"
     shards, table = index.get("shards"), index.get("table")
@@ -399,6 +406,51 @@ def index_problem(index: Any) -> str | None:
         return "its table entry is malformed"
     if not isinstance(index.get("failures", {}), dict) or not isinstance(index.get("retired", []), list):
         return "its failures or retired lists are malformed"
+    recorded = index.get(_INDEX_CHECKSUM)
+    if recorded is not None and recorded != index_checksum(index):  # absent: written before indexes had one
+        return "its content does not match its checksum: it was edited or damaged"
+    return None
+
+
+def index_checksum(index: Mapping[str, Any]) -> str:
+    """SHA-256 of the index's content (every field but the checksum itself, in a canonical JSON form)."""
+    content = {k: v for k, v in index.items() if k != _INDEX_CHECKSUM}
+    canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def write_index(folder: Path, index: dict[str, Any]) -> None:
+    """Write the index atomically, with the checksum of its content (any edit of the file is then found)."""
+    content = {k: v for k, v in index.items() if k != _INDEX_CHECKSUM}
+    content[_INDEX_CHECKSUM] = index_checksum(content)
+    atomic_write(folder / INDEX_NAME, json.dumps(content, indent=1, ensure_ascii=False).encode("utf-8"))
+
+
+def table_problem(index: Mapping[str, Any], table: _table.Table) -> str | None:
+    """Why a table (its checksum verified) does not fit the index or its shards' files, or None.
+
+    Checks the row count, that every row names a listed shard, and that every row's bytes lie inside its
+    shard's tensor data (after the header, before the end of the file): vectorised, a few ms at 1M rows.
+    """
+    shards = index["shards"]
+    if table.count != index["metadata"].get("count", table.count):
+        return f"it has {table.count} rows, the index counts {index['metadata'].get('count')}"
+    if not table.count:
+        return None
+    ids = table.column("shard")
+    if int(ids.min()) < 0 or int(ids.max()) >= len(shards):
+        return "a row names a shard the index does not list"
+    dtypes = table.column("dtype")
+    if int(dtypes.max()) >= len(STORE_DTYPES):
+        return "a row has an unknown dtype"
+    offset, nbytes, shape = table.column("offset"), table.column("nbytes"), table.column("shape")
+    begin = np.array([8 + s["header_bytes"] for s in shards], dtype=np.int64)
+    end = np.array([s["bytes"] for s in shards], dtype=np.int64)
+    itemsize = np.array([d.itemsize for d in STORE_DTYPES], dtype=np.int64)
+    expected = itemsize[dtypes] * shape[:, 0] * shape[:, 1] * shape[:, 2]  # int64 products, one pass per column
+    bad = (offset < begin[ids]) | (offset + nbytes > end[ids]) | (nbytes != expected)
+    if bad.any():
+        return f"{int(np.count_nonzero(bad))} row(s) point outside the tensor data of their shard"
     return None
 
 
@@ -415,6 +467,7 @@ class StoreState:
     damaged: int = 0  # listed shards found damaged (their rows are dropped and encoded again)
     bad_files: list[tuple[Path, str]] = field(default_factory=list)  # damaged or unreadable shards: moved aside
     stale: list[Path] = field(default_factory=list)  # retired shards, old tables, temporary files: deleted
+    verified: int = 0  # listed shards whose whole file matched its SHA-256 (scan_store(verify=True))
 
     def close(self) -> None:
         if self.table is not None:
@@ -422,17 +475,20 @@ class StoreState:
             self.table = None
 
 
-def scan_store(folder: Path) -> StoreState:
+def scan_store(folder: Path, *, verify: bool = False, quiet: bool = False) -> StoreState:
     """Read a store folder: the index and table, the listed shards' checks, and the unlisted shards' headers.
 
     Nothing is changed: damaged shards and stale files are only recorded (``bad_files``, ``stale``), for
-    :func:`tidy` to handle under the writer's lock.
+    :func:`tidy` to handle under the writer's lock. Every listed shard's size and header checksum are checked;
+    with ``verify``, also the SHA-256 of its whole file (``state.verified`` counts them). ``quiet`` logs what is
+    ignored at DEBUG instead of WARNING (a check before the run that reports it).
     """
     state = StoreState()
     if not folder.is_dir():
         return state
+    report = logger.debug if quiet else logger.warning
     names = {p.name for p in folder.iterdir()}
-    index = _read_index(folder)
+    index = _read_index(folder, report)
     if index is not None:
         table_path = folder / index["table"]["file"]
         try:
@@ -442,17 +498,22 @@ def scan_store(folder: Path) -> StoreState:
             if _table.sha256_file(table_path) != index["table"]["sha256"]:
                 raise _table.TableError(f"{table_path.name} does not match its checksum in the index")
             state.table = _table.Table(table_path)
+            if (problem := table_problem(index, state.table)) is not None:
+                raise _table.TableError(f"{table_path.name} does not fit the index: {problem}")
         except (OSError, _table.TableError) as err:
-            logger.warning("ignoring the store's table (%s); the index is rebuilt from the shards", err)
+            report("ignoring the store's table (%s); the index is rebuilt from the shards", err)
+            state.close()
             index = None
     if index is not None:
         state.index = index
-        state.settings = {k: index["metadata"].get(k, TRAINING_DEFAULTS.get(k)) for k in _COMPATIBLE}
+        meta = normalise_settings(index["metadata"])
+        state.settings = {k: meta.get(k) for k in _COMPATIBLE}
         state.shards = index["shards"]
         assert state.table is not None
         bad = np.zeros(len(state.shards), dtype=bool)
         for i, record in enumerate(state.shards):
-            problem = _shard_problem(folder, record)
+            problem = _shard_problem(folder, record, verify)
+            state.verified += verify and record.get("sha256") is not None and problem is None
             if problem is not None:
                 bad[i] = True
                 state.damaged += 1
@@ -498,28 +559,49 @@ def tidy(state: StoreState, writable: bool) -> None:
 
 
 def normalise_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Settings of a shard written by format version 1 (no ``reader``: it was always the exact one), or before
-    the training cache's settings (no buckets, flips or distribution)."""
-    missing = {k: v for k, v in TRAINING_DEFAULTS.items() if k not in settings}
-    if "reader" not in settings:
-        missing["reader"] = "exact"
+    """Settings of a shard or index written before a setting was recorded: format version 1 had no ``reader``
+    (it was always the exact one); earlier stores of format 2, no ``weights`` (unknown) and no
+    ``exif_orientation`` (not applied)."""
+    missing = {k: v for k, v in {"reader": "exact", **_ADDED_SETTINGS}.items() if k not in settings}
     return {**settings, **missing} if missing else settings
 
 
 def mismatch(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[str]:
-    """The settings of ``requested`` (those it has) that differ from ``stored``, one line each."""
-    return [
-        f"{k}: stored {stored.get(k)!r}, requested {requested[k]!r}"
-        for k in _COMPATIBLE
-        if k in requested and stored.get(k) != requested[k]
-    ]
+    """The settings of ``requested`` (those it has) that differ from ``stored``, one line each.
+
+    Weights that one side does not know (``None``: a store written before they were recorded, a model given as
+    an object) are not compared.
+    """
+    problems = []
+    for k in _COMPATIBLE:
+        if k not in requested or stored.get(k) == requested[k]:
+            continue
+        if k == "weights":
+            if stored.get(k) is not None and requested[k] is not None:
+                problems.append(f"model weights: stored {describe_weights(stored[k])}, requested "
+                                f"{describe_weights(requested[k])}")  # fmt: skip
+            continue
+        problems.append(f"{k}: stored {stored.get(k)!r}, requested {requested[k]!r}")
+    return problems
+
+
+def describe_weights(weights: Any) -> str:
+    """One line for a ``weights`` setting: the hub revision, or each file's name, size and SHA-256 prefix."""
+    if not isinstance(weights, dict):
+        return "unknown"
+    if "revision" in weights:
+        return f"{weights.get('repo_id')} at revision {weights['revision']}"
+    files = weights.get("files") or {}
+    parts = [f"{name} ({f.get('bytes')} bytes, sha256 {str(f.get('sha256'))[:12]})" for name, f in files.items()]
+    return ", ".join(parts)
 
 
 def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, Any] | None:
     """Check that the store at ``output`` (if any) was made with ``settings``; return its settings.
 
     Only the settings given are compared (any of ``model``, ``size``, ``dtype``, ``vae_dtype``, ``sample``,
-    ``seed``, ``reader``, ``scaling_factor``, ``shift_factor``, ``latent_channels``; dtypes as names like
+    ``seed``, ``reader``, ``scaling_factor``, ``shift_factor``, ``latent_channels``, ``weights`` (as
+    :func:`vae_toolkit.vae_loader.weights_fingerprint` gives it), ``exif_orientation``; dtypes as names like
     ``"float32"``), so a command can refuse a folder of another model before loading one. Nothing is written.
 
     Returns:
@@ -535,7 +617,7 @@ def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, An
     unknown = set(settings) - set(_COMPATIBLE)
     if unknown:
         raise TypeError(f"check_store() got unknown settings {sorted(unknown)}; known: {', '.join(_COMPATIBLE)}")
-    state = scan_store(folder)
+    state = scan_store(folder, quiet=True)  # what it would rebuild is reported by the run itself, once
     state.close()
     if state.settings is None:
         return None

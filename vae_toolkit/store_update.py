@@ -9,7 +9,6 @@ commit point), and only then removes what it supersedes. The file format itself 
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 import zlib
@@ -25,7 +24,6 @@ from .sources import Source
 from .store_files import (
     FORMAT,
     FORMAT_VERSION,
-    INDEX_NAME,
     TABLE_RE,
     Record,
     StoreState,
@@ -33,6 +31,7 @@ from .store_files import (
     read_header,
     read_shard,
     utc_now,
+    write_index,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +52,7 @@ class Plan:
     removed: int
     stored_settings: dict[str, Any] | None
     up_to_date: bool  # nothing to encode and the index would not change: nothing is written
+    verified: int = 0  # listed shards whose whole file was read and matched its SHA-256
 
 
 @dataclass
@@ -237,7 +237,7 @@ def commit_run(
         "failures": dict(sorted(failures.items())),
         "retired": retired,
     }
-    atomic_write(folder / INDEX_NAME, json.dumps(index, indent=1, ensure_ascii=False).encode("utf-8"))
+    write_index(folder, index)
     for name in retired:
         (folder / name).unlink(missing_ok=True)
         logger.info("removed %s: all its latents were superseded", name)
@@ -308,8 +308,11 @@ def _merged_keys(
 
 
 def _read_shard_info(path: Path) -> dict[str, Any]:
+    """What the index records of a shard: size and header checksum (checked by every run), and the SHA-256 of the
+    whole file (checked by ``encode --verify``; one read of a file that was just written, at ~0.8 GB/s)."""
     header_json, size = read_header(path)
-    return {"bytes": size, "header_bytes": len(header_json), "header_crc32": zlib.crc32(header_json)}
+    return {"bytes": size, "header_bytes": len(header_json), "header_crc32": zlib.crc32(header_json),
+            "sha256": _table.sha256_file(path)}  # fmt: skip
 
 
 def _record_value(record: Record, name: str, shard_id: Mapping[str, int]) -> Any:
