@@ -6,20 +6,19 @@ network) and links only to ``images/``.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import html
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from .report_folder import atomic_text, csv_text, write_error
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw, ImageFont
@@ -63,42 +62,45 @@ class EvaluationResult(Protocol):
 UNITS = {"psnr": " dB", "ssim": "", "ms_ssim": "", "mae": "", "lpips": ""}
 
 
-def write_report(result: EvaluationResult, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(result: EvaluationResult, out: Path, written: list[str]) -> None:
+    """Write the report's files into the existing folder ``out``, appending each one's relative path to ``written``
+    as soon as it is there. A picture never replaces a file that is already there (see :func:`_free_name`)."""
     images = out / "images"
-    images.mkdir(exist_ok=True)
-    for old in images.glob("*.png"):  # a previous report's pictures (overwrite)
-        old.unlink()
+    try:
+        images.mkdir(exist_ok=True)
+    except OSError as err:
+        raise write_error(images, err) from err
     _write_csv(result, out / "metrics.csv")
-    _atomic_text(out / "summary.json", json.dumps(result.summary_json(), indent=2, allow_nan=False) + "\n")
-    pictures = _write_pictures(result, images)
-    plots = _write_plots(result, images)
-    _atomic_text(out / "index.html", _html(result, pictures, plots))
+    written.append("metrics.csv")
+    atomic_text(out / "summary.json", json.dumps(result.summary_json(), indent=2, allow_nan=False) + "\n")
+    written.append("summary.json")
+    pictures = _write_pictures(result, images, written)
+    plots = _write_plots(result, images, written)
+    atomic_text(out / "index.html", _html(result, pictures, plots))
+    written.append("index.html")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``stem-2.png``, ``stem-3.png``, ... when a file of that name is there: a file the previous
+    report wrote was removed before (its manifest), so one still there is someone else's and is kept."""
+    stem, n = name.removesuffix(".png"), 1
+    while (folder / name).exists() or (folder / name).is_symlink():
+        n += 1
+        name = f"{stem}-{n}.png"
+    return name
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)  # shortest exact form; inf as "inf"
-    return str(value)
+def _save_png(image: Image.Image, path: Path) -> None:
+    try:
+        with open(path, "xb") as f:  # "x": never over a file that appeared meanwhile
+            image.save(f, format="PNG", optimize=True)
+    except OSError as err:
+        raise write_error(path, err) from err
 
 
 def _write_csv(result: EvaluationResult, path: Path) -> None:
     columns = ["image", "model", "width", "height", *result.metrics]
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in result.rows:
-            writer.writerow([_cell(row[c]) for c in columns])
-    os.replace(tmp, path)
+    atomic_text(path, csv_text(columns, result.rows, header=True))
 
 
 # --- drawing helpers ------------------------------------------------------------------------------
@@ -192,14 +194,15 @@ def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "image"
 
 
-def _write_pictures(result: EvaluationResult, folder: Path) -> dict[str, _Picture]:
+def _write_pictures(result: EvaluationResult, folder: Path, written: list[str]) -> dict[str, _Picture]:
     """One PNG per shown image: original, reconstructions, error maps, and a zoom where the models differ most."""
     values = {(r["image"], r["model"]): r for r in result.rows}
     pictures = {}
     for i, (key, shown) in enumerate(sorted(result.shown_images.items())):
-        name = f"compare-{i:03d}-{_slug(key.rsplit('.', 1)[0])}.png"
+        name = _free_name(folder, f"compare-{i:03d}-{_slug(key.rsplit('.', 1)[0])}.png")
         image = _comparison(key, shown.original, shown.reconstructions, result.models, values)
-        image.save(folder / name, optimize=True)
+        _save_png(image, folder / name)
+        written.append(f"images/{name}")
         psnrs = ", ".join(f"{m} {_fmt('psnr', values[(key, m)]['psnr'])} dB" for m in result.models)
         pictures[key] = _Picture(key, f"images/{name}", image.width, image.height, f"{key}: PSNR {psnrs}")
     return pictures
@@ -301,7 +304,7 @@ def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int((hi - start) / step + 1e-9) + 1)]
 
 
-def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str, int, int, str]]:
+def _write_plots(result: EvaluationResult, folder: Path, written: list[str]) -> dict[str, tuple[str, int, int, str]]:
     """A box plot per metric (one row and colour per model): file, width, height, note."""
     plots = {}
     for metric in result.metrics:
@@ -313,8 +316,9 @@ def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str,
         infinite = sum(1 for v in per_model.values() for x in v if math.isinf(x))
         finite = {m: np.asarray([x for x in v if math.isfinite(x)], dtype=np.float64) for m, v in per_model.items()}
         image = _box_plot(metric, finite, result.models, result.higher_is_better[metric])
-        name = f"distribution-{metric}.png"
-        image.save(folder / name, optimize=True)
+        name = _free_name(folder, f"distribution-{metric}.png")
+        _save_png(image, folder / name)
+        written.append(f"images/{name}")
         note = f"{infinite} identical reconstruction(s) (PSNR inf) are not drawn." if infinite else ""
         plots[metric] = (f"images/{name}", image.width, image.height, note)
     return plots

@@ -81,6 +81,7 @@ def iter_images(
     exact_resize: bool = False,
     workers: int | None = None,
     window: int | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor | Exception]]:
     """Read images on threads, at most ``window`` ahead, and yield them in input order.
 
@@ -94,6 +95,7 @@ def iter_images(
         exact_resize: Resize from the full-resolution decode (``pil_to_tensor``'s values) instead of JPEG DCT scaling.
         workers: Decoding threads (default :func:`default_workers`).
         window: Images decoded ahead (default ``2 * workers``).
+        max_pixels: An image whose header says more pixels fails before it is decoded (``None``: no limit).
 
     Yields:
         ``(key, (file size, mtime in ns), [3, H, W] tensor)``, or ``(key, None, exception)``.
@@ -103,7 +105,7 @@ def iter_images(
 
     def work(path: str | os.PathLike[str]) -> tuple[tuple[int, int], torch.Tensor]:
         stat = file_stat(Path(path))
-        return stat, load_for_encoding(path, size, exact=exact_resize)
+        return stat, load_for_encoding(path, size, exact=exact_resize, max_pixels=max_pixels)
 
     pending: deque[tuple[str, Future[tuple[tuple[int, int], torch.Tensor]]]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vae_toolkit_read") as pool:
@@ -136,6 +138,7 @@ def iter_batches(
     *,
     exact_resize: bool = False,
     workers: int | None = None,
+    max_pixels: int | None = None,
 ) -> Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]]:
     """Batches of images of equal size, read ahead on threads by :func:`iter_images`: what ``encode`` and
     ``evaluate`` run through a model.
@@ -149,7 +152,8 @@ def iter_batches(
     held = 0
     max_held = 4 * batch_size
     window = max(2 * batch_size, 2 * workers)
-    for key, stat, result in iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window):
+    images = iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window, max_pixels=max_pixels)
+    for key, stat, result in images:
         if isinstance(result, Exception):
             yield key, result
             continue

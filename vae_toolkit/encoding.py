@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import latents
-from ._checks import check_int
+from ._checks import DEFAULT_MAX_PIXELS, check_int
 from ._dist import ProcessGroup
 from ._version import __version__
 from .batching import Item, default_workers, failure_reason, iter_batches, share_cores, stacked_batches
@@ -288,6 +288,7 @@ def encode_dataset(
     checkpoint_every: float = 60.0,
     keep_missing: bool = False,
     device: str | torch.device | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -326,6 +327,8 @@ def encode_dataset(
             removes them. Entries not in a list of files are always kept.
         device: With a loader function as ``vae``: the device it loads on (chooses the process group's
             backend under torchrun).
+        max_pixels: An image whose header says more pixels is a failure, found before it is decoded (default
+            89,478,485, PIL's decompression-bomb warning threshold); ``None`` for no limit.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -353,6 +356,7 @@ def encode_dataset(
     check_int("workers", workers, 1, allow_none=True)
     check_int("max_shard_size", max_shard_size, 1)
     check_int("seed", seed, 0)
+    check_int("max_pixels", max_pixels, 1, allow_none=True)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
@@ -442,7 +446,7 @@ def encode_dataset(
             with _sigterm_flushes():
                 try:
                     encoded, failed = _pipeline(items, size, exact_resize, batch_size, workers, encoder, writer,
-                                                progress and dist.rank == 0, desc)  # fmt: skip
+                                                progress and dist.rank == 0, desc, max_pixels)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
@@ -548,6 +552,7 @@ def _pipeline(
     writer: _ShardWriter,
     progress: bool,
     desc: str,
+    max_pixels: int | None = None,
 ) -> tuple[int, dict[str, str]]:
     """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures)."""
     from tqdm.auto import tqdm
@@ -556,7 +561,9 @@ def _pipeline(
     encoded = 0
     bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
-        batches = iter_batches(items, size, batch_size, exact_resize=exact_resize, workers=workers)
+        batches = iter_batches(
+            items, size, batch_size, exact_resize=exact_resize, workers=workers, max_pixels=max_pixels
+        )
         with closing(stacked_batches(batches)) as assembled:  # closed at once on an exception: the helper stops
             for batch in assembled:
                 if isinstance(batch[0], str):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union
 import numpy as np
 import torch
 
+from ._checks import pixel_limit_message
 from ._warnings import VAEToolkitWarning, caller_stacklevel
 
 if TYPE_CHECKING:
@@ -87,13 +88,16 @@ _Box: TypeAlias = "tuple[float, float, float, float]"
 _DCT_FORMATS = frozenset(("JPEG", "MPO"))  # PIL decodes these at 1/2, 1/4 or 1/8 scale on request (draft)
 
 
-def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int], _Box | None]:
+def _open_rgb(
+    path: PathLike, draft_size: int | None = None, max_pixels: int | None = None
+) -> tuple[Image.Image, tuple[int, int], _Box | None]:
     """``(rgb, size, box)``: the loaded RGB image, the file's own size, and where that full image lies in ``rgb``.
 
     With ``draft_size``, a JPEG whose shorter side is at least twice ``draft_size`` is decoded at the largest
     DCT scale (1/2, 1/4, 1/8) that keeps its shorter side >= ``draft_size``; ``box`` is then the full image in
     the decoded image's coordinates (``(0, 0, width / scale, height / scale)``). Otherwise ``box`` is None and
-    ``rgb`` is the full image, exactly as ``open_image`` returns it.
+    ``rgb`` is the full image, exactly as ``open_image`` returns it. An image whose header says more than
+    ``max_pixels`` pixels is refused before it is decoded.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -104,6 +108,8 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
     try:
         with Image.open(path) as img:
             size, box = img.size, None
+            if max_pixels is not None and (refused := pixel_limit_message(path, size[0], size[1], max_pixels)):
+                raise InputValueError(refused)
             if draft_size is not None and img.format in _DCT_FORMATS and min(size) >= 2 * draft_size:
                 drafted = img.draft("RGB", (draft_size, draft_size))
                 box = drafted[1] if drafted is not None and img.size != size else None
@@ -114,6 +120,8 @@ def _open_rgb(path: PathLike, draft_size: int | None = None) -> tuple[Image.Imag
                 # of every pixel: a plain Image sharing the decoded pixels, with the file's info.
                 return img._new(img.im), size, box
             return img.convert("RGB"), size, box
+    except ImageProcessingError:
+        raise
     except FileNotFoundError as err:
         raise ImageProcessingError(f"Image file not found: {path}") from err
     except IsADirectoryError as err:
@@ -226,7 +234,9 @@ def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Imag
     return image.crop((left, top, left + cw, top + ch))
 
 
-def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = False) -> torch.Tensor:
+def load_for_encoding(
+    path: PathLike, size: int | None = None, *, exact: bool = False, max_pixels: int | None = None
+) -> torch.Tensor:
     """Read an image file as ``encode_dataset`` does: a ``[3, H, W]`` float32 tensor in ``[-1, 1]``.
 
     ``latents.encode(vae, load_for_encoding(path, size, exact=exact)[None])`` reproduces the latent a store
@@ -249,13 +259,15 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
         path: Image file.
         size: Output side, or None to keep the image's size (cropped to multiples of 8).
         exact: Decode every file at full size, giving ``pil_to_tensor``'s values bit for bit.
+        max_pixels: Refuse, before decoding, an image whose header says more pixels (``None``: no limit
+            beyond PIL's own; ``encode`` and ``evaluate`` pass 89,478,485 by default).
 
     Returns:
         Contiguous ``[3, H, W]`` float32 (torch's default dtype) in ``[-1, 1]``.
 
     Raises:
-        ImageProcessingError: the file is missing, unreadable or corrupt, or (``size=None``) smaller than
-            8x8; the message names the path and the cause is chained.
+        ImageProcessingError: the file is missing, unreadable or corrupt, above ``max_pixels``, or
+            (``size=None``) smaller than 8x8; the message names the path and the cause is chained.
         TypeError, ValueError: (also ``ImageProcessingError``) ``size`` is not an int >= 1, or ``exact`` is
             not a bool.
 
@@ -269,13 +281,13 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
     if not isinstance(exact, bool):
         raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
     if size is None:
-        rgb = open_image(path)
+        rgb = _open_rgb(path, None, max_pixels)[0]
         try:
             rgb = center_crop_to_multiple(rgb, 8)
         except InputValueError as err:
             raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)
-    rgb, full, box = _open_rgb(path, None if exact else size)
+    rgb, full, box = _open_rgb(path, None if exact else size, max_pixels)
     if box is None:
         return pil_to_tensor(rgb, target_size=size)
     return rgb_to_dtype(_resize_center_crop(rgb, size, full, box), LUT_SD, SD_NORM, torch.get_default_dtype())
