@@ -481,6 +481,8 @@ def test_the_summary_line_says_how_many_were_evaluated(capsys, tmp_path, model):
     assert code == 1
     assert "evaluate: 5 images: 3 evaluated, 2 failed" in out
     assert "2 of 5 images failed" in err
+    assert "5 images from" in (tmp_path / "r" / "index.html").read_text()
+    assert "(3 evaluated, 2 failed)" in (tmp_path / "r" / "index.html").read_text()
 
 
 def test_the_limit_does_not_change_the_tensor(tmp_path):

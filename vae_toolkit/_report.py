@@ -53,6 +53,8 @@ class EvaluationResult(Protocol):
     @property
     def shown_images(self) -> dict[str, Any]: ...
     @property
+    def counts(self) -> dict[str, int]: ...
+    @property
     def definitions(self) -> dict[str, str]: ...
     @property
     def higher_is_better(self) -> dict[str, bool]: ...
@@ -409,7 +411,7 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
     summary = result.summary
     settings = result.settings
     models = result.models
-    n_images = settings.get("images", 0)
+    counts = result.counts
     size_text = f" ({settings['size']} px)" if settings.get("size") else ""
     parts = [
         "<!DOCTYPE html>",
@@ -418,9 +420,10 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
         f"<title>VAE evaluation: {e(', '.join(models))}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>VAE evaluation</h1>",
-        f'<p class="meta">{n_images} image(s) from <code>{e(str(settings.get("source")))}</code>, '
+        f'<p class="meta">{counts["images"]} images from <code>{e(str(settings.get("source")))}</code> '
+        f"({counts['evaluated']} evaluated, {counts['failed']} failed), "
         f"{e(settings.get('preparation', ''))}{size_text}; "
-        f"{len(result.failures)} failed; models: {e(', '.join(models))}; "
+        f"models: {e(', '.join(models))}; "
         f"vae-toolkit {e(str(settings.get('versions', {}).get('vae-toolkit')))}, "
         f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}.</p>",
     ]

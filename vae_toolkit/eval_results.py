@@ -23,6 +23,20 @@ from .report_folder import ReportExistsError, ReportInSourceError, check_report_
 if TYPE_CHECKING:
     pass
 
+
+__all__ = [
+    "DEFINITIONS",
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "EvaluationResult",
+    "Keeper",
+    "ReportExistsError",
+    "ReportInSourceError",
+    "Shown",
+    "check_report_folder",
+    "versions",
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -280,6 +294,24 @@ class EvaluationResult:
         write_manifest(out, [*written, "summary.json"], partial=True)
 
 
+def versions(with_lpips: bool) -> dict[str, str | None]:
+    """The versions an evaluation records: vae-toolkit and the libraries that computed it."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
+        ["lpips", "torchvision"] if with_lpips else []
+    )
+    return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return "inf" if value > 0 else "-inf" if value < 0 else "nan"
@@ -288,16 +320,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-__all__ = [
-    "DEFINITIONS",
-    "HIGHER_IS_BETTER",
-    "METRICS",
-    "EvaluationResult",
-    "Keeper",
-    "ReportExistsError",
-    "ReportInSourceError",
-    "Shown",
-    "check_report_folder",
-]

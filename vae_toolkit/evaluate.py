@@ -55,6 +55,7 @@ from .eval_results import (
     ReportInSourceError,
     Shown,
     check_report_folder,
+    versions,
 )
 
 if TYPE_CHECKING:
@@ -438,23 +439,6 @@ def _dtype(vae: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _versions(with_lpips: bool) -> dict[str, str | None]:
-    from importlib import metadata
-
-    from ._version import __version__
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
-        ["lpips", "torchvision"] if with_lpips else []
-    )
-    return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
-
-
 def evaluate(
     vaes: Mapping[str, AutoencoderKL],
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -596,7 +580,7 @@ def evaluate(
         "worst": worst,
         "picks": picks,
         "seed": seed,
-        "versions": _versions(lpips_net is not None),
+        "versions": versions(lpips_net is not None),
     }
     rows: list[dict[str, Any]] = []
     failures = dict(src.bad)
