@@ -610,7 +610,9 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(run, models, source, tm
     command += ["--model", str(models / "good"), "--model", str(models / "perturbed"), "--device", "cpu"]
     done = subprocess.run([*command, "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stderr  # the corrupt image, read by one rank, reaches rank 0's exit status
-    assert done.stdout.count(f"evaluate: {N_IMAGES} image(s), 1 failed") == 1, done.stdout  # rank 0 reports once
+    assert done.stdout.count(f"evaluate: {N_IMAGES + 1} images: {N_IMAGES} evaluated, 1 failed") == 1, (
+        done.stdout
+    )  # rank 0 reports once
     with open(tmp_path / "two" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     one = run[1]  # the single-process run (batch size 4) of the same images and models

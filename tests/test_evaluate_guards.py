@@ -117,12 +117,11 @@ def test_overwrite_replaces_only_what_the_previous_report_wrote(capsys, tmp_path
     # the user adds files of their own, some named as a report's
     (report / "images" / "mine.png").write_bytes(b"user")
     (report / "notes.txt").write_text("user")
-    for name in sorted(first):
-        if name.startswith("images/compare-"):
-            os.remove(report / name)  # a picture the next report writes again under the same name ...
-            (report / name).write_bytes(b"a user file")  # ... that the user replaced by a file of their own
-            break
-    manifest["files"].remove(name)
+    # a picture's name that the next report (3 images, all shown) writes again, now a file of the user's
+    name = "images/compare-000-p00.png"
+    (report / name).unlink(missing_ok=True)
+    (report / name).write_bytes(b"a user file")
+    manifest["files"] = [f for f in manifest["files"] if f != name]
     (report / "report-manifest.json").write_text(json.dumps(manifest))
     for p in source.glob("p0[3-5].png"):
         p.unlink()  # fewer images: fewer pictures in the new report
@@ -132,7 +131,7 @@ def test_overwrite_replaces_only_what_the_previous_report_wrote(capsys, tmp_path
     assert (report / "notes.txt").read_text() == "user"
     assert (report / name).read_bytes() == b"a user file"  # not in the manifest: never replaced
     second = set(json.loads((report / "report-manifest.json").read_text())["files"])
-    assert name not in second
+    assert name not in second and "images/compare-000-p00-2.png" in second  # written beside it
     left = set(snapshot(report)) - {"report-manifest.json", "images/mine.png", "notes.txt", name}
     assert left == second  # the first report's other files were removed or replaced
     page = (report / "index.html").read_text()

@@ -494,6 +494,7 @@ def _report_refusal(err: Exception) -> UsageError:
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
+    from ._dist import env_rank
     from .evaluate import ReportExistsError, ReportInSourceError, check_report_folder, evaluate, require_metrics
     from .vae_loader import VAELoader
 
@@ -504,8 +505,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     models = _unique_models(args.model, args.prog)
     if not args.source.exists():
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
-    try:  # before any model loads: refused, inside SOURCE, or not writable
-        check_report_folder(args.output, args.overwrite, source=args.source, probe=True)
+    try:  # before any model loads: refused, inside SOURCE, or not writable (rank 0 writes the report)
+        if env_rank() == 0:
+            check_report_folder(args.output, args.overwrite, source=args.source, probe=True)
     except (ReportExistsError, ReportInSourceError, OSError) as err:
         raise _report_refusal(err) from err
     device = args.device

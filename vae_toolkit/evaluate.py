@@ -588,13 +588,20 @@ def evaluate(
         logger.warning("skipped %s: %s", name, reason)
     writer: RowWriter | None = None
     try:
-        if out is not None:  # checked before the first image; the rows go to metrics.csv as they come
-            check_report_folder(out, overwrite, source=source if isinstance(source, (str, os.PathLike)) else None)
-            check_report_folder(out, True, probe=True)
-            if overwrite:
-                clear_previous_report(out)
-            writer = RowWriter(out / "metrics.csv", ["image", "model", "width", "height", *metrics])
-            write_manifest(out, ["metrics.csv"], partial=True)
+        problem: Exception | None = None
+        if out is not None:  # rank 0, before the first image (rank 0 alone: its own files would make it non-empty)
+            try:
+                check_report_folder(out, overwrite, source=source if isinstance(source, (str, os.PathLike)) else None)
+                check_report_folder(out, True, probe=True)  # writable? the rows go to metrics.csv as they come
+                if overwrite:
+                    clear_previous_report(out)
+                writer = RowWriter(out / "metrics.csv", ["image", "model", "width", "height", *metrics])
+                write_manifest(out, ["metrics.csv"], partial=True)
+            except Exception as err:
+                problem = err
+        problem = dist.broadcast(problem)  # every rank stops, not only rank 0
+        if problem is not None:
+            raise problem
         mine = keys[dist.rank :: dist.world_size]
         keeper = Keeper(models, worst, picks, seed)
         try:

@@ -52,6 +52,9 @@ class ReportExistsError(FileExistsError):
             "another folder"
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:  # sent from rank 0 to the other ranks
+        return (type(self), (self.folder,))
+
 
 class ReportInSourceError(ValueError):
     """The report folder is the evaluated source folder or inside it: its images could be replaced, and the next
