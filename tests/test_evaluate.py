@@ -480,7 +480,19 @@ def test_a_non_empty_report_folder_is_refused_unless_overwrite(run, source, tmp_
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "stale.png").write_bytes(b"")
     result.save_report(tmp_path, overwrite=True)
-    assert (tmp_path / "index.html").is_file() and not (tmp_path / "images" / "stale.png").exists()
+    # a file no report wrote (not in report-manifest.json) is kept, whatever its name or folder
+    assert (tmp_path / "index.html").is_file() and (tmp_path / "images" / "stale.png").exists()
+    pictures = sorted(p.name for p in (tmp_path / "images").glob("compare-*.png"))
+    (tmp_path / "images" / pictures[-1]).unlink()
+    (tmp_path / "images" / pictures[-1]).write_bytes(b"the user's own")  # a picture's name, replaced by the user
+    manifest = json.loads((tmp_path / "report-manifest.json").read_text())
+    manifest["files"].remove(f"images/{pictures[-1]}")
+    (tmp_path / "report-manifest.json").write_text(json.dumps(manifest))
+    result.save_report(tmp_path, overwrite=True)
+    assert (tmp_path / "images" / pictures[-1]).read_bytes() == b"the user's own"
+    assert sorted(p.name for p in (tmp_path / "images").glob("compare-*.png")) == sorted(
+        [*pictures, pictures[-1].replace(".png", "-2.png")]
+    )
 
 
 @pytest.mark.parametrize(
@@ -522,7 +534,7 @@ def test_cli_evaluate(run, models, source, tmp_path, capsys):
     assert cli.main(argv) == 1  # the corrupt image
     captured = capsys.readouterr()
     assert f"1. {models / 'good'}" in captured.out and f"2. {models / 'perturbed'}" in captured.out
-    assert "1 image(s) failed" in captured.err and "note: LPIPS left out" in captured.err
+    assert "1 of 10 images failed" in captured.err and "note: LPIPS left out" in captured.err
     with open(tmp_path / "r" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * N_IMAGES and rows[0]["model"] == str(models / "perturbed")  # the name as given
@@ -535,7 +547,7 @@ def test_cli_refuses_a_non_empty_report_before_loading(models, source, tmp_path,
     (tmp_path / "keep.txt").write_text("x")
     monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
     assert cli.main(["evaluate", str(source[0]), "-o", str(tmp_path), "--model", str(models / "good")]) == 2
-    assert "exists and is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "exists and is not empty; pass --overwrite to replace" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -543,7 +555,6 @@ def test_cli_refuses_a_non_empty_report_before_loading(models, source, tmp_path,
     [
         (["evaluate", "src", "--model", "sd14"], "required: -o/--output"),
         (["evaluate", "src", "-o", "r"], "required: --model"),
-        (["evaluate", "src", "-o", "r", "-m", "sd14", "-m", "sd14"], "'sd14' is given twice"),
         (["evaluate", "src", "-o", "r", "-m", "nope"], "invalid model 'nope'"),
         (["evaluate", "src", "-o", "r", "-m", "sd14", "--size", "30"], "multiple of 8"),
         (["evaluate", "src", "-o", "r", "-m", "sd14", "--limit", "0"], "invalid value 0"),
@@ -618,7 +629,9 @@ def test_torchrun_two_ranks_give_the_rows_of_one_process(run, models, source, tm
     command += ["--model", str(models / "good"), "--model", str(models / "perturbed"), "--device", "cpu"]
     done = subprocess.run([*command, "--no-progress"], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 1, done.stderr  # the corrupt image, read by one rank, reaches rank 0's exit status
-    assert done.stdout.count(f"evaluate: {N_IMAGES} image(s), 1 failed") == 1, done.stdout  # rank 0 reports once
+    assert done.stdout.count(f"evaluate: {N_IMAGES + 1} images: {N_IMAGES} evaluated, 1 failed") == 1, (
+        done.stdout
+    )  # rank 0 reports once
     with open(tmp_path / "two" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     one = run[1]  # the single-process run (batch size 4) of the same images and models

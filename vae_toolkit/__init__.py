@@ -1,6 +1,7 @@
 """vae-toolkit: load Stable Diffusion VAEs, turn images into [-1, 1] tensors and back, manage devices.
 
-``import vae_toolkit`` imports torch, numpy and nothing heavier; diffusers is imported on the first load.
+``import vae_toolkit`` imports almost nothing: each public name imports its module (torch, numpy, PIL) on first
+use, and diffusers is imported on the first model load.
 """
 
 from ._version import __version__
@@ -8,31 +9,88 @@ from ._version import __version__
 __author__ = "Yus314"
 __email__ = "shizhaoyoujie@gmail.com"
 
-from . import latents
+from typing import TYPE_CHECKING
+
 from ._warnings import VAEToolkitWarning
-from .dataset import BucketBatchSampler, LatentStore, encode_dataset
-from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
-from .image_utils import (
-    DEFAULT_PROCESSOR,
-    SD_PROCESSOR,
-    ImageProcessingError,
-    ImageProcessor,
-    available_cpus,
-    load_and_preprocess_image,
-    load_for_encoding,
-    load_images,
-    open_image,
-    pil_to_tensor,
-    tensor_to_pil,
-)
-from .model_config import (
-    add_model_config,
-    get_all_model_configs,
-    get_default_token,
-    get_model_config,
-    list_available_models,
-)
-from .vae_loader import VAELoader, VAELoadError
+
+if TYPE_CHECKING:
+    from . import latents
+    from .dataset import BucketBatchSampler, LatentStore, encode_dataset
+    from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
+    from .image_utils import (
+        DEFAULT_PROCESSOR,
+        SD_PROCESSOR,
+        ImageProcessingError,
+        ImageProcessor,
+        available_cpus,
+        load_and_preprocess_image,
+        load_for_encoding,
+        load_images,
+        open_image,
+        pil_to_tensor,
+        tensor_to_pil,
+    )
+    from .model_config import (
+        add_model_config,
+        get_all_model_configs,
+        get_default_token,
+        get_model_config,
+        list_available_models,
+    )
+    from .vae_loader import VAELoader, VAELoadError
+
+# Each public name and the module it comes from, imported on first use (PEP 562): ``python -m vae_toolkit --help``
+# and argparse's errors then answer without importing torch.
+_HOMES = {
+    "latents": ".latents",
+    **dict.fromkeys(("BucketBatchSampler", "LatentStore", "encode_dataset"), ".dataset"),
+    **dict.fromkeys(("DeviceManager", "DeviceRecord", "auto_select_device", "list_devices"), ".device_manager"),
+    **dict.fromkeys(
+        (
+            "DEFAULT_PROCESSOR",
+            "SD_PROCESSOR",
+            "ImageProcessingError",
+            "ImageProcessor",
+            "available_cpus",
+            "load_and_preprocess_image",
+            "load_for_encoding",
+            "load_images",
+            "open_image",
+            "pil_to_tensor",
+            "tensor_to_pil",
+        ),
+        ".image_utils",
+    ),  # fmt: skip
+    **dict.fromkeys(
+        (
+            "add_model_config",
+            "get_all_model_configs",
+            "get_default_token",
+            "get_model_config",
+            "list_available_models",
+        ),
+        ".model_config",
+    ),
+    **dict.fromkeys(("VAELoader", "VAELoadError"), ".vae_loader"),
+}
+
+
+def __getattr__(name: str) -> object:
+    """Import a public name's module on first use, and keep the name here."""
+    import importlib
+
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(home, __name__)
+    value = module if name == "latents" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "__version__",

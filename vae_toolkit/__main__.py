@@ -39,16 +39,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import torch
-
-from . import VAEToolkitWarning, __version__, _commands
+from . import _commands
+from ._checks import DEFAULT_MAX_PIXELS
 from ._commands import DTYPES, LATENT_DTYPES, MULTIPLE, CliError, UsageError
-from .device_manager import DeviceRecord, auto_select_device, list_devices, local_rank, resolve_device
-from .image_utils import ImageProcessingError
+from ._version import __version__
+from ._warnings import VAEToolkitWarning
 from .model_config import get_all_model_configs, list_available_models
 
 if TYPE_CHECKING:
-    pass
+    from .device_manager import DeviceRecord
 
 __all__ = ["main", "collect_env", "format_env", "format_models"]
 
@@ -75,6 +74,8 @@ def _version(distribution: str) -> str | None:
 
 def _devices() -> tuple[list[DeviceRecord], str | None]:
     """The device inventory, and why it is incomplete when listing the GPUs failed."""
+    from .device_manager import list_devices
+
     try:
         return list_devices(), None
     except Exception as err:  # a broken driver must not stop the report
@@ -82,6 +83,10 @@ def _devices() -> tuple[list[DeviceRecord], str | None]:
 
 
 def _auto_device(gpus: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    from .device_manager import auto_select_device, local_rank
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         device = auto_select_device()
@@ -128,6 +133,8 @@ def collect_env() -> dict[str, Any]:
     Devices come from :func:`vae_toolkit.device_manager.list_devices`: with NVML no CUDA context is
     created on any GPU.
     """
+    import torch
+
     versions: dict[str, str | None] = {"vae-toolkit": __version__, "python": platform.python_version()}
     versions.update({name: _version(name) for name in _DISTRIBUTIONS})
     devices, error = _devices()
@@ -254,6 +261,8 @@ def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
 
 
 def _device_arg(value: str) -> str:
+    from .device_manager import resolve_device
+
     try:
         return resolve_device(value)
     except ValueError as err:
@@ -343,12 +352,18 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     model_help = f"registered model ({names}) or a folder holding a diffusers AutoencoderKL"
     # --device and --dtype, the same in every command that loads a VAE
     vae_options = _Parser(add_help=False)
-    vae_options.add_argument(
-        "--device", default="auto", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N"
-    )
+    # no string default: argparse would convert it (and import torch) even to report a missing argument
+    vae_options.add_argument("--device", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
     vae_options.add_argument(
         "--dtype", default="float32", choices=list(DTYPES), help="weights dtype (default float32)"
     )
+    max_pixels: dict[str, Any] = {
+        "type": _non_negative_int,
+        "default": DEFAULT_MAX_PIXELS,
+        "metavar": "N",
+        "help": f"an image of more pixels is a failure, found before it is decoded (default {DEFAULT_MAX_PIXELS}, "
+        "PIL's decompression-bomb threshold; 0: no limit)",
+    }
     # one required --model, as roundtrip and encode take it
     one_model = _Parser(add_help=False)
     one_model.add_argument("--model", "-m", required=True, type=_model_arg, metavar="NAME", help=model_help)
@@ -469,6 +484,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         help="also read every shard in full and check it against the SHA-256 in the index (a run checks sizes and "
         "header checksums only); a damaged shard is moved aside and its images encoded again",
     )
+    enc.add_argument("--max-pixels", **max_pixels)
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     dec = commands.add_parser(
@@ -512,7 +528,19 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=_positive_int, metavar="K", help="evaluate the first K images only")
     ev.add_argument("--workers", type=_positive_int, metavar="W", help="image decoding threads (default: CPUs, max 8)")
     ev.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the pictured picks (0)")
-    ev.add_argument("--overwrite", action="store_true", help="replace the report in a non-empty REPORT folder")
+    ev.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the report in a non-empty REPORT folder (only the files a report wrote, as its "
+        "report-manifest.json lists them; nothing else is removed); REPORT may never be SOURCE or inside it",
+    )
+    ev.add_argument(
+        "--tile",
+        action="store_true",
+        help="encode and decode images larger than a model's sample_size in tiles (by default never: the model is "
+        "measured as it is)",
+    )
+    ev.add_argument("--max-pixels", **max_pixels)
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -563,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:
             return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 2
         args.prog = prog
+        if hasattr(args, "device") and args.device is None:
+            args.device = _device_arg("auto")
         if args.verbose:
             logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
             logging.getLogger("vae_toolkit").setLevel(logging.INFO)
@@ -586,25 +616,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             return 1
         except KeyboardInterrupt:
-            kept = (
-                "; the latents encoded so far are kept: run the same command to resume"
-                if args.command == "encode"
-                else ""
-            )
-            print(f"{prog}: interrupted{kept}", file=sys.stderr)
+            print(f"{prog}: interrupted{_commands.stopped_note(args)}", file=sys.stderr)
             return 130
         except SystemExit as exit_:
-            if exit_.code != 128 + 15:  # SIGTERM during encode (SLURM preemption, torchrun teardown)
+            if exit_.code not in _commands.STOPPED:  # SIGTERM (SLURM preemption, torchrun teardown)
                 raise
-            print(
-                f"{prog}: terminated (SIGTERM); the latents encoded so far are kept: run the same command to resume",
-                file=sys.stderr,
-            )
-            return 143
+            status = int(exit_.code)
+            print(f"{prog}: {_commands.STOPPED[status]}{_commands.stopped_note(args)}", file=sys.stderr)
+            return status
         except UsageError as err:
             print(f"{prog} {args.command}: error: {err} (see '{prog} {args.command} --help')", file=sys.stderr)
             return 2
-        except (CliError, ImageProcessingError, OSError) as err:  # VAELoadError is an OSError
+        except (CliError, OSError) as err:  # VAELoadError is an OSError
+            print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 1
+        except Exception as err:
+            from .image_utils import ImageProcessingError
+
+            if not isinstance(err, ImageProcessingError):
+                raise
             print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 1
 

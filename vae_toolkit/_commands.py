@@ -1,7 +1,8 @@
 """The commands that run a model: ``roundtrip``, ``encode``, ``decode`` and ``evaluate``.
 
 Each parses nothing (``__main__`` builds the parser and the environment report) and is a thin layer over the
-library's public functions: it checks what the user gave, calls one function, and prints what it did.
+library's public functions: it checks what the user gave, calls one function, and prints what it did. torch and
+the image modules are imported inside the commands, so that ``--help`` and argument errors do not import them.
 """
 
 from __future__ import annotations
@@ -16,20 +17,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .device_manager import local_rank
-from .image_utils import ImageProcessingError, image_extensions
+from ._signals import SIGTERM_STATUS
 from .model_config import list_available_models
 
 if TYPE_CHECKING:
+    import torch
     from PIL import Image
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype: the weights'
 
 
-LATENT_DTYPES = {**DTYPES, "float64": torch.float64}
+LATENT_DTYPES = (*DTYPES, "float64")  # --latent-dtype: the stored latents'
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` / ``--latent-dtype`` name."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}[
+        name
+    ]
+
+
+def local_rank() -> int | None:
+    from .device_manager import local_rank as rank
+
+    return rank()
+
+
+def image_extensions() -> frozenset[str]:
+    from .image_utils import image_extensions as extensions
+
+    return extensions()
 
 
 MULTIPLE = 8  # spatial downsampling of the SD / SDXL / FLUX VAEs
@@ -130,7 +150,7 @@ def _check_outputs(pairs: list[tuple[Path, Path]], overwrite: bool) -> None:
 
 
 def _open_image(path: Path) -> Image.Image:
-    from .image_utils import open_image
+    from .image_utils import ImageProcessingError, open_image
 
     try:
         return open_image(path)
@@ -139,7 +159,7 @@ def _open_image(path: Path) -> Image.Image:
 
 
 def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
-    from .image_utils import center_crop_to_multiple, pil_to_tensor, tensor_to_pil
+    from .image_utils import ImageProcessingError, center_crop_to_multiple, pil_to_tensor, tensor_to_pil
 
     if size is not None:
         return tensor_to_pil(pil_to_tensor(rgb, target_size=size))
@@ -208,7 +228,7 @@ def roundtrip_command(args: argparse.Namespace) -> int:
         image = _load_image(args.image, args.size)
     start = time.perf_counter()
     with quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(args.model, args.device, dtype=DTYPES[args.dtype])
+        vae, device = VAELoader().load_sd_vae(args.model, args.device, dtype=torch_dtype(args.dtype))
     print(f"model {args.model} on {device} ({args.dtype}): loaded in {_ms(time.perf_counter() - start)}")
 
     if single:
@@ -261,6 +281,21 @@ def _log_lines(prog: str) -> Iterator[None]:
         lg.propagate = previous
 
 
+@contextmanager
+def pixel_limit() -> Iterator[None]:
+    """During a command, ``--max-pixels`` (0: none) is the only pixel limit: PIL's own decompression-bomb check
+    (a warning above 89.5 MP, an error above twice that, raised only through ``PIL.Image.MAX_IMAGE_PIXELS``, which
+    no command-line user can set) is turned off, since the reader refuses larger images before PIL decodes them."""
+    from PIL import Image
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def _mismatch_message(err: Any) -> str:
     """A store refusal in command-line terms (flags, not keyword arguments)."""
     return (
@@ -297,10 +332,10 @@ def encode_command(args: argparse.Namespace) -> int:
 
     def load() -> Any:  # only when there is something to encode
         with quiet_dependencies(args.verbose):
-            return VAELoader().load_sd_vae(model, device, dtype=DTYPES[args.dtype])[0]
+            return VAELoader().load_sd_vae(model, device, dtype=torch_dtype(args.dtype))[0]
 
     try:
-        with _log_lines(args.prog):
+        with _log_lines(args.prog), pixel_limit():
             summary = encode_dataset(
                 load,
                 args.source,
@@ -310,7 +345,7 @@ def encode_command(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 sample=args.sample,
                 seed=args.seed,
-                dtype=LATENT_DTYPES[args.latent_dtype],
+                dtype=torch_dtype(args.latent_dtype),
                 workers=args.workers,
                 max_shard_size=max(1, int(args.shard_size * 2**20)),
                 overwrite=args.overwrite,
@@ -325,6 +360,7 @@ def encode_command(args: argparse.Namespace) -> int:
                 flip=args.flip,
                 distribution=args.distribution,
                 verify=args.verify,
+                max_pixels=args.max_pixels or None,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err
@@ -366,6 +402,7 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def decode_command(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from . import latents
@@ -401,7 +438,7 @@ def decode_command(args: argparse.Namespace) -> int:
         raise UsageError(f"refusing to overwrite {existing[0]}{more}; pass --overwrite to replace them")
     start = time.perf_counter()
     with quiet_dependencies(args.verbose):
-        vae, device = VAELoader().load_sd_vae(model, args.device, dtype=DTYPES[args.dtype])
+        vae, device = VAELoader().load_sd_vae(model, args.device, dtype=torch_dtype(args.dtype))
     failed: dict[str, str] = {}
     for key, target in tqdm(
         list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
@@ -436,29 +473,63 @@ def decode_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unique_models(models: Sequence[str], prog: str) -> list[str]:
+    """``--model`` values without repeats: one registered name given twice, or one folder given by two spellings
+    (``./m`` and ``m/``, a link), is evaluated once, under the first spelling, with a note."""
+    from .vae_loader import local_model_config
+
+    first: dict[str, str] = {}
+    for model in models:
+        local = local_model_config(model) if model not in list_available_models() else None
+        key = model if local is None else str(Path(str(local["repo_id"])).resolve())
+        if key not in first:
+            first[key] = model
+        elif first[key] == model:
+            print(f"{prog}: note: --model {model} is given twice; evaluated once", file=sys.stderr)
+        else:
+            print(f"{prog}: note: --model {model} is the same model as {first[key]}; evaluated once", file=sys.stderr)
+    return list(first.values())
+
+
+def _report_refusal(err: Exception) -> UsageError:
+    """A report folder refused, in command-line terms (``--overwrite``, ``-o``)."""
+    from .report_folder import ReportExistsError
+
+    if isinstance(err, ReportExistsError):
+        return UsageError(
+            f"report folder {err.folder} exists and is not empty; pass --overwrite to replace the report in it (only "
+            "the files a report wrote are replaced), or choose another folder (-o)"
+        )
+    return UsageError(" ".join(str(err).split()))
+
+
 def evaluate_command(args: argparse.Namespace) -> int:
-    from .evaluate import ReportExistsError, check_report_folder, evaluate
+    from ._dist import env_rank
+    from .evaluate import ReportExistsError, ReportInSourceError, check_report_folder, evaluate, require_metrics
     from .vae_loader import VAELoader
 
-    if len(set(args.model)) != len(args.model):
-        twice = next(m for m in args.model if args.model.count(m) > 1)
-        raise UsageError(f"argument --model: {twice!r} is given twice; name each model once")
+    try:  # before anything loads: one line saying what to install
+        require_metrics()
+    except ImportError as err:
+        raise CliError(str(err)) from err
+    models = _unique_models(args.model, args.prog)
     if not args.source.exists():
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
-    try:  # before any model loads
-        check_report_folder(args.output, args.overwrite)
-    except (ReportExistsError, NotADirectoryError, ImportError) as err:
-        raise UsageError(str(err)) from err
+    try:  # before any model loads: refused, inside SOURCE, or not writable (rank 0 writes the report)
+        if env_rank() == 0:
+            check_report_folder(args.output, args.overwrite, source=args.source, probe=True)
+    except (ReportExistsError, ReportInSourceError, OSError, ImportError) as err:
+        raise _report_refusal(err) from err
     device = args.device
     if local_rank() is not None and device == "cuda":
         device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
     loader = VAELoader()
     vaes = {}
     with quiet_dependencies(args.verbose):
-        for model in args.model:
-            vaes[model] = loader.load_sd_vae(model_name(model), device, dtype=DTYPES[args.dtype])[0]
+        for model in models:
+            vaes[model] = loader.load_sd_vae(model_name(model), device, dtype=torch_dtype(args.dtype))[0]
     try:
-        with _log_lines(args.prog):
+        with _log_lines(args.prog), pixel_limit():
             result = evaluate(
                 vaes,
                 args.source,
@@ -470,17 +541,22 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                tile=args.tile,
+                max_pixels=args.max_pixels or None,
             )
     except (ValueError, NotADirectoryError, ReportExistsError) as err:
-        raise UsageError(str(err)) from err
+        raise _report_refusal(err) from err
     if result.rank != 0:  # rank 0 reports the failures of every rank and carries the exit status
         return 0
     for note in result.notes:
         print(f"{args.prog}: note: {note}", file=sys.stderr)
     summary = result.summary
     width = max(len(m) for m in result.models)
-    count = len({r["image"] for r in result.rows})
-    print(f"evaluate: {count} image(s), {len(result.failures)} failed, in {result.seconds:.1f} s -> {args.output}")
+    counts = result.counts
+    print(
+        f"evaluate: {counts['images']} images: {counts['evaluated']} evaluated, {counts['failed']} failed, "
+        f"in {result.seconds:.1f} s -> {args.output}"
+    )
     for rank, model in enumerate(result.ranking, 1):
         stats = summary[model]
         cells = []
@@ -491,9 +567,34 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(f"report: {args.output / 'index.html'}")
     if result.failures:
         print(
-            f"{args.prog}: error: {len(result.failures)} image(s) failed; they are listed under 'failures' in "
-            f"{args.output / 'summary.json'}",
+            f"{args.prog}: error: {counts['failed']} of {counts['images']} images failed; they are listed under "
+            f"'failures' in {args.output / 'summary.json'}",
             file=sys.stderr,
         )
         return 1
     return 0
+
+
+def stopped_note(args: argparse.Namespace) -> str:
+    """What a command ended by Ctrl-C (130) or SIGTERM (143) kept, for the line that says it stopped."""
+    if args.command == "encode":
+        return "; the latents encoded so far are kept: run the same command to resume"
+    if args.command != "evaluate":
+        return ""
+    import json
+
+    report = args.output
+    try:
+        summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = {}
+    if not summary.get("partial"):
+        return "; no report was written"
+    counts = summary.get("counts", {})
+    return (
+        f"; partial report: {counts.get('evaluated')} of {counts.get('images')} images evaluated, their rows in "
+        f'{report / "metrics.csv"}; {report / "summary.json"} says "partial": true'
+    )
+
+
+STOPPED = {130: "interrupted", SIGTERM_STATUS: "terminated (SIGTERM)"}

@@ -18,6 +18,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (``RANK``; 0 when unset or malformed), before any process
+    group exists: the commands check what only rank 0 writes on rank 0 alone."""
+    try:
+        return max(0, int(os.environ.get("RANK", "0") or 0)) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    except ValueError:
+        return 0
+
+
 @dataclass
 class ProcessGroup:
     """This process's rank and the world size; a ``torch.distributed`` process group when > 1 rank."""

@@ -9,14 +9,11 @@ with :class:`string.Template`: self-contained (inline CSS, no script, no network
 
 from __future__ import annotations
 
-import csv
 import datetime
 import html
 import json
 import math
-import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .report_folder import atomic_text, csv_text, write_error
+
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from PIL import Image, ImageDraw, ImageFont
 
 TILE = 256  # longest side of a picture's tiles, in pixels
@@ -56,6 +56,8 @@ class EvaluationResult(Protocol):
     @property
     def shown_images(self) -> dict[str, Any]: ...
     @property
+    def counts(self) -> dict[str, int]: ...
+    @property
     def definitions(self) -> dict[str, str]: ...
     @property
     def higher_is_better(self) -> dict[str, bool]: ...
@@ -65,44 +67,61 @@ class EvaluationResult(Protocol):
 UNITS = {"psnr": " dB", "ssim": "", "ms_ssim": "", "mae": "", "lpips": ""}
 
 
-def write_report(result: EvaluationResult, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def write_report(result: EvaluationResult, out: Path, written: list[str]) -> None:
+    """Write the report's files into the existing folder ``out``, appending each one's relative path to ``written``
+    as soon as it is there. A picture never replaces a file that is already there (see :func:`_free_name`)."""
     images = out / "images"
-    images.mkdir(exist_ok=True)
-    for old in images.glob("*.png"):  # a previous report's pictures (overwrite)
-        old.unlink()
+    try:
+        images.mkdir(exist_ok=True)
+    except OSError as err:
+        raise write_error(images, err) from err
     _write_csv(result, out / "metrics.csv")
-    _atomic_text(out / "summary.json", json.dumps(result.summary_json(), indent=2, allow_nan=False) + "\n")
-    pictures = _write_pictures(result, images)
-    plots = _write_plots(result, images)
+    written.append("metrics.csv")
+    atomic_text(out / "summary.json", json.dumps(result.summary_json(), indent=2, allow_nan=False) + "\n")
+    written.append("summary.json")
+    pictures = _write_pictures(result, images, written)
+    plots = _write_plots(result, images, written)
+    scale = None
     if pictures:
-        _error_scale(images / "error-scale.png")
-    _atomic_text(out / "index.html", _html(result, pictures, plots))
+        scale = _free_name(images, "error-scale.png")
+        _save_figure(_error_scale(), images / scale)
+        written.append(f"images/{scale}")
+    atomic_text(out / "index.html", _html(result, pictures, plots, scale))
+    written.append("index.html")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _free_name(folder: Path, name: str) -> str:
+    """``name``, or ``stem-2.png``, ``stem-3.png``, ... when a file of that name is there: a file the previous
+    report wrote was removed before (its manifest), so one still there is someone else's and is kept."""
+    stem, n = name.removesuffix(".png"), 1
+    while (folder / name).exists() or (folder / name).is_symlink():
+        n += 1
+        name = f"{stem}-{n}.png"
+    return name
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)  # shortest exact form; inf as "inf"
-    return str(value)
+def _save_png(image: Image.Image, path: Path) -> None:
+    try:
+        with open(path, "xb") as f:  # "x": never over a file that appeared meanwhile
+            image.save(f, format="PNG", optimize=True)
+    except OSError as err:
+        raise write_error(path, err) from err
+
+
+def _save_figure(fig: Figure, path: Path) -> tuple[int, int]:
+    """A matplotlib figure as a PNG (never over a file that is there); its size in pixels."""
+    try:
+        with open(path, "xb") as f:
+            fig.savefig(f, format="png")
+    except OSError as err:
+        raise write_error(path, err) from err
+    width, height = fig.canvas.get_width_height()
+    return width, height
 
 
 def _write_csv(result: EvaluationResult, path: Path) -> None:
     columns = ["image", "model", "width", "height", *result.metrics]
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for row in result.rows:
-            writer.writerow([_cell(row[c]) for c in columns])
-    os.replace(tmp, path)
+    atomic_text(path, csv_text(columns, result.rows, header=True))
 
 
 # --- drawing helpers ------------------------------------------------------------------------------
@@ -195,17 +214,17 @@ def _slug(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("._")[:80] or "image"
 
 
-def _write_pictures(result: EvaluationResult, folder: Path) -> dict[str, _Picture]:
+def _write_pictures(result: EvaluationResult, folder: Path, written: list[str]) -> dict[str, _Picture]:
     """One PNG per shown image: original, reconstructions, error maps, and a zoom where the models differ most."""
     values = {(r["image"], r["model"]): r for r in result.rows}
     lut = _colormap() if result.shown_images else None
     pictures = {}
     for i, (key, shown) in enumerate(sorted(result.shown_images.items())):
-        slug = _slug(key.rsplit(".", 1)[0])
-        name = f"compare-{i:03d}-{slug}.png"
+        name = _free_name(folder, f"compare-{i:03d}-{_slug(key.rsplit('.', 1)[0])}.png")
         assert lut is not None
         image, zoom = _comparison(shown.original, shown.reconstructions, result.models, values, key, lut)
-        image.save(folder / name, optimize=True)
+        _save_png(image, folder / name)
+        written.append(f"images/{name}")
         h, w = shown.original.shape[:2]
         scores = "; ".join(
             f"{m}: PSNR {_fmt('psnr', values[(key, m)]['psnr'])} dB, SSIM {_fmt('ssim', values[(key, m)]['ssim'])}"
@@ -279,7 +298,7 @@ def _comparison(
     return canvas, zoom
 
 
-def _error_scale(path: Path) -> None:
+def _error_scale() -> Figure:
     """The error maps' colour scale: levels of mean absolute difference, as the maps draw them."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -290,13 +309,13 @@ def _error_scale(path: Path) -> None:
     mappable = ScalarMappable(norm=Normalize(0, 255 / ERROR_GAIN), cmap=COLORMAP)
     bar = fig.colorbar(mappable, cax=ax, orientation="horizontal", extend="max")
     bar.set_label(f"error map: mean |difference| over R, G, B, in levels of 255 (x{ERROR_GAIN}: 64+ saturates)")
-    fig.savefig(path, format="png")
+    return fig
 
 
 # --- distributions --------------------------------------------------------------------------------
 
 
-def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str, int, int, str]]:
+def _write_plots(result: EvaluationResult, folder: Path, written: list[str]) -> dict[str, tuple[str, int, int, str]]:
     """A box plot per metric (one row and colour per model): file, width, height, note."""
     plots = {}
     for metric in result.metrics:
@@ -307,16 +326,16 @@ def _write_plots(result: EvaluationResult, folder: Path) -> dict[str, tuple[str,
             continue
         infinite = sum(1 for v in per_model.values() for x in v if math.isinf(x))
         finite = {m: np.asarray([x for x in v if math.isfinite(x)], dtype=np.float64) for m, v in per_model.items()}
-        name = f"distribution-{metric}.png"
-        width, height = _box_plot(folder / name, metric, finite, result.models, result.higher_is_better[metric])
+        name = _free_name(folder, f"distribution-{metric}.png")
+        figure = _box_plot(metric, finite, result.models, result.higher_is_better[metric])
+        width, height = _save_figure(figure, folder / name)
+        written.append(f"images/{name}")
         note = f"{infinite} identical reconstruction(s) (PSNR inf) are not drawn." if infinite else ""
         plots[metric] = (f"images/{name}", width, height, note)
     return plots
 
 
-def _box_plot(
-    path: Path, metric: str, values: dict[str, np.ndarray], models: Sequence[str], higher: bool
-) -> tuple[int, int]:
+def _box_plot(metric: str, values: dict[str, np.ndarray], models: Sequence[str], higher: bool) -> Figure:
     """matplotlib's box plot of one metric, a row per model (best on top), with the mean as a white dot."""
     from matplotlib.figure import Figure
 
@@ -341,9 +360,7 @@ def _box_plot(
     better = "higher is better" if higher else "lower is better"
     ax.set_xlabel(f"{metric}{UNITS.get(metric, '')} per image ({better})")
     ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path, format="png")
-    width, height = fig.canvas.get_width_height()
-    return width, height
+    return fig
 
 
 # --- the page -------------------------------------------------------------------------------------
@@ -351,17 +368,23 @@ def _box_plot(
 CARD_METRICS = ("psnr", "ssim", "lpips")  # the model card's columns after rFID, as SD VAE cards report them
 
 
-def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[str, tuple[str, int, int, str]]) -> str:
+def _html(
+    result: EvaluationResult,
+    pictures: dict[str, _Picture],
+    plots: dict[str, tuple[str, int, int, str]],
+    scale: str | None = None,
+) -> str:
     from importlib.resources import files
     from string import Template
 
     e = html.escape
     settings = result.settings
-    n_images = settings.get("images", 0)
+    counts = result.counts
     size_text = f" ({settings['size']} px)" if settings.get("size") else ""
     meta = (
-        f"{n_images} image(s) from <code>{e(str(settings.get('source')))}</code>, "
-        f"{e(settings.get('preparation', ''))}{size_text}; {len(result.failures)} failed; "
+        f"{counts['images']} images from <code>{e(str(settings.get('source')))}</code> "
+        f"({counts['evaluated']} evaluated, {counts['failed']} failed), "
+        f"{e(settings.get('preparation', ''))}{size_text}; "
         f"models: {e(', '.join(result.models))}; "
         f"vae-toolkit {e(str(settings.get('versions', {}).get('vae-toolkit')))}, "
         f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}."
@@ -376,7 +399,7 @@ def _html(result: EvaluationResult, pictures: dict[str, _Picture], plots: dict[s
         ranking=_ranking(result),
         statistics=_statistics(result),
         failures=_failures(result),
-        pictures=_pictures(result, pictures),
+        pictures=_pictures(result, pictures, scale),
         definitions="\n".join(f"<dt>{e(metric)}</dt><dd>{e(text)}</dd>" for metric, text in result.definitions.items())
         + "\n<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
         "center-cropped to a multiple of 8, or resized and center-cropped to N x N with --size N); each model "
@@ -536,7 +559,7 @@ def _failures(result: EvaluationResult) -> str:
     return f"<h2>Failures ({len(result.failures)})</h2><ul>{items}</ul>"
 
 
-def _pictures(result: EvaluationResult, pictures: dict[str, _Picture]) -> str:
+def _pictures(result: EvaluationResult, pictures: dict[str, _Picture], scale: str | None) -> str:
     """Each image once: in the first section that lists it; later sections link to it."""
     e = html.escape
     parts = [
@@ -545,8 +568,8 @@ def _pictures(result: EvaluationResult, pictures: dict[str, _Picture]) -> str:
         "zoom on the region (yellow frame) where the models differ most; each caption says the zoom's "
         "magnification.</p>"
     ]
-    if pictures:
-        parts.append('<img src="images/error-scale.png" alt="colour scale of the error maps">')
+    if scale is not None:
+        parts.append(f'<img src="images/{html.escape(scale)}" alt="colour scale of the error maps">')
     placed: set[str] = set()
     for section, keys in result.shown.items():
         keys = [k for k in keys if k in pictures]

@@ -143,6 +143,7 @@ def prepare_image(
     size: int | None = None,
     buckets: list[tuple[int, int]] | None = None,
     exact: bool = False,
+    max_pixels: int | None = None,
 ) -> Prepared:
     """Read an image as ``encode_dataset`` does, with its :class:`CropPlan`.
 
@@ -154,7 +155,7 @@ def prepare_image(
     """
     if buckets is None:
         width, height = _image_size(path)
-        image = load_for_encoding(path, size, exact=exact)  # type: ignore[arg-type]  # a file object too
+        image = load_for_encoding(path, size, exact=exact, max_pixels=max_pixels)  # type: ignore[arg-type]  # a file object too
         return Prepared(image, size_plan(width, height, size))
     chosen = buckets
 
@@ -162,7 +163,7 @@ def prepare_image(
         plan = plan_crop(full[0], full[1], choose_bucket(full[0], full[1], chosen))
         return None if exact else min(plan.resized)
 
-    rgb, (width, height), box = open_for_resize(path, draft)  # type: ignore[arg-type]
+    rgb, (width, height), box = open_for_resize(path, draft, max_pixels)  # type: ignore[arg-type]
     plan = plan_crop(width, height, choose_bucket(width, height, chosen))
     return Prepared(rgb_to_dtype(_resize_crop(rgb, plan, box), LUT_SD, SD_NORM, torch.get_default_dtype()), plan)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import latents
-from ._checks import check_int
+from ._checks import DEFAULT_MAX_PIXELS, check_int
 from ._dist import ProcessGroup
 from ._version import __version__
 from .batching import Item, default_workers, failure_reason, group_batches, read_ahead, share_cores, stacked_batches
@@ -348,6 +348,7 @@ def encode_dataset(
     flip: bool = False,
     distribution: bool = False,
     verify: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -398,6 +399,8 @@ def encode_dataset(
         verify: Also read every listed shard in full and compare it with the SHA-256 the index records (every
             run checks sizes and header checksums only); a damaged shard is moved aside as ``*.corrupt`` and its
             images are encoded again. Costs one read of the whole store.
+        max_pixels: An image whose header says more pixels is a failure, found before it is decoded (default
+            89,478,485, PIL's decompression-bomb warning threshold); ``None`` for no limit.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -425,6 +428,7 @@ def encode_dataset(
     check_int("workers", workers, 1, allow_none=True)
     check_int("max_shard_size", max_shard_size, 1)
     check_int("seed", seed, 0)
+    check_int("max_pixels", max_pixels, 1, allow_none=True)
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
@@ -526,7 +530,7 @@ def encode_dataset(
                 try:
                     encoded, failed, upscaled = _pipeline(items, size, bucket_list, exact_resize, batch_size,
                                                           workers, encoder, writer, progress and dist.rank == 0,
-                                                          desc)  # fmt: skip
+                                                          desc, max_pixels)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
@@ -674,6 +678,7 @@ def _pipeline(
     writer: _ShardWriter,
     progress: bool,
     desc: str,
+    max_pixels: int | None = None,
 ) -> tuple[int, dict[str, str], int]:
     """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures, upscaled)."""
     from tqdm.auto import tqdm
@@ -683,7 +688,7 @@ def _pipeline(
 
     def read(path: Path) -> tuple[tuple[int, int], Any]:
         stat = file_stat(path)
-        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize)
+        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels)
 
     def prepared() -> Iterator[tuple[str, Item | Exception]]:
         for key, result in read_ahead(items, read, workers, max(2 * batch_size, 2 * workers)):

@@ -18,8 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .report_folder import ReportExistsError, ReportInSourceError, check_report_folder
+
 if TYPE_CHECKING:
     pass
+
+
+__all__ = [
+    "DEFINITIONS",
+    "HIGHER_IS_BETTER",
+    "METRICS",
+    "EvaluationResult",
+    "Keeper",
+    "ReportExistsError",
+    "ReportInSourceError",
+    "Shown",
+    "check_report_folder",
+    "versions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +64,6 @@ DEFINITIONS = {
     "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), the lpips package's AlexNet "
     "variant (v0.1) on images scaled to [-1, 1]. Lower is better.",
 }
-
-
-class ReportExistsError(FileExistsError):
-    """The report folder exists and is not empty; pass ``overwrite=True`` (``--overwrite``) or another folder."""
 
 
 def _pick_priority(seed: int, key: str) -> int:
@@ -162,6 +174,7 @@ class EvaluationResult:
         seconds: Wall time of the run.
         rank: The torchrun rank that returned this result (0 in a single process); the content is the same on
             every rank.
+        partial: The run was interrupted (Ctrl-C, SIGTERM): the rows are those done before it stopped.
     """
 
     models: list[str]
@@ -173,6 +186,19 @@ class EvaluationResult:
     seconds: float = 0.0
     rank: int = 0
     _shown: Keeper | None = field(default=None, repr=False)
+    partial: bool = False
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """``images`` (found), ``evaluated`` (with rows), ``failed``, and ``not_done`` (left by an interrupted run)."""
+        evaluated = len({r["image"] for r in self.rows})
+        total = int(self.settings.get("images", evaluated + len(self.failures)))
+        return {
+            "images": total,
+            "evaluated": evaluated,
+            "failed": len(self.failures),
+            "not_done": max(0, total - evaluated - len(self.failures)),
+        }
 
     @property
     def summary(self) -> dict[str, dict[str, Any]]:
@@ -228,6 +254,8 @@ class EvaluationResult:
         """``summary.json``'s content (non-finite numbers as the strings ``"inf"`` / ``"-inf"``)."""
         return _json_safe(
             {
+                "partial": self.partial,
+                "counts": self.counts,
                 "models": self.summary,
                 "ranking": self.ranking,
                 "ranking_by": "mean psnr, best first",
@@ -242,18 +270,64 @@ class EvaluationResult:
         )
 
     def save_report(self, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write ``metrics.csv``, ``summary.json``, ``images/*.png`` and ``index.html`` into ``folder``.
+        """Write ``metrics.csv``, ``summary.json``, ``images/*.png``, ``index.html`` and ``report-manifest.json``
+        (the list of the files written) into ``folder``.
+
+        With ``overwrite``, the files the previous report's manifest lists are replaced; no other file of the
+        folder is removed or replaced (a picture whose name a user's file holds is written under another name).
 
         Raises:
             ReportExistsError: (a ``FileExistsError``) ``folder`` exists and is not empty, and not ``overwrite``.
+            ReportInSourceError: (a ``ValueError``) ``folder`` is the evaluated folder or inside it.
             NotADirectoryError: ``folder`` is a file.
+            OSError: a file could not be written; the message names it.
         """
         from ._report import write_report
+        from .report_folder import clear_previous_report, write_manifest
 
         out = Path(folder).expanduser()
-        check_report_folder(out, overwrite)
-        write_report(self, out)
+        check_report_folder(out, overwrite, source=self.settings.get("source"))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create the report folder {out}: {err.strerror or err}") from err
+        if overwrite:
+            clear_previous_report(out)
+        written: list[str] = []
+        try:
+            write_report(self, out, written)
+        finally:  # what was written, also when a write failed: the next overwrite replaces it
+            write_manifest(out, written, partial=self.partial)
         return out
+
+    def save_partial(self, folder: str | os.PathLike[str], written: Sequence[str]) -> None:
+        """After an interruption: ``summary.json`` (``"partial": true``, with the counts) beside the ``metrics.csv``
+        written so far, and the manifest; no pictures."""
+        import json
+
+        from .report_folder import atomic_text, write_manifest
+
+        out = Path(folder).expanduser()
+        atomic_text(out / "summary.json", json.dumps(self.summary_json(), indent=2, allow_nan=False) + "\n")
+        write_manifest(out, [*written, "summary.json"], partial=True)
+
+
+def versions(with_lpips: bool) -> dict[str, str | None]:
+    """The versions an evaluation records: vae-toolkit and the libraries that computed it."""
+    from importlib import metadata
+
+    from ._version import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
+        ["lpips", "torchvision"] if with_lpips else []
+    )
+    return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
 
 
 def _json_safe(value: Any) -> Any:
@@ -264,25 +338,3 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
-
-
-def check_report_folder(folder: str | os.PathLike[str], overwrite: bool = False) -> None:
-    """Refuse a report folder that exists and is not empty (unless ``overwrite``), before any work is done.
-
-    Raises:
-        ReportExistsError: (a ``FileExistsError``) the folder exists and is not empty.
-        NotADirectoryError: it is a file.
-        ImportError: matplotlib (the ``eval`` extra), which draws the report's plots, is not installed.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ImportError('the report\'s plots need matplotlib: pip install "vae-toolkit[eval]"')
-    out = Path(folder).expanduser()
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"report folder {out} is a file; pass a folder (-o REPORT)")
-    if not overwrite and out.is_dir() and any(out.iterdir()):
-        raise ReportExistsError(
-            f"report folder {out} exists and is not empty; pass overwrite=True (--overwrite) to replace the "
-            "report in it, or choose another folder"
-        )

@@ -21,7 +21,11 @@ The metrics carry their definitions (:data:`DEFINITIONS`):
   (nothing is ever downloaded); otherwise the column is left out and a log line says what to install.
 
 pytorch-msssim (the ``eval`` extra: ``pip install "vae-toolkit[eval]"``) is imported on the first
-evaluation, never by ``import vae_toolkit``.
+evaluation, never by ``import vae_toolkit``; :func:`require_metrics` checks it before any model loads.
+
+The report folder is checked (and written to) before the first image: rows go to ``metrics.csv`` as they come,
+and Ctrl-C or SIGTERM leaves that file and a ``summary.json`` that says ``"partial": true``
+(:mod:`vae_toolkit.report_folder`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +44,7 @@ import numpy as np
 import torch
 
 from . import latents
-from ._checks import check_int
+from ._checks import DEFAULT_MAX_PIXELS, check_int
 from .device_manager import DeviceManager
 from .eval_results import (
     DEFINITIONS,
@@ -47,8 +52,10 @@ from .eval_results import (
     EvaluationResult,
     Keeper,
     ReportExistsError,
+    ReportInSourceError,
     Shown,
     check_report_folder,
+    versions,
 )
 
 if TYPE_CHECKING:
@@ -60,6 +67,8 @@ __all__ = [
     "METRICS",
     "EvaluationResult",
     "ReportExistsError",
+    "ReportInSourceError",
+    "check_report_folder",
     "compare",
     "evaluate",
     "lpips_status",
@@ -67,6 +76,7 @@ __all__ = [
     "ms_ssim",
     "psnr",
     "reconstruct",
+    "require_metrics",
     "ssim",
 ]
 
@@ -74,6 +84,18 @@ logger = logging.getLogger(__name__)
 
 _MS_SSIM_MIN_SIDE = 161  # pytorch-msssim: the shorter side must exceed (11 - 1) * 2**4 for 5 scales
 _LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1), the backbone lpips uses
+_MSSSIM_MISSING = 'evaluate needs pytorch-msssim (SSIM, MS-SSIM): pip install "vae-toolkit[eval]"'
+
+
+def require_metrics() -> None:
+    """Raise ``ImportError`` saying what to install when the metrics' library (pytorch-msssim) cannot be imported.
+
+    :func:`evaluate` calls it before reading any image; the ``evaluate`` command before loading any model.
+    """
+    try:
+        import pytorch_msssim  # noqa: F401
+    except ImportError as err:
+        raise ImportError(_MSSSIM_MISSING) from err
 
 
 # --- metrics ----------------------------------------------------------------------------------------
@@ -203,10 +225,7 @@ def _ssim_batch(x: torch.Tensor, y: torch.Tensor, multiscale: bool = False) -> t
         from pytorch_msssim import ms_ssim as _ms_ssim
         from pytorch_msssim import ssim as _ssim
     except ImportError as err:
-        raise ImportError(
-            "evaluating needs pytorch-msssim for SSIM and MS-SSIM: pip install 'vae-toolkit[eval]' "
-            "(or pip install pytorch-msssim)"
-        ) from err
+        raise ImportError(_MSSSIM_MISSING) from err
     with torch.inference_mode():
         if multiscale and min(x.shape[-2:]) >= _MS_SSIM_MIN_SIDE:
             if x.device.type == "cpu":
@@ -376,7 +395,7 @@ class _Lpips:
 
 
 def reconstruct(
-    vae: AutoencoderKL, images: torch.Tensor, *, timings: dict[str, float] | None = None
+    vae: AutoencoderKL, images: torch.Tensor, *, timings: dict[str, float] | None = None, tile: bool | None = None
 ) -> list[Image.Image]:
     """Encode and decode a batch; return the lossless ``tensor_to_pil`` of each decoded image.
 
@@ -386,6 +405,8 @@ def reconstruct(
         vae: A loaded ``AutoencoderKL`` (any device and dtype).
         images: ``[N, 3, H, W]`` in ``[-1, 1]`` (as ``pil_to_tensor`` gives them), any device.
         timings: When given, the seconds of ``"encode"`` and ``"decode"`` (device synchronised) are added to it.
+        tile: As in :func:`vae_toolkit.latents.encode`: ``None`` tiles images larger than the model's
+            ``sample_size``; :func:`evaluate` passes ``False`` unless asked to tile.
 
     Returns:
         ``N`` RGB PIL images, the reconstructions a user would save.
@@ -395,10 +416,10 @@ def reconstruct(
     sync = DeviceManager(_device(vae)).synchronize
     with torch.inference_mode():
         start = time.perf_counter()
-        z = latents.encode(vae, images)
+        z = latents.encode(vae, images, tile=tile)
         sync()
         middle = time.perf_counter()
-        y = latents.decode(vae, z)
+        y = latents.decode(vae, z, tile=tile)
         sync()
         end = time.perf_counter()
     if timings is not None:
@@ -418,23 +439,6 @@ def _dtype(vae: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _versions(with_lpips: bool) -> dict[str, str | None]:
-    from importlib import metadata
-
-    from ._version import __version__
-
-    def version(name: str) -> str | None:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-
-    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
-        ["lpips", "torchvision"] if with_lpips else []
-    )
-    return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
-
-
 def evaluate(
     vaes: Mapping[str, AutoencoderKL],
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -450,6 +454,8 @@ def evaluate(
     lpips: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    tile: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> EvaluationResult:
     """Measure how much each VAE loses on the images of ``source``; optionally write the report to ``output``.
 
@@ -475,14 +481,25 @@ def evaluate(
         seed: Seed of the picks.
         lpips: ``None``: add LPIPS when it is available locally (:func:`lpips_status`); ``True``: require it;
             ``False``: leave it out.
-        overwrite: Replace the report in a non-empty ``output`` folder.
+        overwrite: Replace the report in a non-empty ``output`` folder: the files the previous report's
+            ``report-manifest.json`` lists are replaced; no other file there is removed or replaced.
         progress: Show a progress bar (images/s per model), on rank 0.
+        tile: Encode and decode in tiles images larger than a model's ``sample_size``
+            (:func:`vae_toolkit.latents.encode`); by default never, so that the model is measured as it is.
+        max_pixels: An image whose header says more pixels is a failure, found before it is decoded (the
+            default is PIL's decompression-bomb warning threshold); ``None`` for no limit.
 
     Returns:
         An :class:`EvaluationResult`.
 
+    Rows go to ``output/metrics.csv`` as they come. On Ctrl-C (``KeyboardInterrupt``) or SIGTERM (``SystemExit``
+    143, in the main thread) ``output`` keeps that file and a ``summary.json`` saying ``"partial": true`` with the
+    counts, and the exception is raised again. Under torchrun, rank 0 writes its own rows as they come.
+
     Raises:
         ReportExistsError: (a ``FileExistsError``) ``output`` exists and is not empty.
+        ReportInSourceError: (a ``ValueError``) ``output`` is the ``source`` folder or inside it.
+        OSError: ``output`` cannot be written (checked before the first image); the message names the file.
         FileNotFoundError: ``source`` does not exist.
         ValueError / TypeError: bad arguments, or no images found.
         ImportError: pytorch-msssim is missing, or ``lpips=True`` and LPIPS is not available.
@@ -494,8 +511,10 @@ def evaluate(
         >>> result.ranking, result.summary["sd-vae-ft-mse"]["psnr"]["mean"]
     """
     from ._dist import ProcessGroup
+    from ._signals import sigterm_exits
     from .batching import default_workers
-    from .sources import find_images
+    from .report_folder import RowWriter, check_report_folder, clear_previous_report, write_manifest
+    from .sources import scan_source
 
     start = time.perf_counter()
     if not isinstance(vaes, Mapping) or not vaes:
@@ -512,9 +531,12 @@ def evaluate(
     check_int("worst", worst, 0)
     check_int("picks", picks, 0)
     check_int("seed", seed, 0)
-    if output is not None:
-        check_report_folder(output, overwrite)
-    root, keys = find_images(source)
+    check_int("max_pixels", max_pixels, 1, allow_none=True)
+    if not isinstance(tile, bool):
+        raise TypeError(f"tile must be True or False, got {tile!r}")
+    require_metrics()
+    src = scan_source(source)
+    root, keys = src.root, src.keys
     if limit is not None:
         keys = keys[:limit]
     models = list(vaes)
@@ -534,50 +556,83 @@ def evaluate(
 
     first = vaes[models[0]]
     dist = ProcessGroup.from_env(_device(first))
+    out = Path(output).expanduser() if output is not None and dist.rank == 0 else None
+    settings = {
+        "source": str(root),
+        "images": len(keys) + len(src.bad),
+        "limit": limit,
+        "size": size,
+        "preparation": "resized and center-cropped to size x size" if size else "center-cropped to a multiple of 8",
+        # load_for_encoding's default: large JPEGs decoded at a reduced DCT scale first, as encode does
+        "reader": "fast" if size else "exact",
+        "tile": tile,
+        "max_pixels": max_pixels,
+        "batch_size": batch_size,
+        "models": {
+            m: {
+                "dtype": _dtype(v),
+                "device": str(_device(v)),
+                "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
+            }
+            for m, v in vaes.items()
+        },
+        "world_size": dist.world_size,
+        "worst": worst,
+        "picks": picks,
+        "seed": seed,
+        "versions": versions(lpips_net is not None),
+    }
+    rows: list[dict[str, Any]] = []
+    failures = dict(src.bad)
+    for name, reason in src.bad.items():
+        logger.warning("skipped %s: %s", name, reason)
+    writer: RowWriter | None = None
     try:
+        problem: Exception | None = None
+        if out is not None:  # rank 0, before the first image (rank 0 alone: its own files would make it non-empty)
+            try:
+                check_report_folder(out, overwrite, source=source if isinstance(source, (str, os.PathLike)) else None)
+                check_report_folder(out, True, probe=True)  # writable? the rows go to metrics.csv as they come
+                if overwrite:
+                    clear_previous_report(out)
+                writer = RowWriter(out / "metrics.csv", ["image", "model", "width", "height", *metrics])
+                write_manifest(out, ["metrics.csv"], partial=True)
+            except Exception as err:
+                problem = err
+        problem = dist.broadcast(problem)  # every rank stops, not only rank 0
+        if problem is not None:
+            raise problem
         mine = keys[dist.rank :: dist.world_size]
         keeper = Keeper(models, worst, picks, seed)
-        rows, failures = _pipeline(
-            vaes,
-            [(key, root / key) for key in mine],
-            size,
-            batch_size,
-            workers if workers is not None else default_workers(),
-            keeper,
-            lpips_net,
-            progress and dist.rank == 0,
-        )
+        try:
+            with sigterm_exits():
+                _pipeline(
+                    vaes,
+                    [(key, root / key) for key in mine],
+                    _Run(size, batch_size, workers if workers is not None else default_workers(), tile, max_pixels),
+                    keeper,
+                    lpips_net,
+                    progress and dist.rank == 0,
+                    rows,
+                    failures,
+                    writer.add if writer is not None else None,
+                )
+        except (KeyboardInterrupt, SystemExit):
+            if out is not None and writer is not None:
+                partial = EvaluationResult(models, metrics, _sorted_rows(rows, models), dict(sorted(failures.items())),
+                                           settings, notes, time.perf_counter() - start, partial=True)  # fmt: skip
+                partial.save_partial(out, ["metrics.csv"])
+                counts = partial.counts
+                logger.warning(
+                    "stopped: partial report in %s: %d of %d images evaluated (summary.json says partial)",
+                    out, counts["evaluated"], counts["images"],
+                )  # fmt: skip
+            raise
         gathered = dist.gather((rows, failures, keeper))
-        order = {m: i for i, m in enumerate(models)}
-        all_rows = sorted((r for g in gathered for r in g[0]), key=lambda r: (r["image"], order[r["model"]]))
+        all_rows = _sorted_rows([r for g in gathered for r in g[0]], models)
         all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
         merged = Keeper(models, worst, picks, seed)
         merged.merge([g[2] for g in gathered])
-        settings = {
-            "source": str(root),
-            "images": len(keys),
-            "limit": limit,
-            "size": size,
-            "preparation": "resized and center-cropped to size x size"
-            if size
-            else "center-cropped to a multiple of 8",
-            # load_for_encoding's default: large JPEGs decoded at a reduced DCT scale first, as encode does
-            "reader": "fast" if size else "exact",
-            "batch_size": batch_size,
-            "models": {
-                m: {
-                    "dtype": _dtype(v),
-                    "device": str(_device(v)),
-                    "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
-                }
-                for m, v in vaes.items()
-            },
-            "world_size": dist.world_size,
-            "worst": worst,
-            "picks": picks,
-            "seed": seed,
-            "versions": _versions(lpips_net is not None),
-        }
         result = EvaluationResult(
             models=models,
             metrics=metrics,
@@ -589,25 +644,47 @@ def evaluate(
             rank=dist.rank,
             _shown=merged,
         )
-        if output is not None and dist.rank == 0:
-            result.save_report(output, overwrite=overwrite)
+        if out is not None:
+            if writer is not None:
+                writer.close()
+            result.save_report(out, overwrite=True)  # replaces only what this run wrote (its manifest)
         dist.barrier()  # the report is written when evaluate returns on any rank
     finally:
+        if writer is not None:
+            writer.close()
         dist.close()
     return result
+
+
+def _sorted_rows(rows: Sequence[dict[str, Any]], models: Sequence[str]) -> list[dict[str, Any]]:
+    order = {m: i for i, m in enumerate(models)}
+    return sorted(rows, key=lambda r: (r["image"], order[r["model"]]))
+
+
+@dataclass
+class _Run:
+    """How the images are read and reconstructed: the settings :func:`_pipeline` passes on."""
+
+    size: int | None
+    batch_size: int
+    workers: int
+    tile: bool
+    max_pixels: int | None
 
 
 def _pipeline(
     vaes: Mapping[str, Any],
     items: Sequence[tuple[str, Path]],
-    size: int | None,
-    batch_size: int,
-    workers: int,
+    run: _Run,
     keeper: Keeper,
     lpips_net: _Lpips | None,
     progress: bool,
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Read (threads) -> group by size -> every model -> metrics; returns (rows, failures).
+    rows: list[dict[str, Any]],
+    failures: dict[str, str],
+    sink: Callable[[list[dict[str, Any]]], None] | None,
+) -> None:
+    """Read (threads) -> group by size -> every model -> metrics, into ``rows`` and ``failures`` (kept by the caller
+    when the run is interrupted); each batch's rows also go to ``sink`` (``metrics.csv``) as they come.
 
     The models run on this thread. On a GPU (or another accelerator), the metrics of a batch run on one
     background thread (on the first model's device, on their own stream) while the models work on the next
@@ -623,8 +700,6 @@ def _pipeline(
 
     from .batching import failure_reason, iter_batches
 
-    rows: list[dict[str, Any]] = []
-    failures: dict[str, str] = {}
     seconds = dict.fromkeys(vaes, 0.0)
     counted = dict.fromkeys(vaes, 0)
     device = _device(next(iter(vaes.values())))
@@ -650,9 +725,15 @@ def _pipeline(
                     for v, d in zip(values[name], lpips_net(kept, arrays[name]), strict=True):
                         v["lpips"] = d
         h, w = originals.shape[1:3]
+        done = [
+            {"image": keys[i], "model": name, "width": int(w), "height": int(h), **values[name][j]}
+            for j, i in enumerate(good)
+            for name in vaes
+        ]
+        if sink is not None:
+            sink(done)  # a write error stops the run here, naming the file
+        rows.extend(done)
         for j, i in enumerate(good):
-            for name in vaes:
-                rows.append({"image": keys[i], "model": name, "width": int(w), "height": int(h), **values[name][j]})
             shown = Shown(keys[i], originals[i], {n: arrays[n][j] for n in vaes})
             keeper.offer(shown, {n: values[n][j]["psnr"] for n in vaes})
         bar.update(len(keys))
@@ -663,7 +744,8 @@ def _pipeline(
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae_toolkit_metrics") as pool:
         try:
-            for batch in iter_batches(items, size, batch_size, workers=workers):
+            batches = iter_batches(items, run.size, run.batch_size, workers=run.workers, max_pixels=run.max_pixels)
+            for batch in batches:
                 if isinstance(batch, tuple):
                     key, err = batch
                     failures[key] = failure_reason(err)
@@ -677,7 +759,7 @@ def _pipeline(
                 recons: dict[str, list[np.ndarray | str]] = {}
                 for name, vae in vaes.items():
                     began = time.perf_counter()
-                    recons[name] = _reconstruct_batch(vae, x)
+                    recons[name] = _reconstruct_batch(vae, x, run.tile)
                     seconds[name] += time.perf_counter() - began
                     counted[name] += len(keys)
                 if pending is not None:
@@ -693,14 +775,13 @@ def _pipeline(
                 pending.result()
         finally:
             bar.close()
-    return rows, failures
 
 
-def _reconstruct_batch(vae: Any, x: torch.Tensor) -> list[np.ndarray | str]:
+def _reconstruct_batch(vae: Any, x: torch.Tensor, tile: bool) -> list[np.ndarray | str]:
     """Per image its reconstruction ``[H, W, 3]`` uint8, or why it failed; a failed batch is retried one by one."""
     try:
-        return [np.asarray(im) for im in reconstruct(vae, x)]
+        return [np.asarray(im) for im in reconstruct(vae, x, tile=tile)]
     except Exception as err:
         if len(x) == 1:
             return [f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"]
-        return [r for i in range(len(x)) for r in _reconstruct_batch(vae, x[i : i + 1])]
+        return [r for i in range(len(x)) for r in _reconstruct_batch(vae, x[i : i + 1], tile)]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union
 import numpy as np
 import torch
 
+from ._checks import pixel_limit_message
 from ._warnings import VAEToolkitWarning, caller_stacklevel
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def _open_rgb(
     path: PathLike,
     draft_size: int | Callable[[tuple[int, int]], int | None] | None = None,
     orient: bool = False,
+    max_pixels: int | None = None,
 ) -> tuple[Image.Image, tuple[int, int], _Box | None]:
     """``(rgb, size, box)``: the loaded RGB image, the file's own size, and where that full image lies in ``rgb``.
 
@@ -103,6 +105,7 @@ def _open_rgb(
     image's ``(width, height)`` (its target, or None for no draft), for a target that depends on the image. With
     ``orient``, the image is turned as its EXIF orientation says (``ImageOps.exif_transpose``'s pixels), and
     ``size``, ``box`` and the size given to ``draft_size`` with it.
+    An image whose header says more than ``max_pixels`` pixels is refused before it is decoded.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -113,6 +116,8 @@ def _open_rgb(
     try:
         with Image.open(path) as img:
             size, box = img.size, None
+            if max_pixels is not None and (refused := pixel_limit_message(path, size[0], size[1], max_pixels)):
+                raise InputValueError(refused)
             method = transpose_method(exif_orientation(img)) if orient else None
             shown = (size[1], size[0]) if swaps_axes(method) else size
             want = draft_size(shown) if callable(draft_size) else draft_size
@@ -132,6 +137,8 @@ def _open_rgb(
             if box is not None:  # the draft's size is square, so it needs no turning; the box does
                 box = transpose_box(box, rgb.size, method)
             return rgb.transpose(method), ((size[1], size[0]) if swaps_axes(method) else size), box
+    except ImageProcessingError:
+        raise
     except FileNotFoundError as err:
         raise ImageProcessingError(f"Image file not found: {path}") from err
     except IsADirectoryError as err:
@@ -154,7 +161,7 @@ def _open_rgb(
 
 
 def open_for_resize(
-    path: PathLike, draft_size: Callable[[tuple[int, int]], int | None]
+    path: PathLike, draft_size: Callable[[tuple[int, int]], int | None], max_pixels: int | None = None
 ) -> tuple[Image.Image, tuple[int, int], tuple[float, float, float, float] | None]:
     """``(rgb, (width, height), box)``: the image turned as its EXIF orientation says (as ``load_for_encoding``
     reads it), with the fast reader's JPEG draft; ``(width, height)`` is the turned image's.
@@ -163,7 +170,7 @@ def open_for_resize(
     at least twice that is decoded at a reduced DCT scale, and ``box`` is where the full image lies in ``rgb``
     (resample from it with ``rgb.resize(..., box=...)``). Used by the aspect-bucket reader.
     """
-    return _open_rgb(path, draft_size, orient=True)
+    return _open_rgb(path, draft_size, orient=True, max_pixels=max_pixels)
 
 
 def _check_size(rgb: Image.Image, target_size: int, path: PathLike) -> None:
@@ -257,7 +264,9 @@ def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Imag
     return image.crop((left, top, left + cw, top + ch))
 
 
-def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = False) -> torch.Tensor:
+def load_for_encoding(
+    path: PathLike, size: int | None = None, *, exact: bool = False, max_pixels: int | None = None
+) -> torch.Tensor:
     """Read an image file as ``encode_dataset`` does: a ``[3, H, W]`` float32 tensor in ``[-1, 1]``.
 
     ``latents.encode(vae, load_for_encoding(path, size, exact=exact)[None])`` reproduces the latent a store
@@ -281,13 +290,15 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
         path: Image file.
         size: Output side, or None to keep the image's size (cropped to multiples of 8).
         exact: Decode every file at full size, giving ``pil_to_tensor``'s values bit for bit.
+        max_pixels: Refuse, before decoding, an image whose header says more pixels (``None``: no limit
+            beyond PIL's own; ``encode`` and ``evaluate`` pass 89,478,485 by default).
 
     Returns:
         Contiguous ``[3, H, W]`` float32 (torch's default dtype) in ``[-1, 1]``.
 
     Raises:
-        ImageProcessingError: the file is missing, unreadable or corrupt, or (``size=None``) smaller than
-            8x8; the message names the path and the cause is chained.
+        ImageProcessingError: the file is missing, unreadable or corrupt, above ``max_pixels``, or
+            (``size=None``) smaller than 8x8; the message names the path and the cause is chained.
         TypeError, ValueError: (also ``ImageProcessingError``) ``size`` is not an int >= 1, or ``exact`` is
             not a bool.
 
@@ -301,13 +312,13 @@ def load_for_encoding(path: PathLike, size: int | None = None, *, exact: bool = 
     if not isinstance(exact, bool):
         raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
     if size is None:
-        rgb = _open_rgb(path, orient=True)[0]
+        rgb = _open_rgb(path, orient=True, max_pixels=max_pixels)[0]
         try:
             rgb = center_crop_to_multiple(rgb, 8)
         except InputValueError as err:
             raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)
-    rgb, full, box = _open_rgb(path, None if exact else size, orient=True)
+    rgb, full, box = _open_rgb(path, None if exact else size, orient=True, max_pixels=max_pixels)
     if box is None:
         return pil_to_tensor(rgb, target_size=size)
     return rgb_to_dtype(_resize_center_crop(rgb, size, full, box), LUT_SD, SD_NORM, torch.get_default_dtype())
