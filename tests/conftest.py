@@ -18,6 +18,9 @@ from types import SimpleNamespace
 _HF_HOME = Path(tempfile.mkdtemp(prefix="vae_toolkit_hf_"))
 os.environ["HF_HOME"] = str(_HF_HOME)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The metrics' weight files are looked up in $TORCH_HOME/hub/checkpoints: an empty folder of the suite's own, so
+# that no test sees (or downloads) a user's weights; tests that need weights plant seeded ones (metric_weights.py).
+os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="vae_toolkit_torch_")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 for _var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):

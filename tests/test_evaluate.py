@@ -293,7 +293,7 @@ def test_rows_cover_every_image_and_model_once(run, source):
     assert [(r["image"], r["model"]) for r in result.rows] == [
         (k, m) for k in good_keys for m in ("good", "perturbed")
     ]
-    assert result.metrics == list(METRICS)  # no lpips: not installed here
+    assert result.metrics == list(METRICS)  # no lpips: its weights are not in the suite's empty TORCH_HOME
     sizes = {r["image"]: (r["width"], r["height"]) for r in result.rows}
     assert sizes["set0/p0.jpg"] == (32, 24) and sizes["set1/p1.png"] == (24, 16)  # 29x21 cropped
 
@@ -401,7 +401,8 @@ def test_summary_statistics_and_worst_image(run):
     assert set(stored["metrics"]) == set(METRICS) and "use_sample_covariance=False" in stored["metrics"]["ssim"]
     assert stored["settings"]["versions"]["pytorch-msssim"]
     assert stored["settings"]["reader"] == ("fast" if stored["settings"]["size"] else "exact")
-    assert any("pip install lpips" in note for note in stored["notes"])
+    assert any(note.startswith("LPIPS left out: alexnet-owt-7be5be79.pth") for note in stored["notes"])
+    assert any(note.startswith("rFID left out: pt_inception-2015-12-05-6726825d.pth") for note in stored["notes"])
 
 
 def test_metrics_csv(run):

@@ -146,10 +146,15 @@ def test_overwrite_never_follows_a_manifest_outside_the_report_names(tmp_path):
     write_photos(photos, 1)
     report.mkdir()
     (tmp_path / "outside.txt").write_text("x")
+    (tmp_path / "absolute.txt").write_text("x")  # an absolute path of the test's own: never a system file
     (report / "mine.txt").write_text("x")
-    (report / "report-manifest.json").write_text(json.dumps({"files": ["../outside.txt", "mine.txt", "/etc/hosts"]}))
+    (report / "images").mkdir()
+    (report / "images" / "compare-000-p0.jpg").write_text("x")  # a report's name pattern, but not a PNG
+    files = ["../outside.txt", "mine.txt", str(tmp_path / "absolute.txt"), "images/../../outside.txt"]
+    (report / "report-manifest.json").write_text(json.dumps({"files": [*files, "images/compare-000-p0.jpg"]}))
     evaluate({"tiny": make_tiny_vae()}, photos, report, overwrite=True, progress=False)
     assert (tmp_path / "outside.txt").exists() and (report / "mine.txt").exists()
+    assert (tmp_path / "absolute.txt").exists() and (report / "images" / "compare-000-p0.jpg").exists()
 
 
 # --- 3. the report folder is checked first, rows are written as they come --------------------------------

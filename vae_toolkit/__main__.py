@@ -541,6 +541,27 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "measured as it is)",
     )
     ev.add_argument("--max-pixels", **max_pixels)
+    ev.add_argument(
+        "--lpips",
+        choices=("alex", "vgg", "none"),
+        default=None,
+        help="LPIPS per image with AlexNet (as lpips and torchmetrics default to) or VGG-16, or none; by default "
+        "AlexNet when its weights are in torch hub's checkpoints folder or can be downloaded, else left out (a note)",
+    )
+    fid_group = ev.add_mutually_exclusive_group()
+    fid_group.add_argument(
+        "--fid",
+        action="store_true",
+        default=None,
+        help="require rFID (pytorch-fid's Inception weights; by default on when they are there or can be downloaded)",
+    )
+    fid_group.add_argument("--no-fid", dest="fid", action="store_false", help="no rFID")
+    ev.add_argument(
+        "--fast-reader",
+        action="store_true",
+        help="with --size, decode large JPEGs at a reduced DCT scale before resizing (as encode does); by default "
+        "the originals are read exactly (full decode, then resize), as other tools read them",
+    )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

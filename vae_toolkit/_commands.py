@@ -505,6 +505,7 @@ def _report_refusal(err: Exception) -> UsageError:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from ._dist import env_rank
+    from .eval_perceptual import plan
     from .evaluate import ReportExistsError, ReportInSourceError, check_report_folder, evaluate, require_metrics
     from .vae_loader import VAELoader
 
@@ -520,6 +521,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             check_report_folder(args.output, args.overwrite, source=args.source, probe=True)
     except (ReportExistsError, ReportInSourceError, OSError, ImportError) as err:
         raise _report_refusal(err) from err
+    try:  # LPIPS and rFID weights: found or fetched now; asked for by name and missing stops here, before loading
+        plan(args.lpips, args.fid)
+    except (FileNotFoundError, ValueError) as err:
+        raise CliError(" ".join(str(err).split())) from err
     device = args.device
     if local_rank() is not None and device == "cuda":
         device = "auto"  # each rank takes its own GPU (LOCAL_RANK), not the current one
@@ -543,6 +548,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
                 tile=args.tile,
                 max_pixels=args.max_pixels or None,
+                lpips=args.lpips,  # as asked: a metric on by default and left out is a note of the report
+                fid=args.fid,
+                fast_reader=args.fast_reader,
             )
     except (ValueError, NotADirectoryError, ReportExistsError) as err:
         raise _report_refusal(err) from err
@@ -563,6 +571,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         for metric in result.metrics:
             s = stats[metric]
             cells.append(f"{metric} " + ("-" if s is None else f"{s['mean']:.4g}"))
+        if stats.get("rfid") is not None:
+            cells.append(f"rfid {stats['rfid']:.4g} ({stats['rfid_images']} images)")
         print(f"{rank}. {model:<{width}}  " + "  ".join(cells) + "  (means)")
     print(f"report: {args.output / 'index.html'}")
     if result.failures:

@@ -45,7 +45,7 @@ METRICS = ("psnr", "ssim", "ms_ssim", "mae")
 
 
 #: Whether a larger value means a better reconstruction.
-HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "mae": False, "lpips": False}
+HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "ms_ssim": True, "mae": False, "lpips": False, "rfid": False}
 
 
 #: What each metric is, as the report states it next to the numbers.
@@ -61,8 +61,14 @@ DEFINITIONS = {
     "the same window, 2x2 average pooling between scales (pytorch-msssim's ms_ssim, per channel, then averaged "
     "over R, G and B). Empty for images whose shorter side is 160 pixels or less. 1 means identical.",
     "mae": "Mean absolute error of the uint8 RGB values (0-255). Lower is better.",
-    "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), the lpips package's AlexNet "
-    "variant (v0.1) on images scaled to [-1, 1]. Lower is better.",
+    "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), v0.1, on the uint8 images scaled to "
+    "[-1, 1] (u / 127.5 - 1): the value of the lpips package 0.1.4's LPIPS(net=..., lpips=True) with the same "
+    "weights (AlexNet unless the settings say vgg). Lower is better.",
+    "rfid": "Reconstruction FID: the Frechet distance between Inception-v3 pool features (2048-d, pytorch-fid's "
+    "FID weights, bilinear resize to 299x299, inputs in [-1, 1]) of the prepared originals and of the model's "
+    "reconstructions, float64 mean and covariance, as pytorch-fid 0.3.0 computes it (scipy's sqrtm, its offset "
+    "fallback for a singular product), over the images the model reconstructed. Biased upward below 2,048 images. "
+    "Lower is better.",
 }
 
 
@@ -175,6 +181,7 @@ class EvaluationResult:
         rank: The torchrun rank that returned this result (0 in a single process); the content is the same on
             every rank.
         partial: The run was interrupted (Ctrl-C, SIGTERM): the rows are those done before it stopped.
+        rfid: Per model ``{"rfid": value, "rfid_images": n}`` when rFID was computed (also in :attr:`summary`).
     """
 
     models: list[str]
@@ -187,6 +194,7 @@ class EvaluationResult:
     rank: int = 0
     _shown: Keeper | None = field(default=None, repr=False)
     partial: bool = False
+    rfid: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -213,6 +221,7 @@ class EvaluationResult:
                 entry[metric] = (
                     _stats([v for v, _ in pairs], [k for _, k in pairs], HIGHER_IS_BETTER[metric]) if pairs else None
                 )
+            entry.update(self.rfid.get(model, {}))
             out[model] = entry
         return out
 
@@ -243,12 +252,12 @@ class EvaluationResult:
     @property
     def definitions(self) -> dict[str, str]:
         """The definition of each metric of :attr:`metrics` (reference, parameters), as the report states it."""
-        return {m: DEFINITIONS[m] for m in self.metrics}
+        return {m: DEFINITIONS[m] for m in [*self.metrics, *(["rfid"] if self.rfid else [])]}
 
     @property
     def higher_is_better(self) -> dict[str, bool]:
         """Per metric of :attr:`metrics`: whether a higher value is better."""
-        return {m: HIGHER_IS_BETTER[m] for m in self.metrics}
+        return {m: HIGHER_IS_BETTER[m] for m in [*self.metrics, *(["rfid"] if self.rfid else [])]}
 
     def summary_json(self) -> dict[str, Any]:
         """``summary.json``'s content (non-finite numbers as the strings ``"inf"`` / ``"-inf"``)."""
@@ -312,7 +321,7 @@ class EvaluationResult:
         write_manifest(out, [*written, "summary.json"], partial=True)
 
 
-def versions(with_lpips: bool) -> dict[str, str | None]:
+def versions(with_fid: bool) -> dict[str, str | None]:
     """The versions an evaluation records: vae-toolkit and the libraries that computed it."""
     from importlib import metadata
 
@@ -324,9 +333,7 @@ def versions(with_lpips: bool) -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             return None
 
-    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (
-        ["lpips", "torchvision"] if with_lpips else []
-    )
+    names = ["torch", "diffusers", "pytorch-msssim", "numpy", "Pillow"] + (["scipy"] if with_fid else [])
     return {"vae-toolkit": __version__, **{name: version(name) for name in names}}
 
 

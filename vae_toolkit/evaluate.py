@@ -17,8 +17,9 @@ The metrics carry their definitions (:data:`DEFINITIONS`):
   same window, 2x2 average pooling between scales) by pytorch-msssim; empty (``None``) for images whose
   shorter side is 160 pixels or less, too small for 5 scales of an 11-pixel window.
 - ``mae``: the mean absolute difference of the uint8 values.
-- ``lpips``: only when the ``lpips`` package, ``torchvision`` and the AlexNet weights are all present locally
-  (nothing is ever downloaded); otherwise the column is left out and a log line says what to install.
+- ``lpips`` (per image) and ``rfid`` (per model): LPIPS v0.1 and rFID as the ``lpips`` package 0.1.4 and
+  pytorch-fid 0.3.0 compute them, through :mod:`vae_toolkit.metrics` (:mod:`vae_toolkit.eval_perceptual`); on by
+  default when their weights are there or can be fetched, else left out with a note.
 
 pytorch-msssim (the ``eval`` extra: ``pip install "vae-toolkit[eval]"``) is imported on the first
 evaluation, never by ``import vae_toolkit``; :func:`require_metrics` checks it before any model loads.
@@ -38,7 +39,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ import torch
 from . import latents
 from ._checks import DEFAULT_MAX_PIXELS, check_int
 from .device_manager import DeviceManager
+from .eval_perceptual import FID_MIN_IMAGES, FID_NOTE, PerceptualMetrics, plan
 from .eval_results import (
     DEFINITIONS,
     METRICS,
@@ -83,7 +85,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _MS_SSIM_MIN_SIDE = 161  # pytorch-msssim: the shorter side must exceed (11 - 1) * 2**4 for 5 scales
-_LPIPS_WEIGHTS = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet (IMAGENET1K_V1), the backbone lpips uses
 _MSSSIM_MISSING = 'evaluate needs pytorch-msssim (SSIM, MS-SSIM): pip install "vae-toolkit[eval]"'
 
 
@@ -351,44 +352,17 @@ def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -
     ]
 
 
-def lpips_status() -> tuple[bool, str]:
-    """Whether LPIPS can be computed here without downloading anything, and if not, what to install.
+def lpips_status(net: str = "alex") -> tuple[bool, str]:
+    """Whether LPIPS (``net``) can run here: its weight files are in ``torch.hub.get_dir()/checkpoints`` or can
+    be fetched now; if not, the one line that says which file to put where. Never downloads anything."""
+    from . import _weights
 
-    It needs the ``lpips`` package (which ships its linear layers), ``torchvision`` and torchvision's AlexNet
-    weights already in the torch hub cache (``torch.hub.get_dir()/checkpoints/alexnet-owt-7be5be79.pth``).
-    """
-    import importlib.util
-    from pathlib import Path
-
-    missing = [name for name in ("lpips", "torchvision") if importlib.util.find_spec(name) is None]
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_WEIGHTS
-    if missing:
-        return False, (
-            f"LPIPS left out: {' and '.join(missing)} not installed. To add the column, pip install lpips torchvision "
-            f"and put torchvision's AlexNet weights at {weights} (vae-toolkit never downloads them)"
-        )
-    if not weights.is_file():
-        return False, (
-            f"LPIPS left out: torchvision's AlexNet weights are not at {weights}; download them once (for example "
-            "python -c 'import torchvision; torchvision.models.alexnet(weights=\"IMAGENET1K_V1\")'); "
-            "vae-toolkit never downloads them during a run"
-        )
-    return True, "LPIPS: the lpips package, AlexNet v0.1"
-
-
-class _Lpips:
-    """The lpips package's AlexNet LPIPS, on the CPU in float32 (built only when :func:`lpips_status` is True)."""
-
-    def __init__(self) -> None:
-        import lpips
-
-        self.net = lpips.LPIPS(net="alex", version="0.1", verbose=False).eval()
-
-    def __call__(self, a: np.ndarray, b: np.ndarray) -> list[float]:
-        x = _planes(a).float() / 127.5 - 1
-        y = _planes(b).float() / 127.5 - 1
-        with torch.inference_mode():
-            return [float(v) for v in self.net(x, y).flatten()]
+    files = {"alex": (_weights.ALEXNET, _weights.LPIPS_ALEX), "vgg": (_weights.VGG16, _weights.LPIPS_VGG)}[net]
+    folder = _weights.weights_dir()
+    missing = [spec for spec in files if not (folder / spec.name).is_file()]
+    if not missing:
+        return True, f"LPIPS: v0.1, {net}, weights in {folder}"
+    return False, "; ".join(f"{spec.name} is not in {folder}: download {spec.url} there" for spec in missing)
 
 
 # --- the pipeline -----------------------------------------------------------------------------------
@@ -451,7 +425,9 @@ def evaluate(
     worst: int = 4,
     picks: int = 4,
     seed: int = 0,
-    lpips: bool | None = None,
+    lpips: Literal["alex", "vgg", "none"] | bool | None = None,
+    fid: bool | None = None,
+    fast_reader: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     tile: bool = False,
@@ -479,8 +455,14 @@ def evaluate(
         worst: Pictures of the ``worst`` lowest-PSNR images of each model.
         picks: Pictures of ``picks`` images chosen by ``seed`` (the same whatever the ranks or batches).
         seed: Seed of the picks.
-        lpips: ``None``: add LPIPS when it is available locally (:func:`lpips_status`); ``True``: require it;
-            ``False``: leave it out.
+        lpips: LPIPS per image (:mod:`vae_toolkit.metrics`): ``None`` (default) AlexNet when its weights are
+            in ``torch.hub.get_dir()/checkpoints`` or can be fetched, else left out with a note; ``"alex"``,
+            ``"vgg"`` or ``True`` (AlexNet) require it; ``"none"`` or ``False`` leave it out.
+        fid: rFID per model over the images it reconstructed: ``None`` (default) when the Inception weights are
+            there or can be fetched, else left out with a note; ``True`` requires it; ``False`` leaves it out.
+        fast_reader: Decode large JPEGs at a reduced DCT scale before resizing to ``size`` (as ``encode`` does
+            by default); by default the originals are read exactly (full decode, then resize), as other tools
+            read them, so that the numbers are comparable.
         overwrite: Replace the report in a non-empty ``output`` folder: the files the previous report's
             ``report-manifest.json`` lists are replaced; no other file there is removed or replaced.
         progress: Show a progress bar (images/s per model), on rank 0.
@@ -502,7 +484,9 @@ def evaluate(
         OSError: ``output`` cannot be written (checked before the first image); the message names the file.
         FileNotFoundError: ``source`` does not exist.
         ValueError / TypeError: bad arguments, or no images found.
-        ImportError: pytorch-msssim is missing, or ``lpips=True`` and LPIPS is not available.
+        ImportError: pytorch-msssim is missing.
+        WeightsUnavailableError: (a ``FileNotFoundError``) a metric asked for by name (``lpips="alex"``,
+            ``fid=True``) cannot find or fetch its weights; checked before the first image.
 
     Example:
         >>> loader = VAELoader()  # doctest: +SKIP
@@ -532,29 +516,21 @@ def evaluate(
     check_int("picks", picks, 0)
     check_int("seed", seed, 0)
     check_int("max_pixels", max_pixels, 1, allow_none=True)
-    if not isinstance(tile, bool):
-        raise TypeError(f"tile must be True or False, got {tile!r}")
+    for flag, value in (("tile", tile), ("fast_reader", fast_reader)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be True or False, got {value!r}")
     require_metrics()
+    chosen = plan(lpips, fid)
     src = scan_source(source)
     root, keys = src.root, src.keys
     if limit is not None:
         keys = keys[:limit]
     models = list(vaes)
     metrics = list(METRICS)
-    notes: list[str] = []
-    lpips_net = None
-    if lpips is not False:
-        available, message = lpips_status()
-        if available:
-            lpips_net = _Lpips()
-            metrics.append("lpips")
-        elif lpips:
-            raise ImportError(message)
-        else:
-            notes.append(message)
-            logger.info(message)
-
+    notes: list[str] = list(chosen.notes)
     first = vaes[models[0]]
+    perceptual = PerceptualMetrics(chosen, models, _device(first))
+    metrics += perceptual.metrics
     dist = ProcessGroup.from_env(_device(first))
     out = Path(output).expanduser() if output is not None and dist.rank == 0 else None
     settings = {
@@ -563,9 +539,12 @@ def evaluate(
         "limit": limit,
         "size": size,
         "preparation": "resized and center-cropped to size x size" if size else "center-cropped to a multiple of 8",
-        # load_for_encoding's default: large JPEGs decoded at a reduced DCT scale first, as encode does
-        "reader": "fast" if size else "exact",
+        # exact: full decode, then resize; fast (fast_reader): large JPEGs decoded at a reduced DCT scale first
+        "reader": "fast" if size and fast_reader else "exact",
+        "lpips": chosen.lpips,
+        "rfid": {"images": "reconstructed by the model", "dims": perceptual.fid_dims} if chosen.fid else None,
         "tile": tile,
+        "exif_orientation": "applied",  # as load_for_encoding reads the images (and encode stores them)
         "max_pixels": max_pixels,
         "batch_size": batch_size,
         "models": {
@@ -580,7 +559,7 @@ def evaluate(
         "worst": worst,
         "picks": picks,
         "seed": seed,
-        "versions": versions(lpips_net is not None),
+        "versions": versions(chosen.fid),
     }
     rows: list[dict[str, Any]] = []
     failures = dict(src.bad)
@@ -609,9 +588,16 @@ def evaluate(
                 _pipeline(
                     vaes,
                     [(key, root / key) for key in mine],
-                    _Run(size, batch_size, workers if workers is not None else default_workers(), tile, max_pixels),
+                    _Run(
+                        size,
+                        batch_size,
+                        workers if workers is not None else default_workers(),
+                        tile,
+                        max_pixels,
+                        fast_reader and size is not None,
+                    ),  # fmt: skip
                     keeper,
-                    lpips_net,
+                    perceptual,
                     progress and dist.rank == 0,
                     rows,
                     failures,
@@ -629,6 +615,10 @@ def evaluate(
                 )  # fmt: skip
             raise
         gathered = dist.gather((rows, failures, keeper))
+        rfid = perceptual.results(all_reduce=dist.world_size > 1) if perceptual.fid else {}
+        if rfid and min(v["rfid_images"] for v in rfid.values()) < FID_MIN_IMAGES:
+            notes.append(FID_NOTE)
+            logger.warning("%s", FID_NOTE)
         all_rows = _sorted_rows([r for g in gathered for r in g[0]], models)
         all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
         merged = Keeper(models, worst, picks, seed)
@@ -643,6 +633,7 @@ def evaluate(
             seconds=time.perf_counter() - start,
             rank=dist.rank,
             _shown=merged,
+            rfid=rfid,
         )
         if out is not None:
             if writer is not None:
@@ -670,6 +661,7 @@ class _Run:
     workers: int
     tile: bool
     max_pixels: int | None
+    fast: bool  # the reduced-scale JPEG decode of load_for_encoding
 
 
 def _pipeline(
@@ -677,7 +669,7 @@ def _pipeline(
     items: Sequence[tuple[str, Path]],
     run: _Run,
     keeper: Keeper,
-    lpips_net: _Lpips | None,
+    perceptual: PerceptualMetrics,
     progress: bool,
     rows: list[dict[str, Any]],
     failures: dict[str, str],
@@ -721,9 +713,10 @@ def _pipeline(
                 arrays[name] = np.stack([recons[name][i] for i in good])
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     values[name] = _metrics(kept, arrays[name], device)
-                if lpips_net is not None:
-                    for v, d in zip(values[name], lpips_net(kept, arrays[name]), strict=True):
+                if perceptual.lpips is not None:
+                    for v, d in zip(values[name], perceptual.lpips_values(kept, arrays[name]), strict=True):
                         v["lpips"] = d
+            perceptual.add(kept, arrays)  # rFID: the originals' features once, every model's reconstructions
         h, w = originals.shape[1:3]
         done = [
             {"image": keys[i], "model": name, "width": int(w), "height": int(h), **values[name][j]}
@@ -744,7 +737,14 @@ def _pipeline(
     pending: Future[None] | None = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae_toolkit_metrics") as pool:
         try:
-            batches = iter_batches(items, run.size, run.batch_size, workers=run.workers, max_pixels=run.max_pixels)
+            batches = iter_batches(
+                items,
+                run.size,
+                run.batch_size,
+                exact_resize=not run.fast,
+                workers=run.workers,
+                max_pixels=run.max_pixels,
+            )
             for batch in batches:
                 if isinstance(batch, tuple):
                     key, err = batch

@@ -607,11 +607,12 @@ class FrechetInceptionDistance:
         sigma = (sigma + sigma.T) / 2  # the sums of products are symmetric up to the matrix product's rounding
         return mu.numpy(), sigma.numpy()
 
-    def compute(self) -> float:
+    def compute(self, *, warn: bool = True) -> float:
         """The Fréchet distance between the real and the generated set (:func:`frechet_distance`).
 
-        Logs a warning when a set has fewer than 2,048 images: FID is then biased and not comparable with
-        values over other numbers of images (model cards use 5,000 or 50,000).
+        Logs a warning (unless ``warn=False``, for a caller that says it once itself) when a set has fewer than
+        2,048 images: FID is then biased and not comparable with values over other numbers of images (model cards
+        use 5,000 or 50,000).
 
         Raises:
             ValueError: fewer than 2 images in a set; or, as pytorch-fid, an imaginary component above 1e-3.
@@ -620,7 +621,7 @@ class FrechetInceptionDistance:
         mu1, sigma1 = self.statistics(True)
         mu2, sigma2 = self.statistics(False)
         fewest = min(self.num_real, self.num_fake)
-        if fewest < FID_MIN_IMAGES:
+        if fewest < FID_MIN_IMAGES and warn:
             logger.warning(
                 "FID over %d real and %d generated images: below %d images FID is biased upward and not comparable "
                 "with published values (model cards use 5,000 or 50,000)",

@@ -34,7 +34,7 @@ MANIFEST_NAME = "report-manifest.json"
 #: The report's files at the top of the folder (pictures go under ``images/``).
 REPORT_FILES = ("metrics.csv", "summary.json", "index.html")
 
-_PICTURE = re.compile(r"images/(compare|distribution)-[A-Za-z0-9._-]+\.png")
+_PICTURE = re.compile(r"images/(?:(?:compare|distribution)-[A-Za-z0-9._-]+|error-scale(?:-[0-9]+)?)\.png")
 
 
 class ReportExistsError(FileExistsError):
