@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -274,7 +275,7 @@ def encode_command(args: argparse.Namespace) -> int:
     from .encoding import training_settings
     from .vae_loader import VAELoader
 
-    if not args.source.exists():
+    if not args.source.exists() and not re.search(r"\{[^{}]*\}", str(args.source)):  # a brace pattern: expanded later
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
     model = model_name(args.model)  # a folder is recorded as its resolved path
     reader = "exact" if args.exact_resize or (args.size is None and args.buckets is None) else "fast"
@@ -323,11 +324,13 @@ def encode_command(args: argparse.Namespace) -> int:
                 max_aspect=args.max_aspect,
                 flip=args.flip,
                 distribution=args.distribution,
+                image_column=args.image_column,
+                key_column=args.key_column,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err
-    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError) as err:
-        # another writer, an output that cannot be written, no images in SOURCE
+    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError, FileNotFoundError, ImportError) as err:
+        # another writer, an output that cannot be written, no images in SOURCE, a shard missing, no pyarrow
         raise UsageError(" ".join(str(err).split())) from err
     if summary.rank == 0:
         print(f"encode: {summary}")
