@@ -221,8 +221,15 @@ def _prefix_ranges(table: Any, shards: list[str]) -> tuple[np.ndarray, np.ndarra
     return starts, ends
 
 
-def _shard_of(key: str) -> str:
-    return key.rsplit("/", 1)[0] if "/" in key else ""
+def _shard_index(key: str, index_of: dict[str, int]) -> int:
+    """The source shard a key belongs to (its path is a prefix of the key up to a ``/``), or -1."""
+    at = key.find("/")
+    while at >= 0:
+        i = index_of.get(key[:at], -1)
+        if i >= 0:
+            return i
+        at = key.find("/", at + 1)
+    return -1
 
 
 def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> tuple[Plan, Merge, ArchivePlan]:
@@ -267,7 +274,7 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
     drop_missing = src.is_folder and not keep_missing
     for okey in list(orphans):
         orphan = orphans[okey]
-        i = index_of.get(_shard_of(okey), -1)
+        i = _shard_index(okey, index_of)
         row = table.find(okey) if table is not None else -1
         if i >= 0 and orphan.stat == src.stats[i]:
             if row >= 0:
@@ -368,6 +375,7 @@ def iter_members(
                         raise tarfile.ReadError("unexpected end of data")
                     last = key
                     yield key, stat, data
+                    del data, reader  # not held while the next member is read
     except (tarfile.TarError, OSError, EOFError) as err:
         after = f"after its member {last}" if last is not None else "before any member was read"
         text = " ".join(str(err).split()) or type(err).__name__
