@@ -38,7 +38,7 @@ from buckets import make_photos, timed
 from dataset import make_vae
 from store import SETTINGS
 
-from vae_toolkit import _table, archives, encoding, store_files
+from vae_toolkit import _table, encoding, store_files
 
 KEY_WIDTH = 9  # member names 000000000.jpg .. (webdataset's sample keys)
 
@@ -126,8 +126,14 @@ def build_store(folder: Path, shards: int, per_shard: int) -> Path:
 
     index = {
         "metadata": {**SETTINGS, "count": n, "total_size": size, "source": str(source), "updated": "now"},
-        "shards": [{"file": shard_name, "bytes": size, "header_bytes": len(header_json),
-                    "header_crc32": zlib.crc32(header_json)}],  # fmt: skip
+        "shards": [
+            {
+                "file": shard_name,
+                "bytes": size,
+                "header_bytes": len(header_json),
+                "header_crc32": zlib.crc32(header_json),
+            }
+        ],  # fmt: skip
         "table": {"file": table_name, "bytes": table_bytes, "sha256": table_sha},
         "failures": {},
         "retired": [],
@@ -168,8 +174,8 @@ def planning(args: argparse.Namespace) -> dict[str, object]:
             runs.append(json.loads(proc.stdout))
         shutil.rmtree(tmp, ignore_errors=True)
     best = min(runs, key=lambda r: r["total"])
-    return {"build_seconds": round(built, 1), **{k: round(v, 3) if isinstance(v, float) else v for k, v in best.items()},
-            "totals": [round(r["total"], 3) for r in runs]}  # fmt: skip
+    rounded = {k: round(v, 3) if isinstance(v, float) else v for k, v in best.items()}
+    return {"build_seconds": round(built, 1), **rounded, "totals": [round(r["total"], 3) for r in runs]}
 
 
 def main() -> int:

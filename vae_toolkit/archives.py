@@ -251,14 +251,20 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
     mtimes = np.array([s[1] for s in src.stats], dtype=np.int64)
     in_source = np.zeros(n, dtype=bool)
     current = np.zeros(n, dtype=bool)  # rows of a listed shard with the shard's present (size, mtime)
-    if table is not None and n and len(src.shards):
-        owner = np.repeat(np.arange(len(src.shards)), counts)
-        rows = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
-                               if b > a] or [np.zeros(0, dtype=np.int64)])  # fmt: skip
-        in_source[rows] = True
-        current[rows] = (table.column("source_bytes")[rows] == sizes[owner]) & (
-            table.column("source_mtime_ns")[rows] == mtimes[owner]
-        )
+    if table is not None and n and len(src.shards):  # the ranges are sorted and disjoint: no per-row index
+        delta = np.zeros(n + 1, dtype=np.int8)
+        np.add.at(delta, starts, 1)
+        np.add.at(delta, ends, -1)
+        in_source[:] = np.cumsum(delta[:n], dtype=np.int8) > 0
+        every = bool(in_source.all())
+        stored_bytes, stored_mtimes = table.column("source_bytes"), table.column("source_mtime_ns")
+        if not every:
+            stored_bytes, stored_mtimes = stored_bytes[in_source], stored_mtimes[in_source]
+        same = (stored_bytes == np.repeat(sizes, counts)) & (stored_mtimes == np.repeat(mtimes, counts))
+        if every:
+            current = same
+        else:
+            current[in_source] = same
     valid = keep & current if n else np.zeros(0, dtype=bool)
     if n:
         keep &= current | ~in_source  # a changed shard's old entries go: it is read again
