@@ -198,8 +198,11 @@ def _listed(
     return ArchiveSource(base, names, stats, kinds.pop(), is_folder, image_column, key_column)
 
 
-def _prefix_ranges(table: Any, shards: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """For each sorted shard, the rows ``[start, end)`` of the sorted table whose keys are ``shard/...``."""
+def _prefix_ranges(table: Any, shards: list[str], hints: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For each sorted shard, the rows ``[start, end)`` of the sorted table whose keys are ``shard/...``.
+
+    ``hints`` (the recorded number of members per shard, or -1) are checked first with three key reads;
+    otherwise, or when they do not hold, binary searches."""
     n = table.count if table is not None else 0
     if table is None or not n:
         return np.zeros(len(shards), dtype=np.int64), np.zeros(len(shards), dtype=np.int64)
@@ -216,8 +219,15 @@ def _prefix_ranges(table: Any, shards: list[str]) -> tuple[np.ndarray, np.ndarra
     lo = 0
     for i, shard in enumerate(shards):  # "/" + 1 == "0": the keys "shard/..." lie in [shard/, shard0)
         prefix = shard.encode("utf-8")
-        starts[i] = lo = bisect.bisect_left(keys, prefix + b"/", lo)
-        ends[i] = lo = bisect.bisect_left(keys, prefix + b"0", lo)
+        first, past = prefix + b"/", prefix + b"0"
+        if not (lo < n and first <= keys[lo]):  # the usual case: the next rows are this shard's
+            lo = bisect.bisect_left(keys, first, lo)
+        starts[i] = lo
+        end = lo + hints[i]
+        if hints[i] >= 0 and end <= n and (end == n or keys[end] >= past) and (end == lo or keys[end - 1] < past):
+            ends[i] = lo = end
+        else:
+            ends[i] = lo = bisect.bisect_left(keys, past, lo)
     return starts, ends
 
 
@@ -245,7 +255,8 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
     keep = state.keep.copy() if state.keep is not None else np.ones(0, dtype=bool)
     recorded = (state.index or {}).get("archives", {})
     recorded = recorded if isinstance(recorded, dict) else {}
-    starts, ends = _prefix_ranges(table, src.shards)
+    hints = [r[2] if isinstance(r, list) and len(r) == 3 else -1 for r in map(recorded.get, src.shards)]
+    starts, ends = _prefix_ranges(table, src.shards, hints)
     counts = ends - starts
     sizes = np.array([s[0] for s in src.stats], dtype=np.int64)
     mtimes = np.array([s[1] for s in src.stats], dtype=np.int64)
