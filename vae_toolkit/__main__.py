@@ -402,7 +402,13 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "Run the same command again to resume after a crash: images already stored are skipped. Under torchrun "
         "every rank takes its own GPU and part of the images.",
     )
-    enc.add_argument("source", type=Path, metavar="SOURCE", help="a folder of images (searched recursively)")
+    enc.add_argument(
+        "source",
+        type=Path,
+        metavar="SOURCE",
+        help="a folder of images (searched recursively), or tar shards / Parquet files: a .tar or .parquet file, a "
+        "folder of them, or a brace pattern such as 'shards/{00000..00999}.tar'",
+    )
     enc.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the store folder")
     shape = enc.add_mutually_exclusive_group()
     shape.add_argument("--size", type=_size_arg, metavar="N", help="resize the shorter side to N, center-crop N x N")
@@ -486,6 +492,12 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     )
     enc.add_argument("--max-pixels", **max_pixels)
     enc.add_argument("--no-progress", action="store_true", help="no progress bar")
+    enc.add_argument(
+        "--image-column", default="image", metavar="NAME", help="Parquet: the column of image bytes (default image)"
+    )
+    enc.add_argument(
+        "--key-column", default=None, metavar="NAME", help="Parquet: the column of keys (default: the row number)"
+    )
 
     dec = commands.add_parser(
         "decode",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -305,11 +306,12 @@ def _mismatch_message(err: Any) -> str:
 
 
 def encode_command(args: argparse.Namespace) -> int:
+    from .buckets import training_settings
     from .dataset import INDEX_NAME, StoreLockedError, StoreMismatchError, check_store, encode_dataset
-    from .encoding import EXIF_ORIENTATION, training_settings
+    from .encoding import EXIF_ORIENTATION
     from .vae_loader import VAELoader, weights_fingerprint
 
-    if not args.source.exists():
+    if not args.source.exists() and not re.search(r"\{[^{}]*\}", str(args.source)):  # a brace pattern: expanded later
         raise UsageError(f"argument SOURCE: {args.source} does not exist")
     model = model_name(args.model)  # a folder is recorded as its resolved path
     reader = "exact" if args.exact_resize or (args.size is None and args.buckets is None) else "fast"
@@ -361,11 +363,13 @@ def encode_command(args: argparse.Namespace) -> int:
                 distribution=args.distribution,
                 verify=args.verify,
                 max_pixels=args.max_pixels or None,
+                image_column=args.image_column,
+                key_column=args.key_column,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err
-    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError) as err:
-        # another writer, an output that cannot be written, no images in SOURCE
+    except (StoreLockedError, PermissionError, ValueError, NotADirectoryError, FileNotFoundError, ImportError) as err:
+        # another writer, an output that cannot be written, no images in SOURCE, a shard missing, no pyarrow
         raise UsageError(" ".join(str(err).split())) from err
     if summary.rank == 0:
         print(f"encode: {summary}")

@@ -198,3 +198,31 @@ def _image_size(path: Readable) -> tuple[int, int]:
     finally:
         if hasattr(path, "seek"):
             path.seek(0)
+
+
+def training_settings(
+    size: int | None,
+    buckets: int | None,
+    bucket_step: int,
+    max_aspect: float,
+    flip: bool,
+    distribution: bool,
+    sample: bool,
+) -> dict[str, Any]:
+    """The training-cache settings a store records (checked, as the others, on every rerun)."""
+    for name, value in (("flip", flip), ("distribution", distribution)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    if buckets is not None and size is not None:
+        raise ValueError(
+            f"size ({size}) and buckets ({buckets}) exclude each other: size crops every image square, buckets "
+            "keep each image's aspect ratio; pass one of them"
+        )
+    if distribution and sample:
+        raise ValueError("sample and distribution exclude each other: distribution stores what a sample is drawn "
+                         "from (mean and std), sample one drawn latent; pass one of them")  # fmt: skip
+    spec = None
+    if buckets is not None:
+        bucket_sizes(buckets, bucket_step, max_aspect)  # raises when there is no bucket
+        spec = {"area": int(buckets), "step": int(bucket_step), "max_aspect": float(max_aspect)}
+    return {"buckets": spec, "flip": flip, "distribution": distribution}

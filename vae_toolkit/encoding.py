@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +30,21 @@ from . import latents
 from ._checks import DEFAULT_MAX_PIXELS, check_int
 from ._dist import ProcessGroup
 from ._version import __version__
+from .archives import (
+    PARQUET,
+    ArchivePlan,
+    ArchiveSource,
+    MemberBytes,
+    ReadLog,
+    archive_source,
+    check_parquet_available,
+    iter_archive,
+    plan_archives,
+)
 from .batching import Item, default_workers, failure_reason, group_batches, read_ahead, share_cores, stacked_batches
-from .buckets import bucket_sizes, prepare_image
+from .buckets import bucket_sizes, prepare_image, training_settings
 from .model_config import get_all_model_configs
-from .sources import file_stat, scan_source
+from .sources import Source, file_stat, scan_source
 from .store_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -349,6 +360,8 @@ def encode_dataset(
     distribution: bool = False,
     verify: bool = False,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    image_column: str = "image",
+    key_column: str | None = None,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -364,7 +377,11 @@ def encode_dataset(
         vae: A loaded ``AutoencoderKL`` (any device and dtype), or a function without arguments that loads
             it (called only when there is work; then ``model`` is required).
         source: A folder of images (searched recursively) or a list of image files; keys are paths
-            relative to the folder (for a list, to the files' common folder).
+            relative to the folder (for a list, to the files' common folder). Or tar shards (webdataset's
+            layout) or Parquet files: a ``.tar``/``.parquet`` file, a folder holding them, a list of them, or
+            a brace pattern (``"shards/{00000..00099}.tar"``); keys are the shard's relative path, ``/``, then
+            the member's name (``00042.tar/000420123.jpg``) or the Parquet row's key
+            (:mod:`vae_toolkit.archives`). A tar is read in one sequential pass, never unpacked.
         output: The store folder (created if needed).
         model: The model's name, recorded in the store (default: ``vae.config._name_or_path``).
         size: Resize the shorter side to ``size`` and center-crop ``size x size`` (as ``pil_to_tensor``);
@@ -401,6 +418,8 @@ def encode_dataset(
             images are encoded again. Costs one read of the whole store.
         max_pixels: An image whose header says more pixels is a failure, found before it is decoded (default
             89,478,485, PIL's decompression-bomb warning threshold); ``None`` for no limit.
+        image_column: With Parquet files: the column holding the images (bytes, or ``{bytes, path}``).
+        key_column: With Parquet files: the column whose value is the row's key (default: the row number).
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -408,7 +427,8 @@ def encode_dataset(
     Raises:
         StoreMismatchError: (a ``ValueError``) ``output`` holds latents made with other settings.
         StoreLockedError: another run is writing ``output``.
-        FileNotFoundError: ``source`` does not exist.
+        FileNotFoundError: ``source`` does not exist (or a shard of a brace pattern).
+        ImportError: a Parquet source without pyarrow (``pip install "vae-toolkit[parquet]"``).
         NotADirectoryError: ``output`` is a file.
         OSError: ``output`` cannot be written (the message names the path), checked before the model loads.
         ValueError / TypeError: bad arguments, or no images found.
@@ -429,6 +449,10 @@ def encode_dataset(
     check_int("max_shard_size", max_shard_size, 1)
     check_int("seed", seed, 0)
     check_int("max_pixels", max_pixels, 1, allow_none=True)
+    if not isinstance(image_column, str) or not image_column:
+        raise TypeError(f"image_column must be a column name, got {image_column!r}")
+    if key_column is not None and (not isinstance(key_column, str) or not key_column):
+        raise TypeError(f"key_column must be a column name or None, got {key_column!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
@@ -469,11 +493,12 @@ def encode_dataset(
     lock: WriterLock | None = None
     merge: Merge | None = None
     try:
-        prepared: Plan | BaseException
+        prepared: tuple[Plan, ArchivePlan | None] | BaseException
+        columns = (image_column, key_column)
         if dist.rank == 0:
             try:
-                lock, plan, merge = _prepare(out, source, known, overwrite, keep_missing, verify)
-                prepared = plan
+                lock, plan, merge, archived = _prepare(out, source, known, overwrite, keep_missing, verify, columns)
+                prepared = (plan, archived)
             except Exception as err:
                 prepared = err
         else:
@@ -481,7 +506,7 @@ def encode_dataset(
         prepared = dist.broadcast(prepared)
         if isinstance(prepared, BaseException):
             raise prepared
-        plan = prepared
+        plan, archived = prepared
         summary = EncodeSummary(output=out, total=plan.total, skipped=plan.skipped, removed=plan.removed,
                                 rank=dist.rank, verified=plan.verified if verify else None)  # fmt: skip
         if plan.up_to_date:
@@ -509,8 +534,8 @@ def encode_dataset(
                     merge.state.close()
                     logger.info("overwrite: removed %d file(s) of the previous store in %s",
                                 remove_store_files(out), out)  # fmt: skip
-                    plan, merge = plan_run(StoreState(), scan_source(source), keep_missing)
-                plan = dist.broadcast(plan)
+                    plan, merge, archived = _plan(StoreState(), _scan(source, columns), keep_missing)
+                plan, archived = dist.broadcast((plan, archived))
                 summary.skipped, summary.removed = plan.skipped, 0
         todo = plan.todo
         mine = todo[dist.rank :: dist.world_size]
@@ -522,25 +547,42 @@ def encode_dataset(
         )  # fmt: skip
         writer = _ShardWriter(out, uuid.uuid4().hex[:12], dist.rank, settings, max_shard_size, checkpoint_every)
         encoded, failed, upscaled = 0, dict[str, str](), 0
+        log = ReadLog()
         if mine:
             encoder = _Encoder(vae, sample, seed, dtype, flip, distribution)
-            desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)})"
-            items = [(key, plan.root / key) for key in mine]
+            unit = "shards" if archived is not None else "images"
+            desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)} {unit})"
+            items: Iterable[tuple[str, Any]]
+            if archived is None:
+                items, count = [(key, plan.root / key) for key in mine], len(mine)
+            else:
+                members = iter_archive(archived, archived.tasks[dist.rank :: dist.world_size], log)
+                items, count = ((key, (stat, data, key)) for key, stat, data in members), None
             with _sigterm_flushes():
                 try:
                     encoded, failed, upscaled = _pipeline(items, size, bucket_list, exact_resize, batch_size,
                                                           workers, encoder, writer, progress and dist.rank == 0,
-                                                          desc, max_pixels)  # fmt: skip
+                                                          desc, max_pixels, count)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
-        results = dist.gather((encoded, failed, writer.written, upscaled))
-        failures = {k: v for _, f, _, _ in results for k, v in f.items()}
+        results = dist.gather((encoded, failed, writer.written, upscaled, log))
+        failures = {k: v for _, f, _, _, _ in results for k, v in f.items()}
         failures.update(plan.failures)
         if dist.rank == 0:
             assert merge is not None
-            commit_run(out, merge, [name for r in results for name in r[2]], settings, failures, plan.root)
+            records = None
+            if archived is not None:  # shards read to their end this run, and the complete ones not opened
+                records = dict(archived.records)
+                for r in results:
+                    records.update(r[4].complete)
+                records = dict(sorted(records.items()))
+            commit_run(out, merge, [name for r in results for name in r[2]], settings, failures, plan.root,
+                       archives=records)  # fmt: skip
         dist.barrier()  # the index exists when encode_dataset returns on any rank
+        if archived is not None:  # members are only known once read
+            summary.total += sum(r[4].seen for r in results)
+            summary.skipped += sum(r[4].stored for r in results)
         summary.encoded = sum(r[0] for r in results)
         summary.upscaled = sum(r[3] for r in results)
         summary.failed = dict(sorted(failures.items()))
@@ -572,13 +614,14 @@ def _prepare(
     overwrite: bool,
     keep_missing: bool,
     verify: bool = False,
-) -> tuple[WriterLock | None, Plan, Merge]:
+    columns: tuple[str, str | None] = ("image", None),
+) -> tuple[WriterLock | None, Plan, Merge, ArchivePlan | None]:
     """Rank 0, before any model loads: lock the store, walk the source once, read the store, plan the work.
 
     A store with nothing to do is left exactly as it was (nothing is written), so a rerun works on read-only
     media too.
     """
-    src = scan_source(source)
+    src = _scan(source, columns)
     lock: WriterLock | None = None
     if out.is_dir() or _can_create(out):
         lock = WriterLock(out).acquire()
@@ -595,11 +638,11 @@ def _prepare(
                 raise PermissionError(errno.EACCES, f"cannot write to {out} (read-only) to replace the store")
             logger.info("overwrite: removed %d file(s) of the previous store in %s", remove_store_files(out), out)
             state = StoreState()
-        plan, merge = plan_run(state, src, keep_missing)
+        plan, merge, archived = _plan(state, src, keep_missing)
         plan.verified = state.verified
         if plan.up_to_date:
             tidy(state, writable)
-            return lock, plan, merge
+            return lock, plan, merge, archived
         if not writable:
             state.close()
             raise PermissionError(
@@ -611,11 +654,32 @@ def _prepare(
         lock.claim()
         probe_writable(out)
         tidy(state, writable)
-        return lock, plan, merge
+        return lock, plan, merge, archived
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+def _scan(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], columns: tuple[str, str | None]
+) -> Source | ArchiveSource:
+    """The source's listing: its archives (tar, Parquet), else its image files."""
+    archives = archive_source(source, *columns)
+    if archives is None:
+        return scan_source(source)
+    if archives.kind == PARQUET:
+        check_parquet_available()
+    return archives
+
+
+def _plan(
+    state: StoreState, src: Source | ArchiveSource, keep_missing: bool
+) -> tuple[Plan, Merge, ArchivePlan | None]:
+    if isinstance(src, ArchiveSource):
+        return plan_archives(state, src, keep_missing)
+    plan, merge = plan_run(state, src, keep_missing)
+    return plan, merge, None
 
 
 def _can_create(out: Path) -> bool:
@@ -639,36 +703,8 @@ def _stored_settings(merge: Merge | None) -> dict[str, Any]:
     return {}
 
 
-def training_settings(
-    size: int | None,
-    buckets: int | None,
-    bucket_step: int,
-    max_aspect: float,
-    flip: bool,
-    distribution: bool,
-    sample: bool,
-) -> dict[str, Any]:
-    """The training-cache settings a store records (checked, as the others, on every rerun)."""
-    for name, value in (("flip", flip), ("distribution", distribution)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be True or False, got {value!r}")
-    if buckets is not None and size is not None:
-        raise ValueError(
-            f"size ({size}) and buckets ({buckets}) exclude each other: size crops every image square, buckets "
-            "keep each image's aspect ratio; pass one of them"
-        )
-    if distribution and sample:
-        raise ValueError("sample and distribution exclude each other: distribution stores what a sample is drawn "
-                         "from (mean and std), sample one drawn latent; pass one of them")  # fmt: skip
-    spec = None
-    if buckets is not None:
-        bucket_sizes(buckets, bucket_step, max_aspect)  # raises when there is no bucket
-        spec = {"area": int(buckets), "step": int(bucket_step), "max_aspect": float(max_aspect)}
-    return {"buckets": spec, "flip": flip, "distribution": distribution}
-
-
 def _pipeline(
-    items: Sequence[tuple[str, Path]],
+    items: Iterable[tuple[str, Any]],
     size: int | None,
     buckets: list[tuple[int, int]] | None,
     exact_resize: bool,
@@ -679,14 +715,26 @@ def _pipeline(
     progress: bool,
     desc: str,
     max_pixels: int | None = None,
+    total: int | None = None,
 ) -> tuple[int, dict[str, str], int]:
-    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures, upscaled)."""
+    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures, upscaled).
+
+    ``items`` are ``(key, path)``, or ``(key, (stat, bytes or exception, key))`` for an archive's members: those
+    are produced one at a time on the reading thread (a tar read in one pass), and decoded on the threads.
+    """
     from tqdm.auto import tqdm
 
     failed: dict[str, str] = {}
     encoded = upscaled = 0
 
-    def read(path: Path) -> tuple[tuple[int, int], Any]:
+    def read(path: Path | tuple[tuple[int, int], bytes | Exception, str]) -> tuple[tuple[int, int], Any]:
+        if isinstance(path, tuple):  # a member of a tar or a Parquet row
+            stat, data, key = path
+            if isinstance(data, Exception):
+                raise data
+            return stat, prepare_image(
+                MemberBytes(data, key), size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels
+            )
         stat = file_stat(path)
         return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels)
 
@@ -698,7 +746,7 @@ def _pipeline(
                 stat, image = result
                 yield key, Item(key, stat, image.image, image.plan)
 
-    bar = tqdm(total=len(items), desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
         batches = group_batches(prepared(), batch_size)
         with closing(stacked_batches(batches)) as assembled:  # closed at once on an exception: the helper stops

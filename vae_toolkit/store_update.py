@@ -166,7 +166,7 @@ def _find(sorted_keys: list[str], key: str) -> int:
 
 def commit_run(
     folder: Path, merge: Merge, new_shards: Sequence[str], settings: dict[str, Any], failures: dict[str, str],
-    source: Path,
+    source: Path, archives: dict[str, list[int]] | None = None,
 ) -> None:  # fmt: skip
     """Write the table and the index for the store's new state, then delete what they supersede (rank 0).
 
@@ -237,6 +237,8 @@ def commit_run(
         "failures": dict(sorted(failures.items())),
         "retired": retired,
     }
+    if archives is not None:  # per tar / Parquet shard read to its end: [bytes, mtime_ns, members]
+        index["archives"] = archives
     write_index(folder, index)
     for name in retired:
         (folder / name).unlink(missing_ok=True)
