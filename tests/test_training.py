@@ -12,7 +12,7 @@ import torch
 from conftest import make_tiny_vae
 from test_dataset import write_images
 
-from vae_toolkit import _table, latents
+from vae_toolkit import _table, latents, store_files
 from vae_toolkit.buckets import bucket_sizes, prepare_image
 from vae_toolkit.dataset import (
     INDEX_NAME,
@@ -251,7 +251,7 @@ def test_a_store_written_before_the_conditioning_still_opens_and_resumes(vae, so
     index = json.loads((out / INDEX_NAME).read_text())
     for name in ("buckets", "flip", "distribution"):
         del index["metadata"][name]
-    (out / INDEX_NAME).write_text(json.dumps(index))
+    store_files.write_index(out, index)  # with its checksum, as the writer of that store wrote it
     data = (out / index["table"]["file"]).read_bytes()
     header = json.loads(data[16 : 16 + int.from_bytes(data[8:16], "little")])
     assert "original_size" not in header["columns"] and "shard" in header["columns"]
