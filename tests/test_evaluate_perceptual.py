@@ -251,3 +251,30 @@ def test_fast_reader_is_opt_in_and_recorded(planted, tmp_path, monkeypatch):
     fast = evaluate(vaes, tmp_path, size=16, progress=False, lpips="none", fid=False, fast_reader=True)
     assert exact.settings["reader"] == "exact" and fast.settings["reader"] == "fast"
     assert exact.rows[0]["psnr"] != fast.rows[0]["psnr"]  # the JPEG really was read the other way
+
+
+@pytest.mark.parametrize(
+    ("damage", "file", "expected"),
+    [
+        pytest.param("truncate", "alexnet-owt-7be5be79.pth", "probably truncated", id="truncated-alexnet"),
+        pytest.param("swap", "pt_inception-2015-12-05-6726825d.pth", "is not pytorch-fid", id="inception-is-vgg"),
+    ],
+)
+def test_a_damaged_weights_file_stops_the_run_before_any_model_loads(
+    planted, source, models, tmp_path, monkeypatch, capsys, damage, file, expected
+):
+    import shutil
+
+    home = tmp_path / "torch"
+    shutil.copytree(planted, home)
+    target = home / "hub" / "checkpoints" / file
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:1000])
+    else:  # another network's weights under this name
+        shutil.copy(home / "hub" / "checkpoints" / "lpips-v0.1-vgg.pth", target)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr("vae_toolkit.vae_loader.VAELoader.load_sd_vae", lambda *a, **k: pytest.fail("loaded"))
+    code = cli.main(["evaluate", str(source), "-o", str(tmp_path / "r"), "--model", str(models / "good")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert str(target) in err[0] and expected in err[0]

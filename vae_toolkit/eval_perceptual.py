@@ -62,9 +62,11 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
     Raises:
         ValueError: an unknown ``lpips`` value.
         WeightsUnavailableError: (a ``FileNotFoundError``) a metric asked for by name cannot get its weights.
-        InvalidWeightsError: (a ``ValueError``) a weight file is truncated or of another network.
+        InvalidWeightsError: (a ``ValueError``) a weight file of a metric that would run is truncated or of
+            another network (on by default or not: the file is there, and wrong).
     """
     from . import _weights
+    from .metrics import load_networks
 
     nets = {"alex": (_weights.ALEXNET, _weights.LPIPS_ALEX), "vgg": (_weights.VGG16, _weights.LPIPS_VGG)}
 
@@ -91,12 +93,13 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
             label = "LPIPS" if name.startswith("lpips") else "rFID"
             note = f"{label} left out: {err}"
             out.notes.append(note)
-            logger.warning("%s", note)
+            logger.info("%s", note)  # a note of the result: the CLI prints it, the report shows it
             continue
         if name == "fid":
             out.fid = True
         else:
             out.lpips = "vgg" if name == "lpips:vgg" else "alex"
+    load_networks(lpips=out.lpips, fid=out.fid)  # a truncated or wrong file stops the run here, whoever asked
     return out
 
 

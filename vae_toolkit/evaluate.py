@@ -618,7 +618,7 @@ def evaluate(
         rfid = perceptual.results(all_reduce=dist.world_size > 1) if perceptual.fid else {}
         if rfid and min(v["rfid_images"] for v in rfid.values()) < FID_MIN_IMAGES:
             notes.append(FID_NOTE)
-            logger.warning("%s", FID_NOTE)
+            logger.info("%s", FID_NOTE)  # once; the CLI prints the notes, the report shows them
         all_rows = _sorted_rows([r for g in gathered for r in g[0]], models)
         all_failures = dict(sorted((k, v) for g in gathered for k, v in g[1].items()))
         merged = Keeper(models, worst, picks, seed)

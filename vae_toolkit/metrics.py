@@ -57,6 +57,7 @@ __all__ = [
     "InvalidWeightsError",
     "WeightsUnavailableError",
     "frechet_distance",
+    "load_networks",
     "lpips",
     "mae",
     "ms_ssim",
@@ -382,6 +383,21 @@ def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex"
 
 
 # --- FID ---------------------------------------------------------------------------------------------------
+
+
+def load_networks(*, lpips: Literal["alex", "vgg"] | None = None, fid: bool = False) -> None:
+    """Read the weights of the networks named now (LPIPS ``lpips``, FID's Inception), so that a missing,
+    truncated or wrong file fails before any other work; FID's network stays cached for the run.
+
+    Raises:
+        WeightsUnavailableError: a file is missing and cannot be downloaded.
+        InvalidWeightsError: a file is truncated or holds another network; the message names it.
+    """
+    if lpips is not None:
+        LPIPS(lpips)
+    if fid:
+        _inception(torch.device("cpu"))
+
 
 _INCEPTION_CACHE: dict[str, FIDInceptionV3] = {}
 
