@@ -254,13 +254,24 @@ def test_lpips_parameters_are_the_files_tensors_frozen(net, backbone, heads):
     assert not any(p.requires_grad for p in module.parameters())
 
 
-def test_lpips_function_reuses_one_module_per_net_and_device():
+def _cached(net: str) -> list:
+    return [m for k, m in metrics._LPIPS_CACHE.items() if k[:2] == (net, "cpu")]
+
+
+def test_lpips_function_reuses_one_module_per_net_device_and_weights(tmp_path, monkeypatch):
     x, y = mw.lpips_images(5, n=1)
     metrics.lpips(x, y)
-    module = metrics._LPIPS_CACHE[("alex", "cpu")]
+    before = _cached("alex")
     metrics.lpips(x, y)
-    assert metrics._LPIPS_CACHE[("alex", "cpu")] is module
-    torch.testing.assert_close(metrics.lpips(x, y), module(x, y), rtol=0, atol=0)
+    assert _cached("alex") == before and len(before) == 1
+    torch.testing.assert_close(metrics.lpips(x, y), before[0](x, y), rtol=0, atol=0)
+    # other weight files (another TORCH_HOME): another module, built from them and checked, not the cached one
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    for name in (mw.ALEXNET, mw.LPIPS_ALEX):
+        (tmp_path / "hub" / "checkpoints" / name).write_bytes(b"not a weights file")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(metrics.InvalidWeightsError, match="probably truncated"):
+        metrics.lpips(x, y)
 
 
 def test_lpips_module_refuses_images_on_another_device(monkeypatch):

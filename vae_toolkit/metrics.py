@@ -358,7 +358,7 @@ def _shapes(module: nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in module.state_dict().items()}
 
 
-_LPIPS_CACHE: dict[tuple[str, str], LPIPS] = {}
+_LPIPS_CACHE: dict[tuple[str, ...], LPIPS] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -374,7 +374,9 @@ def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex"
         >>> loss = lpips(vae_toolkit.latents.decode(vae, z), target).mean()  # doctest: +SKIP
     """
     a = _check_batch(x, "x")
-    key = (net, str(a.device))
+    if net not in _LPIPS_NETS:
+        raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+    key = (net, str(a.device), *_file_key(*_LPIPS_NETS[net][1:]))
     with _CACHE_LOCK:
         module = _LPIPS_CACHE.get(key)
         if module is None:
@@ -399,12 +401,23 @@ def load_networks(*, lpips: Literal["alex", "vgg"] | None = None, fid: bool = Fa
         _inception(torch.device("cpu"))
 
 
-_INCEPTION_CACHE: dict[str, FIDInceptionV3] = {}
+_INCEPTION_CACHE: dict[tuple[str, ...], FIDInceptionV3] = {}
+
+
+def _file_key(*specs: _weights.WeightsFile) -> tuple[str, ...]:
+    """Which weight files a cached network was built from (path, size, mtime): another TORCH_HOME, or a file
+    replaced meanwhile, builds (and checks) the network again."""
+    out = []
+    for spec in specs:
+        path = _weights.locate(spec)
+        st = path.stat()
+        out += [str(path), str(st.st_size), str(st.st_mtime_ns)]
+    return tuple(out)
 
 
 def _inception(device: torch.device) -> FIDInceptionV3:
-    """pytorch-fid's FID Inception with its weights, built once per device."""
-    key = str(device)
+    """pytorch-fid's FID Inception with its weights, built once per device and weights file."""
+    key = (str(device), *_file_key(_weights.FID_INCEPTION))
     with _CACHE_LOCK:
         if key not in _INCEPTION_CACHE:
             net = FIDInceptionV3()
