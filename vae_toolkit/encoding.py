@@ -14,12 +14,10 @@ import hashlib
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +27,7 @@ import torch
 from . import latents
 from ._checks import DEFAULT_MAX_PIXELS, check_int
 from ._dist import ProcessGroup
+from ._signals import sigterm_exits
 from ._version import __version__
 from .archives import (
     PARQUET,
@@ -317,23 +316,6 @@ def _settings(
     }
 
 
-@contextmanager
-def _sigterm_flushes() -> Iterator[None]:
-    """SIGTERM (SLURM preemption, torchrun teardown) ends the run as Ctrl-C does: shards flushed, exit 143."""
-
-    def handler(signum: int, frame: Any) -> None:  # noqa: ARG001 - the signature signal.signal calls with
-        raise SystemExit(128 + signal.SIGTERM)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def encode_dataset(
     vae: AutoencoderKL | Callable[[], AutoencoderKL],
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -558,7 +540,7 @@ def encode_dataset(
             else:
                 members = iter_archive(archived, archived.tasks[dist.rank :: dist.world_size], log)
                 items, count = ((key, (stat, data, key)) for key, stat, data in members), None
-            with _sigterm_flushes():
+            with sigterm_exits():  # SIGTERM ends the run as Ctrl-C does: shards flushed, exit 143
                 try:
                     encoded, failed, upscaled = _pipeline(items, size, bucket_list, exact_resize, batch_size,
                                                           workers, encoder, writer, progress and dist.rank == 0,
