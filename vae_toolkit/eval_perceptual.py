@@ -66,9 +66,7 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
             another network (on by default or not: the file is there, and wrong).
     """
     from . import _weights
-    from .metrics import load_networks
-
-    nets = {"alex": (_weights.ALEXNET, _weights.LPIPS_ALEX), "vgg": (_weights.VGG16, _weights.LPIPS_VGG)}
+    from .metrics import load_networks, lpips_weight_files
 
     if lpips is True:
         lpips = "alex"
@@ -80,7 +78,7 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
     wanted: list[tuple[str, bool, list[_weights.WeightsFile]]] = []
     if lpips != "none":
         net = lpips or "alex"
-        wanted.append((f"lpips:{net}", lpips is not None, list(nets[net])))
+        wanted.append((f"lpips:{net}", lpips is not None, list(lpips_weight_files(net))))
     if fid is not False:
         wanted.append(("fid", fid is True, [_weights.FID_INCEPTION]))
     for name, required, files in wanted:

@@ -352,12 +352,13 @@ def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -
     ]
 
 
-def lpips_status(net: str = "alex") -> tuple[bool, str]:
-    """Whether LPIPS (``net``) can run here: its weight files are in ``torch.hub.get_dir()/checkpoints`` or can
-    be fetched now; if not, the one line that says which file to put where. Never downloads anything."""
+def lpips_status(net: Literal["alex", "vgg"] = "alex") -> tuple[bool, str]:
+    """Whether LPIPS (``net``) can run here without downloading: its weight files are in
+    ``torch.hub.get_dir()/checkpoints``; if not, the one line that says which file to put where."""
     from . import _weights
+    from .metrics import lpips_weight_files
 
-    files = {"alex": (_weights.ALEXNET, _weights.LPIPS_ALEX), "vgg": (_weights.VGG16, _weights.LPIPS_VGG)}[net]
+    files = lpips_weight_files(net)
     folder = _weights.weights_dir()
     missing = [spec for spec in files if not (folder / spec.name).is_file()]
     if not missing:

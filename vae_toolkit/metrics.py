@@ -58,6 +58,7 @@ __all__ = [
     "WeightsUnavailableError",
     "frechet_distance",
     "load_networks",
+    "lpips_weight_files",
     "lpips",
     "mae",
     "ms_ssim",
@@ -385,6 +386,13 @@ def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex"
 
 
 # --- FID ---------------------------------------------------------------------------------------------------
+
+
+def lpips_weight_files(net: Literal["alex", "vgg"]) -> tuple[_weights.WeightsFile, _weights.WeightsFile]:
+    """The two files LPIPS ``net`` reads: the backbone's (torchvision's) and the linear heads' (lpips')."""
+    if net not in _LPIPS_NETS:
+        raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+    return _LPIPS_NETS[net][1], _LPIPS_NETS[net][2]
 
 
 def load_networks(*, lpips: Literal["alex", "vgg"] | None = None, fid: bool = False) -> None:
