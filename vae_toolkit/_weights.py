@@ -3,21 +3,26 @@
 Files are the ones the field already shares, under their usual names in torch hub's checkpoint folder
 (``torch.hub.get_dir()/checkpoints/``, i.e. ``$TORCH_HOME/hub/checkpoints``), so a machine that has run
 torchvision, pytorch-fid or lpips reuses them. A missing file is downloaded there from its canonical address
-(progress bar on stderr, SHA-256 checked, written to a temporary file in the same folder and moved into place),
-unless ``HF_HUB_OFFLINE`` is true or the network is unreachable: then :class:`WeightsUnavailableError` says, in
-one line, which file to download from where and where to put it. A file that is present is checked when it is
-loaded: readable, and holding exactly the expected tensors (names and shapes), else :class:`InvalidWeightsError`.
+(progress bar on stderr, SHA-256 checked, written to a hidden part file in the same folder and moved into place,
+with the mode the umask gives, as torch.hub's files), unless ``HF_HUB_OFFLINE`` is true, the network is unreachable
+or the folder cannot be written: then :class:`WeightsUnavailableError` says, in one line, which file to download
+from where and where to put it. A file that is present is checked when it is loaded: readable, and holding exactly
+the expected tensors (names and shapes), else :class:`InvalidWeightsError`.
 
 Nothing here runs at import.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import http.client
 import logging
 import os
-import tempfile
+import re
+import secrets
+import sys
+import time
 import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +49,12 @@ logger = logging.getLogger(__name__)
 
 _TRUE = ("1", "true", "yes", "on")
 _CHUNK = 1 << 20
+#: A part file whose writer cannot be asked (see :func:`_remove_abandoned_parts`) is taken as abandoned after this
+#: long without a write: a running download writes every megabyte and gives up after 60 s without data.
+_STALE_AFTER_S = 24 * 3600
+#: The middle of the part files this module names (``.<name>.<pid>-<8 hex digits>.part``), whose writer holds a lock.
+_LOCKED_PART = re.compile(r"\d+-[0-9a-f]{8}")
+_NOT_WRITABLE = ", or set TORCH_HOME to a folder you can write to"
 
 
 class WeightsUnavailableError(FileNotFoundError):
@@ -51,7 +62,8 @@ class WeightsUnavailableError(FileNotFoundError):
 
 
 class InvalidWeightsError(ValueError):
-    """A weight file is unreadable (truncated), holds another network's tensors, or fails its SHA-256 check."""
+    """A weight file is unreadable (truncated, or not readable by this user), holds another network's tensors, or
+    fails its SHA-256 check."""
 
 
 @dataclass(frozen=True)
@@ -122,10 +134,10 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-def _unavailable(spec: WeightsFile, folder: Path, reason: str) -> WeightsUnavailableError:
+def _unavailable(spec: WeightsFile, folder: Path, reason: str, hint: str = "") -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"{spec.name} ({spec.what}) is not in {folder} and cannot be downloaded ({reason}): "
-        f"download {spec.url} and put it in {folder} as {spec.name}"
+        f"download {spec.url} and put it in {folder} as {spec.name}{hint}"
     )
 
 
@@ -133,7 +145,8 @@ def locate(spec: WeightsFile) -> Path:
     """The path of ``spec``'s file in :func:`weights_dir`, downloading it first when it is missing.
 
     Raises:
-        WeightsUnavailableError: missing, and offline (``HF_HUB_OFFLINE``) or the download failed on the network.
+        WeightsUnavailableError: missing, and offline (``HF_HUB_OFFLINE``), the download failed on the network, or
+            the folder cannot be written (read-only, another user's).
         InvalidWeightsError: the downloaded bytes do not have the expected SHA-256 (nothing is kept).
     """
     folder = weights_dir()
@@ -151,21 +164,100 @@ def _urlopen(url: str, timeout: float) -> IO[bytes]:
     return urllib.request.urlopen(url, timeout=timeout)  # fixed https addresses of the weight files
 
 
+def _lock(fd: int, *, wait: bool) -> bool | None:
+    """Take an exclusive ``flock`` on ``fd``: True when taken, False when another open file holds it (only with
+    ``wait=False``), None where files cannot be locked (Windows, a file system without locks)."""
+    if sys.platform == "win32":
+        return None
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return None
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed or replaced meanwhile)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _new_part(spec: WeightsFile, folder: Path) -> tuple[int, Path]:
+    """Create this download's part file ``.<name>.<pid>-<hex>.part`` in ``folder`` and lock it; ``(fd, path)``.
+
+    Created with mode 0o666, which the umask reduces as it does for torch.hub's downloads, so the finished file
+    is readable by whom the umask allows. The lock is held until ``fd`` is closed, and dies with the process.
+    """
+    while True:
+        part = folder / f".{spec.name}.{os.getpid()}-{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        if _lock(fd, wait=True) is None or _same_file(fd, part):
+            return fd, part
+        os.close(fd)  # another download's clean-up removed it between its creation and the lock: another name
+
+
+def _remove_abandoned_parts(spec: WeightsFile, folder: Path, keep: Path) -> None:
+    """Remove the part files of ``spec`` that killed downloads left in ``folder`` (never another file's).
+
+    A part file named by :func:`_new_part` is abandoned when nobody holds its lock: its writer locks it for the
+    whole download and a lock dies with its process, however it ends, so the part file of a download still
+    running (in this process or another, on this machine or another sharing the folder) is kept, however old.
+    Where its lock cannot be asked (Windows, a file system without locks) and for the part files of earlier
+    versions, which took no lock, a part file is abandoned when nothing was written to it for a day
+    (:data:`_STALE_AFTER_S`). Part files this user cannot open for writing (another user's) are left alone.
+    """
+    now = time.time()
+    for part in folder.glob(f".{glob.escape(spec.name)}.*.part"):
+        if part == keep:
+            continue
+        middle = part.name[len(spec.name) + 2 : -len(".part")]
+        if middle.startswith(f"{os.getpid()}-"):
+            continue  # another thread's download, whose lock this process may share (NFS's emulated flock)
+        lockable = _LOCKED_PART.fullmatch(middle) is not None
+        try:
+            fd = os.open(part, os.O_WRONLY)  # open for writing: NFS emulates flock with write locks
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove
+        try:
+            held = _lock(fd, wait=False) if lockable else None
+            if held is False or (held is None and now - os.fstat(fd).st_mtime < _STALE_AFTER_S):
+                continue  # its download runs, or may
+            if _same_file(fd, part):
+                part.unlink()
+                logger.info("Removed %s, left by a download of %s that no longer runs", part, spec.name)
+        except OSError as err:
+            logger.debug("Could not remove %s: %s", part, err)
+        finally:
+            os.close(fd)
+
+
 def _download(spec: WeightsFile, path: Path) -> None:
-    """Download ``spec.url`` to ``path``: a temporary file in the same folder, SHA-256 checked, then renamed."""
+    """Download ``spec.url`` to ``path``: a locked part file in the same folder, SHA-256 checked, then renamed.
+
+    Part files that killed downloads of the same file left are removed first (see :func:`_remove_abandoned_parts`).
+    """
     from tqdm import tqdm
 
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise _unavailable(spec, folder, f"cannot create the folder: {err}") from err
+        fd, part = _new_part(spec, folder)
+    except OSError as err:  # read-only, another user's: nothing to download to
+        raise _unavailable(spec, folder, f"cannot save it there: {err.strerror or err}", _NOT_WRITABLE) from err
+    _remove_abandoned_parts(spec, folder, keep=part)
     logger.info("Downloading %s from %s to %s", spec.name, spec.url, folder)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{spec.name}.", suffix=".part")
-    tmp = Path(tmp_name)
     digest = hashlib.sha256()
     try:
-        with os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out:  # the lock is held until this closes, after the file is in place
             try:
                 with _urlopen(spec.url, timeout=60) as response:
                     length = getattr(response, "headers", {}).get("Content-Length")
@@ -175,19 +267,30 @@ def _download(spec: WeightsFile, path: Path) -> None:
                             out.write(chunk)
                             digest.update(chunk)
                             bar.update(len(chunk))
+                out.flush()
             except (OSError, http.client.HTTPException) as err:
                 raise _unavailable(spec, folder, f"{type(err).__name__}: {err}") from err
-        actual = digest.hexdigest()
-        if not actual.startswith(spec.sha256):
-            raise InvalidWeightsError(
-                f"the file downloaded from {spec.url} has SHA-256 {actual}, expected "
-                f"{spec.sha256 if len(spec.sha256) == 64 else spec.sha256 + '...'}; nothing was saved. Try again, "
-                f"or download it by hand and put it in {folder} as {spec.name}"
-            )
-        os.replace(tmp, path)
+            actual = digest.hexdigest()
+            if not actual.startswith(spec.sha256):
+                raise InvalidWeightsError(
+                    f"the file downloaded from {spec.url} has SHA-256 {actual}, expected "
+                    f"{spec.sha256 if len(spec.sha256) == 64 else spec.sha256 + '...'}; nothing was saved. Try "
+                    f"again, or download it by hand and put it in {folder} as {spec.name}"
+                )
+            if sys.platform != "win32":
+                _move(spec, part, path)
+        if sys.platform == "win32":
+            _move(spec, part, path)  # Windows renames no open file (and has no lock to keep)
     finally:
-        tmp.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
     logger.info("Saved %s (SHA-256 %s)", path, actual)
+
+
+def _move(spec: WeightsFile, part: Path, path: Path) -> None:
+    try:
+        os.replace(part, path)
+    except OSError as err:
+        raise _unavailable(spec, path.parent, f"cannot save it there: {err.strerror or err}", _NOT_WRITABLE) from err
 
 
 def load_state_dict(
@@ -205,12 +308,18 @@ def load_state_dict(
 
     Raises:
         WeightsUnavailableError: see :func:`locate`.
-        InvalidWeightsError: the file cannot be read (truncated?) or does not hold the expected tensors.
+        InvalidWeightsError: the file cannot be read (truncated?, or this user may not read it) or does not hold
+            the expected tensors.
     """
     path = locate(spec)
     remedy = f"delete it (it is downloaded again when online) or replace it with {spec.url}"
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as err:  # another user's private file: intact, and not this user's to delete
+        raise InvalidWeightsError(
+            f"cannot read {path}: permission denied; ask its owner to make it readable or point TORCH_HOME "
+            f"elsewhere (a folder of your own, where {spec.name} is downloaded again)"
+        ) from err
     except Exception as err:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... on a damaged file
         detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise InvalidWeightsError(

@@ -14,6 +14,9 @@ definition is, so that ``loss = metrics.lpips(decoded, target).mean()`` works in
   first: ``((x.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1``.
 - NaN or inf in an image gives NaN for that image (no error); :class:`FrechetInceptionDistance` leaves such
   images out and logs how many.
+- Inference mode: the networks (and :class:`FrechetInceptionDistance`'s running sums) are made outside
+  ``torch.inference_mode()`` even when first needed inside it, so a validation pass under inference mode does not
+  stop a later ``metrics.lpips(...).mean().backward()``.
 
 Definitions (:data:`DEFINITIONS`) and references: PSNR with peak 255; SSIM as scikit-image's
 ``structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)``;
@@ -289,6 +292,9 @@ class LPIPS(nn.Module):
     Args:
         net: ``"alex"`` (the default of lpips and torchmetrics) or ``"vgg"`` (what latent-diffusion trained with).
 
+    Built outside ``torch.inference_mode()`` even inside it, so that a module made during a validation pass still
+    backpropagates to its inputs later (``.to()`` under inference mode, though, makes inference tensors).
+
     Raises:
         ValueError: an unknown ``net``.
         WeightsUnavailableError: a weight file is missing and cannot be downloaded (offline or no network).
@@ -309,21 +315,24 @@ class LPIPS(nn.Module):
         backbone_cls, backbone_file, heads_file = _LPIPS_NETS[net]
         for spec in (backbone_file, heads_file):  # both present (or fetched) before reading either
             _weights.locate(spec)
-        self.net_name = net
-        self.net = backbone_cls()
-        self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (_Head(c) for c in backbone_cls.channels)
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
-        self.min_side = min_side(self.net.features)
+        with torch.inference_mode(False):  # no inference tensors, which autograd cannot save, whoever builds it
+            self.net_name = net
+            self.net = backbone_cls()
+            self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (_Head(c) for c in backbone_cls.channels)
+            self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+            self.min_side = min_side(self.net.features)
 
-        backbone = _weights.load_state_dict(
-            backbone_file, _shapes(self.net), ignore_prefixes=("classifier.",)
-        )  # torchvision's classifier is not used
-        heads = _weights.load_state_dict(heads_file, {k: v for k, v in _shapes(self).items() if k.startswith("lin")})
-        self.net.load_state_dict(backbone)
-        self.load_state_dict(heads, strict=False)
-        self.requires_grad_(False)
-        self.eval()
+            backbone = _weights.load_state_dict(
+                backbone_file, _shapes(self.net), ignore_prefixes=("classifier.",)
+            )  # torchvision's classifier is not used
+            heads = _weights.load_state_dict(
+                heads_file, {k: v for k, v in _shapes(self).items() if k.startswith("lin")}
+            )
+            self.net.load_state_dict(backbone)
+            self.load_state_dict(heads, strict=False)
+            self.requires_grad_(False)
+            self.eval()
 
     @property
     def heads(self) -> tuple[_Head, ...]:
@@ -366,7 +375,8 @@ _CACHE_LOCK = threading.Lock()
 def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex") -> torch.Tensor:
     """LPIPS per image of two batches ``[N, 3, H, W]`` in ``[-1, 1]`` (see :class:`LPIPS`), differentiable.
 
-    The module is built once per ``(net, device)`` and kept for later calls.
+    The module is built once per ``(net, device)`` and kept for later calls, outside ``torch.inference_mode()``
+    even when the first call is inside it, so that the order of calls never matters.
 
     Raises:
         as :class:`LPIPS` and :meth:`LPIPS.forward`.
@@ -381,7 +391,8 @@ def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex"
     with _CACHE_LOCK:
         module = _LPIPS_CACHE.get(key)
         if module is None:
-            module = _LPIPS_CACHE[key] = LPIPS(net).to(a.device)
+            with torch.inference_mode(False):  # kept for later calls, which may need gradients
+                module = _LPIPS_CACHE[key] = LPIPS(net).to(a.device)
     return module(x, y)
 
 
@@ -428,14 +439,15 @@ def _inception(device: torch.device) -> FIDInceptionV3:
     key = (str(device), *_file_key(_weights.FID_INCEPTION))
     with _CACHE_LOCK:
         if key not in _INCEPTION_CACHE:
-            net = FIDInceptionV3()
-            expected = _shapes(net)
-            counters = [k for k in expected if k.endswith("num_batches_tracked")]  # unused in evaluation
-            state = _weights.load_state_dict(
-                _weights.FID_INCEPTION, expected, ignore_prefixes=("fc.",), optional=counters
-            )  # the ImageNet classifier is not used
-            net.load_state_dict(state, strict=not set(counters) - set(state))
-            _INCEPTION_CACHE[key] = net.requires_grad_(False).eval().to(device)
+            with torch.inference_mode(False):  # kept for the process: no inference tensors, whoever asks first
+                net = FIDInceptionV3()
+                expected = _shapes(net)
+                counters = [k for k in expected if k.endswith("num_batches_tracked")]  # unused in evaluation
+                state = _weights.load_state_dict(
+                    _weights.FID_INCEPTION, expected, ignore_prefixes=("fc.",), optional=counters
+                )  # the ImageNet classifier is not used
+                net.load_state_dict(state, strict=not set(counters) - set(state))
+                _INCEPTION_CACHE[key] = net.requires_grad_(False).eval().to(device)
         return _INCEPTION_CACHE[key]
 
 
@@ -509,8 +521,9 @@ class FrechetInceptionDistance:
         if self._device is None:
             self._device = _stats_device(device)
         if real not in self._sums:
-            self._sums[real] = torch.zeros(self.dims, dtype=torch.float64, device=self._device)
-            self._outer[real] = torch.zeros(self.dims, self.dims, dtype=torch.float64, device=self._device)
+            with torch.inference_mode(False):  # updated in place later, maybe outside inference mode
+                self._sums[real] = torch.zeros(self.dims, dtype=torch.float64, device=self._device)
+                self._outer[real] = torch.zeros(self.dims, self.dims, dtype=torch.float64, device=self._device)
         return self._sums[real], self._outer[real]
 
     def reset(self) -> None:
@@ -608,8 +621,9 @@ class FrechetInceptionDistance:
         import torch.distributed as dist
 
         out = copy.copy(self)  # the settings; the sums are copied below
-        out._sums = {real: t.clone() for real, t in self._sums.items()}
-        out._outer = {real: t.clone() for real, t in self._outer.items()}
+        with torch.inference_mode(False):  # the copy's sums are updated in place later, in any mode
+            out._sums = {real: t.clone() for real, t in self._sums.items()}
+            out._outer = {real: t.clone() for real, t in self._outer.items()}
         out._counts = dict(self._counts)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return out
