@@ -8,10 +8,12 @@ the image modules are imported inside the commands, so that ``--help`` and argum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -376,7 +378,7 @@ def encode_command(args: argparse.Namespace) -> int:
     if summary.failed:
         if summary.rank == 0:
             print(
-                f"{args.prog}: error: {len(summary.failed)} of {summary.total} image(s) failed; "
+                f"{args.prog}: error: {_failed_count(len(summary.failed), summary.total)} failed; "
                 f"they are listed under 'failures' in {summary.output / INDEX_NAME}",
                 file=sys.stderr,
             )
@@ -384,17 +386,61 @@ def encode_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path]:
-    """``a/b.jpg -> OUT/a/b.png``; when two keys would give the same file, the later one keeps its suffix."""
+def _failed_count(failed: int, total: int) -> str:
+    """``2 of 10 image(s)``; a shard that could not be read is a failure of no known image count."""
+    return f"{failed} of {total} image(s)" if failed <= total else f"{failed} image(s) or shard(s)"
+
+
+def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path | None]:
+    """``a/b.jpg -> OUT/a/b.png``; when two keys would give the same file, the later one keeps its suffix.
+
+    A key that would not name a file inside ``out_dir`` (``..``, absolute, empty, or through a link in ``out_dir``
+    that leads outside) gets ``None``: whatever a store holds, decode writes only inside its folder."""
     used: set[Path] = set()
-    targets = []
+    targets: list[Path | None] = []
     for key in keys:
+        parts = key.replace("\\", "/").split("/")
+        if not key or ".." in parts or key.startswith("/") or "\0" in key:
+            targets.append(None)
+            continue
         target = out_dir / Path(key).with_suffix(".png")
         if target in used:
             target = out_dir / f"{key}.png"
         used.add(target)
-        targets.append(target)
+        targets.append(_target(out_dir, target))
     return targets
+
+
+def _target(out_dir: Path, target: Path) -> Path | None:
+    """``target`` when it lies inside ``out_dir`` once links are resolved (the file's own link aside), else None."""
+    try:
+        folder = out_dir.resolve()
+        if not target.parent.resolve().is_relative_to(folder) or target.name in ("", ".", ".."):
+            return None
+    except (OSError, RuntimeError):  # a link loop
+        return None
+    return target
+
+
+def _replace_png(image: Any, target: Path) -> None:
+    """Write a PNG to a new file beside ``target`` and move it over ``target``: a link there is replaced, not
+    followed."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            image.save(file, format="PNG")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -436,16 +482,24 @@ def decode_command(args: argparse.Namespace) -> int:
             "(its images could be replaced, and the next encode would take the PNGs for source images); "
             "choose an output folder (-o) outside it"
         )
-    existing = [t for t in targets if t.exists()]
+    failed: dict[str, str] = {}
+    for key, target in zip(keys, targets, strict=True):  # a key holding "..", or a path through a link
+        if target is None:
+            failed[key] = (f"not written: the key does not name a file inside {args.output} (it holds '..', is "
+                           "absolute or empty, or passes through a link that leads outside)")  # fmt: skip
+            print(f"{args.prog}: error: {key}: {failed[key]}", file=sys.stderr)
+    existing = [t for t in targets if t is not None and (t.exists() or t.is_symlink())]
     if existing and not args.overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise UsageError(f"refusing to overwrite {existing[0]}{more}; pass --overwrite to replace them")
     start = time.perf_counter()
     with quiet_dependencies(args.verbose):
         vae, device = VAELoader().load_sd_vae(model, args.device, dtype=torch_dtype(args.dtype))
-    failed: dict[str, str] = {}
     for key, target in tqdm(
-        list(zip(keys, targets, strict=True)), desc="decode", unit="image", disable=args.no_progress
+        [(k, t) for k, t in zip(keys, targets, strict=True) if t is not None],
+        desc="decode",
+        unit="image",
+        disable=args.no_progress,
     ):
         try:
             latent = store[key]
@@ -457,8 +511,10 @@ def decode_command(args: argparse.Namespace) -> int:
             image = tensor_to_pil(latents.decode(vae, latent.unsqueeze(0))[0])
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
-                image.save(target)
+            if _target(args.output, target) is None:  # a link made inside the folder since the check
+                raise OSError("the path now passes through a link that leads outside the output folder")
+            if args.overwrite:  # a new file moved over the old name: never written through a link
+                _replace_png(image, target)
             else:  # "x": a file that appeared since the run started is not replaced either
                 with open(target, "xb") as file:
                     image.save(file, format="PNG")

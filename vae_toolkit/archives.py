@@ -47,10 +47,13 @@ logger = logging.getLogger(__name__)
 
 TAR = ".tar"
 PARQUET = ".parquet"
-SUFFIXES = (TAR, PARQUET)
+TAR_SUFFIXES = (TAR, ".tar.gz", ".tgz")  # a gzip-compressed tar is read in the same single pass
+SUFFIXES = (*TAR_SUFFIXES, PARQUET)
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 PARQUET_HINT = 'pip install "vae-toolkit[parquet]"'
+_PARQUET_BATCH = 16  # rows per record batch: a few images' bytes in memory at a time
+_PARQUET_BUFFER = 1 << 20  # bytes read ahead per column when streaming a Parquet file
 
 
 class ArchiveError(ValueError):
@@ -96,6 +99,7 @@ class ReadLog:
 
     seen: int = 0
     stored: int = 0
+    duplicates: int = 0  # members named as an earlier member of their shard (the last one of a name is kept)
     complete: dict[str, list[int]] = field(default_factory=dict)
 
 
@@ -126,6 +130,64 @@ def expand_braces(pattern: str) -> list[str]:
 
 def _is_archive(path: str | os.PathLike[str]) -> bool:
     return str(path).lower().endswith(SUFFIXES)
+
+
+def check_member_name(name: str) -> str | None:
+    """Why a member name (or Parquet key value) cannot be part of a key, or None when it can.
+
+    A key becomes a path under ``decode -o``: a name that is empty, holds a ``..`` component or a NUL byte could
+    reach outside that folder, so the sample is refused (listed as a failure with this reason) when it is read.
+    """
+    if not name:
+        return "its name is empty; a key needs a name"
+    if "\0" in name:
+        return "its name holds a NUL byte"
+    if any(part == ".." for part in name.replace("\\", "/").split("/")):
+        return f"its name {name!r} holds a '..' component, which would point outside the store's keys; rename it"
+    return None
+
+
+def _metadata_parquets(folder: Path, entries: list[os.DirEntry[str]]) -> set[str]:
+    """img2dataset's metadata files: ``00000.parquet`` beside ``00000.tar`` (webdataset output) or beside a
+    folder ``00000/`` (its "files" output). They describe the images; they do not hold them."""
+    names = {e.name for e in entries}
+    found = set()
+    for entry in entries:
+        if not entry.name.lower().endswith(PARQUET):
+            continue
+        stem = entry.name[: -len(PARQUET)]
+        beside_tar = any(f"{stem}{suffix}" in names for suffix in TAR_SUFFIXES)
+        if beside_tar or (stem in names and (folder / stem).is_dir()):
+            found.add(entry.name)
+    return found
+
+
+def _first_image(folder: Path) -> Path | None:
+    """Any image file under ``folder`` (recursively, following links, each folder once), or None."""
+    extensions = image_extensions()
+    pending, visited = [folder], set()
+    while pending:
+        current = pending.pop()
+        try:
+            st = current.stat()
+            if (st.st_dev, st.st_ino) in visited:
+                continue
+            visited.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if is_dir:
+                pending.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in extensions:
+                return Path(entry.path)
+    return None
 
 
 def archive_source(
@@ -161,11 +223,24 @@ def archive_source(
             return _listed([path], False, image_column, key_column)
         if path.is_dir():
             try:
-                found = sorted(e.path for e in os.scandir(path) if not e.name.startswith(".") and _is_archive(e.name)
-                               and e.is_file())  # fmt: skip
+                entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
+                found = sorted(e.path for e in entries if _is_archive(e.name) and e.is_file())
             except OSError:
                 return None
+            metadata = _metadata_parquets(path, entries)
+            if metadata:
+                logger.info("%s: %d Parquet file(s) beside a tar shard or folder of the same name taken as "
+                            "metadata, not read as images", path, len(metadata))  # fmt: skip
+                found = [p for p in found if os.path.basename(p) not in metadata]
             if found:
+                image = _first_image(path)
+                if image is not None:  # never switch a folder of images to the archives it happens to hold
+                    raise ArchiveError(
+                        f"{path} holds image files (e.g. {image.relative_to(path).as_posix()}) and the archive "
+                        f"{os.path.basename(found[0])}{f' (and {len(found) - 1} more)' if len(found) > 1 else ''}; "
+                        "a folder is read either as images or as shards: to encode the archive, pass it as SOURCE "
+                        "(into its own store), or move it out of the folder to encode the images"
+                    )
                 return _listed([Path(p) for p in found], True, image_column, key_column, root=path)
         return None
     items = list(source)
@@ -344,6 +419,19 @@ class MemberBytes(io.BytesIO):
         return self.key
 
 
+class Later(bytes):
+    """The bytes of a member named as an earlier member of its shard: ``generation`` is 1 for the second of that
+    name, 2 for the third... The last one of a name is stored, as ``tar -x`` leaves the last one on disk (what
+    ``tar -r`` and ``tar -u`` append is the newer copy)."""
+
+    generation: int
+
+    def __new__(cls, data: bytes, generation: int) -> Later:
+        self = super().__new__(cls, data)
+        self.generation = generation
+        return self
+
+
 class ShardError(Exception):
     """A shard that could not be read to its end (its members before the problem are kept)."""
 
@@ -352,18 +440,51 @@ def _open_shard(path: Path) -> io.BufferedReader:
     return open(path, "rb")
 
 
+class _Names:
+    """The member names of one shard seen so far: a later one of a name is yielded as :class:`Later`."""
+
+    def __init__(self, log: ReadLog) -> None:
+        self.counts: dict[str, int] = {}
+        self.log = log
+
+    def generation(self, key: str) -> int:
+        generation = self.counts.get(key, 0)
+        self.counts[key] = generation + 1
+        if generation:
+            self.log.duplicates += 1
+            logger.warning("%s: a later member of the same name replaces the earlier one (the last one is kept)",
+                           key)  # fmt: skip
+        return generation
+
+    def unique(self) -> int:
+        return len(self.counts)
+
+
+def _tar_ended(tar: tarfile.TarFile, size: int) -> bool:
+    """Whether an uncompressed tar read to its end had tar's end-of-archive blocks: a file cut exactly at a
+    member's header ends without them, and tarfile takes that for the end."""
+    stream = getattr(tar, "fileobj", None)
+    if getattr(stream, "comptype", "tar") != "tar":  # gzip checks its own end (its trailer and length)
+        return True
+    return tar.offset + tarfile.BLOCKSIZE <= size
+
+
 def iter_members(
     path: Path, shard: str, stored: frozenset[str] = frozenset(), log: ReadLog | None = None
 ) -> Iterator[tuple[str, tuple[int, int], bytes | Exception]]:
     """A tar shard's image members in one sequential pass: ``(key, shard stat, bytes)``, one member at a time.
 
-    Members already ``stored`` are counted and passed over unread; a member whose name is not valid UTF-8 is
-    yielded with its exception. A shard that cannot be read to its end yields ``(shard, stat, ShardError)``
-    after the members before the problem; one read to its end is recorded in ``log.complete``.
+    Members already ``stored`` are counted and passed over unread; a member whose name is not valid UTF-8 or
+    cannot be a key (:func:`check_member_name`) is yielded with its exception. A member named as an earlier one
+    of the shard is yielded as :class:`Later` bytes (the last one of a name is stored). A shard that cannot be
+    read to its end (a member cut short, or the file ending without tar's end-of-archive blocks) yields
+    ``(shard, stat, ShardError)`` after the members before the problem; one read to its end is recorded in
+    ``log.complete`` with its number of distinct image member names.
     """
     log = log if log is not None else ReadLog()
     extensions = image_extensions()
-    members, last = 0, None
+    names = _Names(log)
+    last = None
     stat = (-1, -1)
     try:
         with _open_shard(path) as f:
@@ -374,15 +495,20 @@ def iter_members(
                     if not member.isfile() or os.path.splitext(member.name)[1].lower() not in extensions:
                         continue
                     key = f"{shard}/{member.name}"
-                    members += 1
                     log.seen += 1
                     try:
                         key.encode("utf-8")
                     except UnicodeEncodeError:
                         printable = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                        names.generation(printable)
                         yield printable, stat, ValueError("member name is not valid UTF-8; rename it in the tar")
                         continue
-                    if key in stored:
+                    generation = names.generation(key)
+                    problem = check_member_name(member.name)
+                    if problem is not None:
+                        yield key, stat, ValueError(f"tar member {problem}")
+                        continue
+                    if key in stored and not generation:  # a later one of a name is never taken as stored
                         log.stored += 1
                         continue
                     reader = tar.extractfile(member)
@@ -391,8 +517,10 @@ def iter_members(
                     if len(data) != member.size:
                         raise tarfile.ReadError("unexpected end of data")
                     last = key
-                    yield key, stat, data
+                    yield key, stat, Later(data, generation) if generation else data
                     del data, reader  # not held while the next member is read
+                if not _tar_ended(tar, stat[0]):
+                    raise tarfile.ReadError("ends after a member without tar's end-of-archive blocks: it was cut")
     except (tarfile.TarError, OSError, EOFError) as err:
         after = f"after its member {last}" if last is not None else "before any member was read"
         text = " ".join(str(err).split()) or type(err).__name__
@@ -403,7 +531,7 @@ def iter_members(
         )
         yield shard, stat, ShardError(message)
         return
-    log.complete[shard] = [stat[0], stat[1], members]
+    log.complete[shard] = [stat[0], stat[1], names.unique()]
 
 
 def _pyarrow() -> Any:
@@ -437,9 +565,11 @@ def iter_rows(
 
     log = log if log is not None else ReadLog()
     stat = file_stat(path)
-    rows, seen = 0, set()
+    names = _Names(log)
+    rows = 0
     try:
-        parquet = pq.ParquetFile(path)
+        # no pre-buffering of whole column chunks: memory follows the batch, not the row group (often the file)
+        parquet = pq.ParquetFile(path, pre_buffer=False, buffer_size=_PARQUET_BUFFER)
         schema = parquet.schema_arrow
         problem = None
         if image_column not in schema.names:
@@ -457,32 +587,34 @@ def iter_rows(
             yield shard, stat, ShardError(f"Parquet file {path} {problem}")
             return
         columns = [image_column] + ([key_column] if key_column is not None else [])
-        for batch in parquet.iter_batches(batch_size=64, columns=columns):
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
             images = batch.column(0)
             if is_struct:
                 images = images.field("bytes")
-            names = batch.column(1).to_pylist() if key_column is not None else None
+            values = batch.column(1).to_pylist() if key_column is not None else None
             for j in range(batch.num_rows):
-                name = str(names[j]) if names is not None else str(rows)
+                name = str(values[j]) if values is not None else str(rows)
                 rows += 1
                 key = f"{shard}/{name}"
                 log.seen += 1
-                if key in seen:
-                    yield key, stat, ValueError(f"key {name!r} of column {key_column!r} is not unique in {path}")
+                generation = names.generation(key)
+                problem = check_member_name(name) if values is not None else None
+                if problem is not None:
+                    yield key, stat, ValueError(f"row {rows - 1} of {path}: key column {key_column!r}: {problem}")
                     continue
-                seen.add(key)
-                if key in stored:
+                if key in stored and not generation:
                     log.stored += 1
                     continue
                 value = images[j].as_py()
                 if value is None:
                     yield key, stat, ValueError(f"row {rows - 1} of {path} has no image bytes in {image_column!r}")
                     continue
-                yield key, stat, value
+                yield key, stat, Later(value, generation) if generation else value
+            del batch, images
     except (OSError, pa.ArrowException) as err:
         yield shard, stat, ShardError(f"Parquet file {path} could not be read to its end after {rows} rows: {err}")
         return
-    log.complete[shard] = [stat[0], stat[1], rows]
+    log.complete[shard] = [stat[0], stat[1], names.unique()]
 
 
 def iter_archive(

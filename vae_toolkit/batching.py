@@ -74,6 +74,7 @@ class Item:
     stat: tuple[int, int]
     image: torch.Tensor
     plan: CropPlan | None = None  # how the image was resized and cropped (its conditioning)
+    generation: int = 0  # a later archive member of the same name: 1, 2, ... (the last one is stored)
 
 
 T = TypeVar("T")
@@ -271,7 +272,7 @@ def stacked_batches(
                     out: Any = batch
                 elif isinstance(batch[0], Item):  # Items keep their crop plans
                     x = _stack([item.image for item in batch])
-                    out = ([Item(it.key, it.stat, x[i], it.plan) for i, it in enumerate(batch)], x)
+                    out = ([Item(it.key, it.stat, x[i], it.plan, it.generation) for i, it in enumerate(batch)], x)
                 else:
                     x = _stack([image for _, _, image in batch])
                     out = ([Item(key, stat, x[i]) for i, (key, stat, _) in enumerate(batch)], x)

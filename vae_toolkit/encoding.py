@@ -33,6 +33,7 @@ from .archives import (
     PARQUET,
     ArchivePlan,
     ArchiveSource,
+    Later,
     MemberBytes,
     ReadLog,
     archive_source,
@@ -92,6 +93,8 @@ class EncodeSummary:
         loaded_model: Whether the model was loaded (a run with nothing to encode does not load it).
         upscaled: Images of this run smaller than their bucket (``buckets``), scaled up.
         verified: With ``verify=True``: listed shards whose whole file matched its SHA-256 (``None`` without).
+        duplicates: Archive members read by this run that have the name of an earlier member of their shard
+            (``tar -r`` / ``tar -u`` append such copies): the last one of a name is stored, one entry per name.
     """
 
     output: Path
@@ -106,6 +109,7 @@ class EncodeSummary:
     loaded_model: bool = False
     upscaled: int = 0
     verified: int | None = None
+    duplicates: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -116,6 +120,8 @@ class EncodeSummary:
         removed = f", {self.removed} removed (source file gone)" if self.removed else ""
         upscaled = f" ({self.upscaled} smaller than their bucket, scaled up)" if self.upscaled else ""
         verified = f", {self.verified} shard(s) verified" if self.verified is not None else ""
+        if self.duplicates:
+            verified += f", {self.duplicates} duplicate name(s) (the last member of a name kept)"
         rate = f", {self.images_per_second:.1f} images/s" if self.encoded else ""  # no rate of nothing
         return (
             f"{self.total} images: {self.encoded} encoded{upscaled}, {self.skipped} already stored, "
@@ -522,11 +528,13 @@ def encode_dataset(
         todo = plan.todo
         mine = todo[dist.rank :: dist.world_size]
         share_cores(workers)
-        logger.info(
-            "encoding %d of %d images (%d already stored) into %s%s",
-            len(todo), plan.total, plan.skipped, out,
-            f"; rank {dist.rank} of {dist.world_size} takes {len(mine)}" if dist.world_size > 1 else "",
-        )  # fmt: skip
+        share = f"; rank {dist.rank} of {dist.world_size} takes {len(mine)}" if dist.world_size > 1 else ""
+        if archived is None:
+            logger.info("encoding %d of %d images (%d already stored) into %s%s",
+                        len(todo), plan.total, plan.skipped, out, share)  # fmt: skip
+        else:  # members are only known once read
+            logger.info("reading %d of %d shard(s) (%d image(s) of the others already stored) into %s%s", len(todo),
+                        len(todo) + len(archived.records), plan.skipped, out, share)  # fmt: skip
         writer = _ShardWriter(out, uuid.uuid4().hex[:12], dist.rank, settings, max_shard_size, checkpoint_every)
         encoded, failed, upscaled = 0, dict[str, str](), 0
         log = ReadLog()
@@ -565,6 +573,7 @@ def encode_dataset(
         if archived is not None:  # members are only known once read
             summary.total += sum(r[4].seen for r in results)
             summary.skipped += sum(r[4].stored for r in results)
+            summary.duplicates = sum(r[4].duplicates for r in results)
         summary.encoded = sum(r[0] for r in results)
         summary.upscaled = sum(r[3] for r in results)
         summary.failed = dict(sorted(failures.items()))
@@ -709,24 +718,35 @@ def _pipeline(
     failed: dict[str, str] = {}
     encoded = upscaled = 0
 
-    def read(path: Path | tuple[tuple[int, int], bytes | Exception, str]) -> tuple[tuple[int, int], Any]:
+    # A shard may hold several members of one name (tar -r, tar -u): the last one read is stored. ``latest`` holds
+    # such names (bounded by the duplicates) -> the generation of the last one read; an earlier one still in a
+    # size group when a later one has been read is not written, and one written before is replaced at the merge.
+    latest: dict[str, int] = {}
+    written_again: set[str] = set()
+
+    def read(
+        path: Path | tuple[tuple[int, int], bytes | Exception, str],
+    ) -> tuple[tuple[int, int], Any, int]:
         if isinstance(path, tuple):  # a member of a tar or a Parquet row
             stat, data, key = path
             if isinstance(data, Exception):
                 raise data
-            return stat, prepare_image(
+            prepared = prepare_image(
                 MemberBytes(data, key), size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels
             )
+            return stat, prepared, data.generation if isinstance(data, Later) else 0
         stat = file_stat(path)
-        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels)
+        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels), 0
 
     def prepared() -> Iterator[tuple[str, Item | Exception]]:
         for key, result in read_ahead(items, read, workers, max(2 * batch_size, 2 * workers)):
             if isinstance(result, Exception):
                 yield key, result
             else:
-                stat, image = result
-                yield key, Item(key, stat, image.image, image.plan)
+                stat, image, generation = result
+                if generation:
+                    latest[key] = generation
+                yield key, Item(key, stat, image.image, image.plan, generation)
 
     bar = tqdm(total=total, desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
     try:
@@ -742,6 +762,14 @@ def _pipeline(
                 chunk, x = batch
                 done, errors = encoder(chunk, x)
                 for item, z in done:
+                    if item.key in latest:
+                        if item.generation < latest[item.key]:  # a later member of this name was read
+                            continue
+                        failed.pop(item.key, None)
+                        if item.key in written_again:
+                            encoded -= 1  # one entry per name: an earlier member's latent is replaced
+                        written_again.add(item.key)
+                    encoded += 1
                     entry: dict[str, Any] = {
                         "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
                         "source_bytes": item.stat[0],
@@ -752,7 +780,6 @@ def _pipeline(
                                      crop=list(item.plan.crop))  # fmt: skip
                         upscaled += item.plan.upscaled
                     writer.add(item.key, z, entry)
-                encoded += len(done)
                 failed.update(errors)
                 bar.update(len(chunk))
     finally:

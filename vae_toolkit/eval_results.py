@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .report_folder import ReportExistsError, ReportInSourceError, check_report_folder
+from .report_folder import ReportExistsError, ReportInSourceError, ReportLinkError, check_report_folder
 
 if TYPE_CHECKING:
     pass
@@ -32,6 +32,7 @@ __all__ = [
     "Keeper",
     "ReportExistsError",
     "ReportInSourceError",
+    "ReportLinkError",
     "Shown",
     "check_report_folder",
     "versions",

@@ -2,8 +2,8 @@
 what a report wrote, so that ``overwrite`` replaces that and nothing else.
 
 - :func:`check_report_folder` refuses, before any work: a file (or a path below one), a folder that is the
-  evaluated source folder or inside it, a non-empty folder without ``overwrite``, and (``probe=True``) a folder
-  that cannot take a file.
+  evaluated source folder or inside it, a folder where a name the report writes is a symbolic link, a non-empty
+  folder without ``overwrite``, and (``probe=True``) a folder that cannot take a file.
 - ``report-manifest.json`` (:data:`MANIFEST_NAME`) lists every file a report wrote, as paths relative to the
   folder. With ``overwrite``, :func:`clear_previous_report` removes the files the previous report listed there,
   and only those whose names a report writes (:data:`REPORT_FILES`, ``images/compare-*.png``,
@@ -61,6 +61,37 @@ class ReportInSourceError(ValueError):
     run would take the report's pictures for images to evaluate."""
 
 
+class ReportLinkError(FileExistsError):
+    """A name the report writes (``metrics.csv``, ``images/``...) is a symbolic link in the report folder: a report
+    never writes through a link (it could replace a file anywhere, or put pictures into the evaluated images)."""
+
+
+#: The names a report writes at the top of its folder, files and the pictures' folder.
+_WRITTEN = (*REPORT_FILES, MANIFEST_NAME, "images")
+
+
+def check_no_links(out: Path) -> None:
+    """Refuse a report folder where a name the report writes (or a picture's) is a symbolic link.
+
+    Raises:
+        ReportLinkError: (a ``FileExistsError``) naming the link and where it leads.
+    """
+    names = [out / name for name in _WRITTEN]
+    images = out / "images"
+    if images.is_dir() and not images.is_symlink():
+        try:
+            names += [p for p in images.iterdir() if _PICTURE.fullmatch(f"images/{p.name}")]
+        except OSError:
+            pass
+    for path in names:
+        if path.is_symlink():
+            raise ReportLinkError(
+                f"refusing to write the report into {out}: {path.relative_to(out).as_posix()} is a symbolic link "
+                f"(to {os.readlink(path)}), and a report never writes through a link; remove the link or choose "
+                "another report folder"
+            )
+
+
 def inside(path: Path, folder: Path) -> bool:
     """Whether ``path`` is ``folder`` or below it, links resolved."""
     try:
@@ -96,6 +127,8 @@ def check_report_folder(
     Raises:
         NotADirectoryError: the folder, or a folder above it, is a file.
         ReportInSourceError: (a ``ValueError``) the folder is ``source`` or inside it.
+        ReportLinkError: (a ``FileExistsError``) ``metrics.csv``, ``summary.json``, ``index.html``, the manifest,
+            ``images/`` or a picture in it is a symbolic link.
         ReportExistsError: (a ``FileExistsError``) the folder exists and is not empty, and not ``overwrite``.
         OSError: (``probe``) the folder cannot be created or written; the message names it.
         ImportError: matplotlib (the ``eval`` extra), which draws the report's plots, is not installed.
@@ -117,6 +150,8 @@ def check_report_folder(
             "(its images could be replaced, and the next run would take the report's pictures for images); choose a "
             "report folder outside it"
         )
+    if out.is_dir():
+        check_no_links(out)
     if not overwrite and out.is_dir() and any(out.iterdir()):
         raise ReportExistsError(out)
     if probe:
@@ -225,7 +260,8 @@ class RowWriter:
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.path, self.columns = path, list(columns)
         try:
-            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # O_NOFOLLOW: never truncated through a link, even one made after the folder was checked
+            self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
         except OSError as err:
             raise write_error(path, err) from err
         self.rows = 0
