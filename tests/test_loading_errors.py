@@ -376,7 +376,7 @@ def test_local_folder_without_a_model(hf_home, registry, tmp_path):
     with pytest.raises(
         VAELoadError,
         match=r"^Could not load VAE 'mine' from .* \(subfolder 'vae'\): the local folder "
-        r"does not hold a diffusers AutoencoderKL \(.*config\.json.*\)\.$",
+        r"does not hold a diffusers autoencoder of a supported class \(AutoencoderKL, .*\) \(.*config\.json.*\)\.$",
     ):
         VAELoader().load_sd_vae("mine", "cpu")
 

@@ -1,8 +1,14 @@
 """Registry of known VAEs and Hugging Face token lookup.
 
 Every entry holds at least ``repo_id``; the built-in entries also carry ``subfolder``,
-``description``, ``input_size``, ``latent_channels``, ``scaling_factor``, ``shift_factor``
-and ``notes``. ``repo_id`` may also be a local folder.
+``description``, ``input_size``, ``latent_channels``, ``scaling_factor``, ``shift_factor``,
+``notes``, ``class_name`` (the diffusers class of the VAE) and ``gated`` (the hub repo asks
+for a license to be accepted and a token). ``repo_id`` may also be a local folder.
+
+``scaling_factor`` / ``shift_factor`` are the scalars of the SD-style convention ``(z - shift) * scale``;
+they are ``None`` for the VAEs whose pipelines normalise otherwise (per-channel ``latents_mean`` /
+``latents_std`` of Qwen-Image and Wan, the batch-norm statistics of FLUX.2): ``latent_formats`` describes
+each convention.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ __all__ = [
     "get_default_token",
 ]
 
+_GATED = "gated: accept the license on the repo's hub page, then set HF_TOKEN"
+
+
 MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "sd14": {
         "repo_id": "CompVis/stable-diffusion-v1-4",
@@ -35,6 +44,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
         "shift_factor": None,
         "notes": "",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "sd15": {
         "repo_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -45,6 +56,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
         "shift_factor": None,
         "notes": "maintained copy of the removed runwayml/stable-diffusion-v1-5",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "sd-vae-ft-mse": {
         "repo_id": "stabilityai/sd-vae-ft-mse",
@@ -55,6 +68,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
         "shift_factor": None,
         "notes": "",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "sd-vae-ft-ema": {
         "repo_id": "stabilityai/sd-vae-ft-ema",
@@ -65,6 +80,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.18215,
         "shift_factor": None,
         "notes": "",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "sdxl": {
         "repo_id": "stabilityai/sdxl-vae",
@@ -75,6 +92,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.13025,
         "shift_factor": None,
         "notes": "unsafe in float16 (decodes to NaN); use float32 or sdxl-fp16-fix",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "sdxl-fp16-fix": {
         "repo_id": "madebyollin/sdxl-vae-fp16-fix",
@@ -85,6 +104,8 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.13025,
         "shift_factor": None,
         "notes": "safe in float16",
+        "class_name": "AutoencoderKL",
+        "gated": False,
     },
     "flux-schnell": {
         "repo_id": "black-forest-labs/FLUX.1-schnell",
@@ -95,6 +116,176 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "scaling_factor": 0.3611,
         "shift_factor": 0.1159,
         "notes": "16 latent channels; latents use a shift factor",
+        "class_name": "AutoencoderKL",
+        "gated": False,
+    },
+    "sd35": {
+        "repo_id": "stabilityai/stable-diffusion-3.5-large",
+        "subfolder": "vae",
+        "description": "Stable Diffusion 3.5 (Large, Medium, Large Turbo) 16-channel VAE",
+        "input_size": (1024, 1024),
+        "latent_channels": 16,
+        "scaling_factor": 1.5305,
+        "shift_factor": 0.0609,
+        "notes": "16 latent channels; latents use a shift factor; " + _GATED,
+        "class_name": "AutoencoderKL",
+        "gated": True,
+    },
+    "flux-dev": {
+        "repo_id": "black-forest-labs/FLUX.1-dev",
+        "subfolder": "vae",
+        "description": "FLUX.1 [dev] 16-channel VAE (the same as FLUX.1 [schnell]'s)",
+        "input_size": (1024, 1024),
+        "latent_channels": 16,
+        "scaling_factor": 0.3611,
+        "shift_factor": 0.1159,
+        "notes": "16 latent channels; latents use a shift factor; " + _GATED,
+        "class_name": "AutoencoderKL",
+        "gated": True,
+    },
+    "flux2-dev": {
+        "repo_id": "black-forest-labs/FLUX.2-dev",
+        "subfolder": "vae",
+        "description": "FLUX.2 [dev] 32-channel VAE (shared by every FLUX.2 model)",
+        "input_size": (1024, 1024),
+        "latent_channels": 32,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; " + _GATED,
+        "class_name": "AutoencoderKLFlux2",
+        "gated": True,
+    },
+    "flux2-klein": {
+        "repo_id": "black-forest-labs/FLUX.2-klein-4B",
+        "subfolder": "vae",
+        "description": "FLUX.2 [klein] 4B's copy of the FLUX.2 VAE (Apache-2.0, not gated)",
+        "input_size": (1024, 1024),
+        "latent_channels": 32,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; not gated",
+        "class_name": "AutoencoderKLFlux2",
+        "gated": False,
+    },
+    "flux2-klein-9b": {
+        "repo_id": "black-forest-labs/FLUX.2-klein-9B",
+        "subfolder": "vae",
+        "description": "FLUX.2 [klein] 9B's copy of the FLUX.2 VAE",
+        "input_size": (1024, 1024),
+        "latent_channels": 32,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; " + _GATED,
+        "class_name": "AutoencoderKLFlux2",
+        "gated": True,
+    },
+    "qwen-image": {
+        "repo_id": "Qwen/Qwen-Image",
+        "subfolder": "vae",
+        "description": "Qwen-Image 16-channel VAE (video-shaped: an image is one frame)",
+        "input_size": (1328, 1328),
+        "latent_channels": 16,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "16 latent channels, normalised per channel by the config's latents_mean / latents_std",
+        "class_name": "AutoencoderKLQwenImage",
+        "gated": False,
+    },
+    "wan21": {
+        "repo_id": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        "subfolder": "vae",
+        "description": "Wan 2.1 16-channel video VAE (8x spatial, 4x temporal)",
+        "input_size": (480, 832),
+        "latent_channels": 16,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "16 latent channels, normalised per channel by the config's latents_mean / latents_std",
+        "class_name": "AutoencoderKLWan",
+        "gated": False,
+    },
+    "wan22": {
+        "repo_id": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+        "subfolder": "vae",
+        "description": "Wan 2.2 TI2V-5B 48-channel video VAE (16x spatial, 4x temporal)",
+        "input_size": (704, 1280),
+        "latent_channels": 48,
+        "scaling_factor": None,
+        "shift_factor": None,
+        "notes": "48 latent channels, normalised per channel by the config's latents_mean / latents_std",
+        "class_name": "AutoencoderKLWan",
+        "gated": False,
+    },
+    "sana-dc-ae": {
+        "repo_id": "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers",
+        "subfolder": None,
+        "description": "SANA's deep-compression autoencoder DC-AE f32c32 (32x spatial, no posterior)",
+        "input_size": (1024, 1024),
+        "latent_channels": 32,
+        "scaling_factor": 0.41407,
+        "shift_factor": None,
+        "notes": "32x spatial compression; deterministic (no posterior to sample)",
+        "class_name": "AutoencoderDC",
+        "gated": False,
+    },
+    "hunyuanimage-2.1": {
+        "repo_id": "hunyuanvideo-community/HunyuanImage-2.1-Diffusers",
+        "subfolder": "vae",
+        "description": "HunyuanImage 2.1 64-channel VAE (32x spatial)",
+        "input_size": (2048, 2048),
+        "latent_channels": 64,
+        "scaling_factor": 0.75289,
+        "shift_factor": None,
+        "notes": "64 latent channels, 32x spatial compression",
+        "class_name": "AutoencoderKLHunyuanImage",
+        "gated": False,
+    },
+    "taesd": {
+        "repo_id": "madebyollin/taesd",
+        "subfolder": None,
+        "description": "Tiny autoencoder for SD 1.x / 2.x latents (fast previews)",
+        "input_size": (512, 512),
+        "latent_channels": 4,
+        "scaling_factor": 1.0,
+        "shift_factor": None,
+        "notes": "fast approximate decoder; deterministic (no posterior to sample)",
+        "class_name": "AutoencoderTiny",
+        "gated": False,
+    },
+    "taesdxl": {
+        "repo_id": "madebyollin/taesdxl",
+        "subfolder": None,
+        "description": "Tiny autoencoder for SDXL latents (fast previews)",
+        "input_size": (1024, 1024),
+        "latent_channels": 4,
+        "scaling_factor": 1.0,
+        "shift_factor": None,
+        "notes": "fast approximate decoder; deterministic (no posterior to sample)",
+        "class_name": "AutoencoderTiny",
+        "gated": False,
+    },
+    "taesd3": {
+        "repo_id": "madebyollin/taesd3",
+        "subfolder": None,
+        "description": "Tiny autoencoder for SD3 / SD3.5 latents (fast previews)",
+        "input_size": (1024, 1024),
+        "latent_channels": 16,
+        "scaling_factor": 1.0,
+        "shift_factor": None,
+        "notes": "fast approximate decoder; deterministic (no posterior to sample)",
+        "class_name": "AutoencoderTiny",
+        "gated": False,
+    },
+    "taef1": {
+        "repo_id": "madebyollin/taef1",
+        "subfolder": None,
+        "description": "Tiny autoencoder for FLUX.1 latents (fast previews)",
+        "input_size": (1024, 1024),
+        "latent_channels": 16,
+        "scaling_factor": 1.0,
+        "shift_factor": None,
+        "notes": "fast approximate decoder; deterministic (no posterior to sample)",
+        "class_name": "AutoencoderTiny",
+        "gated": False,
     },
 }
 
@@ -110,6 +301,9 @@ ACCEPTED_CONFIG_KEYS: dict[str, str] = {
     "shift_factor": "latent shift factor, or None",
     "notes": "free text (gated, unsafe in float16, ...)",
     "use_safetensors": "False allows pickle (.bin) weights; default True",
+    "class_name": "diffusers class of the VAE (one of latent_formats.SUPPORTED_CLASSES); default: as its config.json "
+    "names, else AutoencoderKL",
+    "gated": "True when the hub repo is gated (accept its license, set HF_TOKEN); default False",
 }
 
 
@@ -147,8 +341,9 @@ def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
 
     Raises:
         TypeError: if ``model_name`` is not a string or ``config`` is not a dict.
-        ValueError: if ``model_name`` is empty, ``config`` has no non-empty string ``repo_id``, or
-            ``subfolder`` / ``revision`` / ``use_safetensors`` have the wrong type.
+        ValueError: if ``model_name`` is empty, ``config`` has no non-empty string ``repo_id``,
+            ``subfolder`` / ``revision`` / ``use_safetensors`` / ``gated`` have the wrong type, or ``class_name``
+            is not one of the supported diffusers classes.
 
     Example:
         >>> add_model_config("my-vae", {"repo_id": "/data/my_vae", "subfolder": None})
@@ -173,10 +368,20 @@ def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
         ("subfolder", str, "a string or None"),
         ("revision", str, "a string or None"),
         ("use_safetensors", bool, "True or False"),
+        ("gated", bool, "True or False"),
     ):
         value = config.get(key)
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"Model config for {model_name!r}: {key!r} must be {expected}, got {value!r}")
+    class_name = config.get("class_name")
+    if class_name is not None:
+        from .latent_formats import SUPPORTED_CLASSES
+
+        if class_name not in SUPPORTED_CLASSES:
+            raise ValueError(
+                f"Model config for {model_name!r}: 'class_name' must be one of {', '.join(SUPPORTED_CLASSES)} "
+                f"(the diffusers classes vae-toolkit loads), or None, got {class_name!r}"
+            )
     unknown = [key for key in config if key not in ACCEPTED_CONFIG_KEYS]
     if unknown:
         warnings.warn(

@@ -1,6 +1,8 @@
-"""Load Stable Diffusion VAEs from the hub or a local folder, on the right device, with a cache.
+"""Load VAEs from the hub or a local folder, on the right device, with a cache.
 
-diffusers is imported on the first load, not when this module is imported.
+Every diffusers autoencoder class of ``latent_formats.SUPPORTED_CLASSES`` loads: the class the model's
+``config.json`` (``_class_name``) names, else the one its registry entry names (``class_name``), else
+``AutoencoderKL``. diffusers is imported on the first load, not when this module is imported.
 """
 
 from __future__ import annotations
@@ -27,7 +29,28 @@ from .device_manager import DeviceManager, resolve_device
 from .model_config import get_default_token, get_model_config
 
 if TYPE_CHECKING:
-    from diffusers import AutoencoderKL
+    from typing import TypeAlias
+
+    from diffusers import (
+        AutoencoderDC,
+        AutoencoderKL,
+        AutoencoderKLFlux2,
+        AutoencoderKLHunyuanImage,
+        AutoencoderKLQwenImage,
+        AutoencoderKLWan,
+        AutoencoderTiny,
+    )
+
+    #: What :meth:`VAELoader.load_sd_vae` returns: an instance of one of the supported diffusers classes.
+    SupportedVAE: TypeAlias = (
+        AutoencoderKL
+        | AutoencoderKLFlux2
+        | AutoencoderKLQwenImage
+        | AutoencoderKLWan
+        | AutoencoderDC
+        | AutoencoderTiny
+        | AutoencoderKLHunyuanImage
+    )
 
 __all__ = ["VAELoader", "VAELoadError", "local_model_config", "check_local_model", "weights_fingerprint"]
 
@@ -41,7 +64,11 @@ class VAELoadError(OSError):
 
 
 class VAELoader:
-    """Loads VAEs by short name (see ``list_available_models()``) and caches them per loader.
+    """Loads VAEs by short name (see ``list_available_models()``) or folder, and caches them per loader.
+
+    The model comes back as the diffusers class its ``config.json`` names (``AutoencoderKL``, ``AutoencoderKLFlux2``,
+    ``AutoencoderKLQwenImage``, ``AutoencoderKLWan``, ``AutoencoderDC``, ``AutoencoderTiny`` or
+    ``AutoencoderKLHunyuanImage``); any other class is refused before anything loads.
 
     Args:
         device_manager: When given, ``device="auto"`` means the manager's device and its memory
@@ -54,7 +81,7 @@ class VAELoader:
 
     def __init__(self, device_manager: DeviceManager | None = None) -> None:
         self.device_manager = device_manager
-        self._model_cache: dict[_CacheKey, AutoencoderKL] = {}
+        self._model_cache: dict[_CacheKey, SupportedVAE] = {}
         self._lock = threading.Lock()
         self._key_locks: dict[_CacheKey, threading.Lock] = {}
         self._auto_device: torch.device | None = None
@@ -99,24 +126,27 @@ class VAELoader:
         use_cache: bool = True,
         *,
         dtype: torch.dtype | None = None,
-    ) -> tuple[AutoencoderKL, torch.device]:
-        """Load a VAE by short name.
+    ) -> tuple[SupportedVAE, torch.device]:
+        """Load a VAE by short name or folder.
 
         Args:
-            model_name: A registered name (``sd14``, ``sd15``, ``sdxl``, ...), or a local folder that holds a
-                diffusers ``AutoencoderKL`` (``config.json`` + safetensors weights, directly or in ``vae/``).
+            model_name: A registered name (``sd14``, ``sdxl``, ``flux2-dev``, ``wan22``, ``taesd``, ...), or a local
+                folder that holds a diffusers autoencoder of a supported class (``config.json`` + safetensors
+                weights, directly or in ``vae/``).
             device: ``"auto"``, ``"cpu"``, ``"mps"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
             token: Hugging Face token; default ``HF_TOKEN`` / ``HUGGING_FACE_HUB_TOKEN``.
             use_cache: Return the model this loader already loaded for the same name, device and dtype.
             dtype: Weights dtype (e.g. ``torch.float16``); default: as stored.
 
         Returns:
-            ``(vae, device)``.
+            ``(vae, device)``: ``vae`` is an instance of the diffusers class the model's ``config.json`` names
+            (an ``AutoencoderKL`` for the Stable Diffusion and FLUX.1 VAEs, as in 0.1.0).
 
         Raises:
             ValueError: unknown model name, or a malformed ``device`` string.
             TypeError: ``dtype`` is not a ``torch.dtype``, or ``device`` is neither a string nor a ``torch.device``.
-            VAELoadError: (an ``OSError``) the model could not be loaded; the message says what to do.
+            VAELoadError: (an ``OSError``) the model could not be loaded (not in the cache, a gated repo without a
+                token, another diffusers class, weights that do not fit); the message says what to do.
 
         Example:
             >>> vae, device = VAELoader().load_sd_vae("sd14", "cuda")  # doctest: +SKIP
@@ -156,9 +186,7 @@ class VAELoader:
         device: torch.device,
         token: str | None,
         dtype: torch.dtype | None,
-    ) -> AutoencoderKL:
-        from diffusers import AutoencoderKL
-
+    ) -> SupportedVAE:
         repo_id = os.path.expanduser(config["repo_id"])  # "~/..." folders; hub ids pass unchanged
         subfolder = config.get("subfolder")
         use_safetensors = config.get("use_safetensors", True)
@@ -178,16 +206,46 @@ class VAELoader:
             kwargs["low_cpu_mem_usage"] = False
         logger.info("Loading VAE %s from %s%s", model_name, repo_id, f" ({subfolder})" if subfolder else "")
         where = f"{repo_id}" + (f" ({subfolder})" if subfolder else "")
+        revision = config.get("revision")
         if Path(repo_id, subfolder or "", "config.json").is_file():  # a local folder: checked before diffusers runs
             check_local_model({**config, "repo_id": repo_id})
-        try:
-            with _quiet_hub_notices(), _token_hidden_from_logs(token):
-                vae, info = AutoencoderKL.from_pretrained(repo_id, output_loading_info=True, **kwargs)
-        except Exception as err:
-            _check_class(_cached_config(repo_id, subfolder, config.get("revision")), where)  # the clearer reason
-            raise _load_error(model_name, config, token, err) from err
-        _check_class(_cached_config(repo_id, subfolder, config.get("revision")), where)
-        _check_loading_info(info, model_name)
+        # The class: as the config.json names it (a local folder, or a hub model in the cache; another class is
+        # refused here, before anything loads), else as the registry entry names it, else AutoencoderKL.
+        found = _model_config_json(repo_id, subfolder, revision)
+        _check_class(found, where)
+        found_class = _class_name_of(found)
+        class_name = found_class or _registered_class(model_name, config)
+        if found_class and config.get("class_name") not in (None, found_class):
+            logger.warning(
+                "Model %r is registered as a diffusers %s, but %s holds a diffusers %s (config.json _class_name); "
+                "loading it as such.",
+                model_name,
+                config["class_name"],
+                where,
+                found_class,
+            )
+        for attempt in range(2):
+            failure: Exception | None = None
+            try:
+                with _quiet_hub_notices(), _token_hidden_from_logs(token):
+                    vae, info = _diffusers_class(class_name).from_pretrained(
+                        repo_id, output_loading_info=True, **kwargs
+                    )
+            except Exception as err:
+                failure = err
+            # The hub's config.json is in the cache now if the hub sent it: it names the class (the clearer reason
+            # of a failure, or a second try when it is not the class the first one guessed).
+            found = _model_config_json(repo_id, subfolder, revision)
+            _check_class(found, where)
+            found_class = _class_name_of(found)
+            if attempt == 0 and found_class is not None and found_class != class_name:
+                logger.info("%s holds a diffusers %s, not a %s; loading it as such", where, found_class, class_name)
+                class_name = found_class
+                continue
+            if failure is not None:
+                raise _load_error(model_name, config, token, failure) from failure
+            break
+        _check_loading_info(info, model_name, class_name)
         if vae.device != device:  # .to() walks every module even when nothing moves
             vae = vae.to(device)
         logger.info("VAE %s loaded on %s", model_name, device)
@@ -205,7 +263,7 @@ class VAELoader:
         token: str | None = None,
         *,
         dtype: torch.dtype | None = None,
-    ) -> tuple[AutoencoderKL, torch.device]:
+    ) -> tuple[SupportedVAE, torch.device]:
         """Load a VAE once, without a cache (see :meth:`load_sd_vae`)."""
         return cls().load_sd_vae(model_name, device, token, use_cache=False, dtype=dtype)
 
@@ -220,11 +278,11 @@ class VAELoader:
 
 
 def local_model_config(model: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The model config of a local folder holding a diffusers ``AutoencoderKL``; ``None`` when ``model`` is not one.
+    """The model config of a local folder holding a diffusers model; ``None`` when ``model`` is not one.
 
     A registered name always wins: ``None`` is returned for it even if a folder of that name exists. The folder
     holds ``config.json`` and the weights, or a ``vae/`` subfolder that does (a whole pipeline folder). Its
-    ``repo_id`` is the resolved absolute path.
+    ``repo_id`` is the resolved absolute path. The folder's class is not checked here: :func:`check_local_model` does.
 
     Example:
         >>> local_model_config("checkpoints/my-vae")  # doctest: +SKIP
@@ -241,16 +299,18 @@ def local_model_config(model: str | os.PathLike[str]) -> dict[str, Any] | None:
     return None
 
 
-_EXPECTED = "AutoencoderKL"
+_DEFAULT_CLASS = "AutoencoderKL"  # what a config without _class_name, or a registry entry without class_name, holds
 _WEIGHTS = "diffusion_pytorch_model"  # diffusers' weights file name (+ .safetensors, .bin, or a sharded index)
 
 
 def check_local_model(config: dict[str, Any]) -> None:
-    """Check, without loading it, that a local model folder holds a diffusers ``AutoencoderKL`` with weights.
+    """Check, without loading it, that a local model folder holds a diffusers autoencoder of a supported class, with
+    weights.
 
     Reads the folder's ``config.json`` (``_class_name``) and looks for the weights file, so that a folder of
-    another diffusers model (an ``AutoencoderTiny``, a ``UNet2DModel``) or a config without weights is refused
-    before anything loads. The weights themselves are checked when they load (no missing or unexpected tensors).
+    another diffusers model (a ``UNet2DModel``, say) or a config without weights is refused before anything loads.
+    The supported classes are ``latent_formats.SUPPORTED_CLASSES``. The weights themselves are checked when they
+    load (no missing, unexpected or reshaped tensors).
 
     Args:
         config: A model config with ``repo_id`` (the folder) and ``subfolder``, as :func:`local_model_config` returns.
@@ -276,15 +336,49 @@ def check_local_model(config: dict[str, Any]) -> None:
         )
 
 
-def _cached_config(repo_id: str, subfolder: str | None, revision: str | None) -> Any:
-    """The hub model's ``config.json`` from the local cache (no network), or None."""
+def _model_config_json(repo_id: str, subfolder: str | None, revision: str | None) -> Any:
+    """The model's ``config.json``: a local folder's, or a hub model's from the local cache (no network); None when
+    there is none yet or it cannot be read."""
     if os.path.isdir(repo_id):
-        return None
-    path = _cached_file(repo_id, f"{subfolder}/config.json" if subfolder else "config.json", revision)
+        path: str | None = str(Path(repo_id, subfolder or "", "config.json"))
+    else:
+        path = _cached_file(repo_id, f"{subfolder}/config.json" if subfolder else "config.json", revision)
     try:
         return json.loads(Path(path).read_text(encoding="utf-8")) if path is not None else None
     except (OSError, ValueError):
         return None
+
+
+def _supported_classes() -> tuple[str, ...]:
+    from .latent_formats import SUPPORTED_CLASSES
+
+    return SUPPORTED_CLASSES
+
+
+def _class_name_of(found: Any) -> str | None:
+    """The ``_class_name`` of a parsed ``config.json``, or None."""
+    name = found.get("_class_name") if isinstance(found, dict) else None
+    return name if isinstance(name, str) else None
+
+
+def _registered_class(model_name: str, config: dict[str, Any]) -> str:
+    """The class a registry entry names (``class_name``), ``AutoencoderKL`` when it names none."""
+    name = config.get("class_name") or _DEFAULT_CLASS
+    supported = _supported_classes()
+    if name not in supported:
+        raise VAELoadError(
+            f"Could not load VAE {model_name!r}: its registry entry names class_name {name!r}, not one of the "
+            f"diffusers autoencoder classes vae-toolkit loads ({', '.join(supported)}); fix it with "
+            f"add_model_config({model_name!r}, {{..., 'class_name': ...}})."
+        )
+    return str(name)
+
+
+def _diffusers_class(name: str) -> Any:
+    """The diffusers class of that name (one of the supported ones)."""
+    import diffusers
+
+    return getattr(diffusers, name)
 
 
 def _cached_file(repo_id: str, filename: str, revision: str | None) -> str | None:
@@ -357,18 +451,20 @@ def _sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:  # noqa: AR
 
 
 def _check_class(found: Any, where: str) -> None:
-    """Refuse a config whose ``_class_name`` names another diffusers class than ``AutoencoderKL``."""
+    """Refuse a config whose ``_class_name`` names a diffusers class that is not one of the supported ones."""
     name = found.get("_class_name") if isinstance(found, dict) else None
-    if name is not None and name != _EXPECTED:
+    supported = _supported_classes()
+    if name is not None and name not in supported:
         raise VAELoadError(
             f"Could not load VAE from {where}: it holds a diffusers {name} (config.json _class_name), "
-            f"expected a diffusers {_EXPECTED}; pass a folder or registered name of an {_EXPECTED}."
+            f"expected one of the diffusers autoencoder classes vae-toolkit loads ({', '.join(supported)}); "
+            "pass a folder or registered name of one of those."
         )
 
 
-def _check_loading_info(info: dict[str, Any], model_name: str) -> None:
-    """Refuse a model whose weights file lacks tensors of an ``AutoencoderKL`` or holds others (diffusers would
-    leave the missing ones randomly initialised, and only log it)."""
+def _check_loading_info(info: dict[str, Any], model_name: str, class_name: str = _DEFAULT_CLASS) -> None:
+    """Refuse a model whose weights file lacks tensors of its class or holds others (diffusers would leave the
+    missing ones randomly initialised, and only log it)."""
     missing, unexpected = list(info.get("missing_keys") or ()), list(info.get("unexpected_keys") or ())
     mismatched = list(info.get("mismatched_keys") or ())
     if not (missing or unexpected or mismatched):
@@ -382,7 +478,7 @@ def _check_loading_info(info: dict[str, Any], model_name: str) -> None:
     parts += [f"{len(unexpected)} unexpected ({some(unexpected)})"] if unexpected else []
     parts += [f"{len(mismatched)} of another shape ({some(mismatched)})"] if mismatched else []
     raise VAELoadError(
-        f"Could not load VAE {model_name!r}: its weights do not fit a diffusers {_EXPECTED} of its config.json: "
+        f"Could not load VAE {model_name!r}: its weights do not fit a diffusers {class_name} of its config.json: "
         f"{'; '.join(parts)}; the weights file belongs to another model or is damaged."
     )
 
@@ -563,22 +659,36 @@ def _load_error(model_name: str, config: dict[str, Any], token: str | None, err:
     status = getattr(response, "status_code", None)
     missing = re.search(r"file named ([\w.-]+)", " ".join(str(e) for e in chain))
     missing_file = missing.group(1).rstrip(".") if missing else None
+    # torch's load_state_dict error, which diffusers raises for a tensor of another shape
+    reshaped = sorted(set(re.findall(r"size mismatch for ([\w.]+):", "\n".join(str(e) for e in chain))))
     folder = os.path.expanduser(repo_id)
     include = f" --include '{subfolder}/*'" if subfolder else ""
     download = f"`hf download {repo_id}{include}`"
     url = f"{constants.ENDPOINT}/{repo_id}"
     auth = "check that the token can read it" if token else "set HF_TOKEN (or pass token=...)"
+    files_found = False  # the failure is about files the hub (or the cache) gave, not about getting them
 
     if not os.path.isdir(folder) and (has(hf.HFValidationError) or os.path.isabs(folder) or repo_id.startswith(".")):
         hint = f"the local folder {repo_id} does not exist; check the path registered with add_model_config"
+    elif reshaped:
+        files_found = True
+        hint = (
+            f"its weights do not fit the model its config.json describes: {len(reshaped)} of another shape "
+            f"({', '.join(reshaped[:3])}{', ...' if len(reshaped) > 3 else ''}); the weights file belongs to another "
+            "model or is damaged"
+        )
     elif missing_file and missing_file.endswith(".safetensors") and not has(hf.LocalEntryNotFoundError):
+        files_found = True
         hint = (
             f"no {missing_file} found. Only safetensors weights are loaded by default, because pickle (.bin) "
             "weights can run arbitrary code when loaded; convert the weights to safetensors, or, for a model you "
             f"trust, opt in with add_model_config({model_name!r}, {{..., 'use_safetensors': False}})"
         )
     elif os.path.isdir(folder):
-        hint = f"the local folder does not hold a diffusers AutoencoderKL ({_first_line(err)})"
+        hint = (
+            f"the local folder does not hold a diffusers autoencoder of a supported class "
+            f"({', '.join(_supported_classes())}) ({_first_line(err)})"
+        )
     elif has(hf.GatedRepoError):
         hint = f"the repo is gated: accept the license at {url} and " + (
             "check that this token's account has been granted access" if token else "set HF_TOKEN (or pass token=...)"
@@ -605,6 +715,18 @@ def _load_error(model_name: str, config: dict[str, Any], token: str | None, err:
         )
     else:
         hint = f"{type(err).__name__}: {_first_line(err)}"
+    if (
+        config.get("gated")
+        and not token
+        and not files_found
+        and not os.path.isdir(folder)
+        and not has(hf.GatedRepoError)
+    ):
+        # The files could not be had, and no token: whatever else went wrong, a download would need one.
+        hint += (
+            f"; {repo_id} is a gated repo: accept its license at {url} (logged in to the hub), then set HF_TOKEN to "
+            "a read token of that account (or pass token=...)"
+        )
     where = f"{repo_id}" + (f" (subfolder {subfolder!r})" if subfolder else "")
     message = f"Could not load VAE {model_name!r} from {where}: {hint}."
     return VAELoadError(message.replace(token, "***") if token else message)
