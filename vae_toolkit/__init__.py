@@ -1,7 +1,7 @@
 """vae-toolkit: load Stable Diffusion VAEs, turn images into [-1, 1] tensors and back, manage devices.
 
-``import vae_toolkit`` imports almost nothing: each public name imports its module (torch, numpy, PIL) on first
-use, and diffusers is imported on the first model load.
+``import vae_toolkit`` imports almost nothing: each public name, and each public module (``vae_toolkit.image_utils``),
+imports its module (torch, numpy, PIL) on first use, and diffusers is imported on the first model load.
 """
 
 from ._version import __version__
@@ -75,21 +75,31 @@ _HOMES = {
 }
 
 
+def _modules() -> list[str]:
+    """The package's public modules (``vae_toolkit.image_utils``, ...), found in its folder."""
+    import pkgutil
+
+    return [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
+
+
 def __getattr__(name: str) -> object:
-    """Import a public name's module on first use, and keep the name here."""
+    """Import a public name's module on first use, and keep the name here; a public module is an attribute too
+    (``vae_toolkit.image_utils``, as 0.1.0 imported them all)."""
     import importlib
 
     home = _HOMES.get(name)
     if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        if name.startswith("_") or name not in _modules():
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        home = f".{name}"
     module = importlib.import_module(home, __name__)
-    value = module if name == "latents" else getattr(module, name)
+    value = module if home == f".{name}" else getattr(module, name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_HOMES))
+    return sorted(set(globals()) | set(_HOMES) | set(_modules()))
 
 
 __all__ = [

@@ -319,6 +319,22 @@ def _model_arg(value: str) -> str:
     )
 
 
+class _BucketOption(argparse.Action):
+    """Store an option that only shapes buckets, and note that it was given (``main`` refuses it without
+    ``--buckets`` rather than ignore it)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,  # noqa: ARG002 - argparse.Action's signature
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,  # noqa: ARG002
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        given = getattr(namespace, "bucket_options", None) or []
+        namespace.bucket_options = [*given, self.option_strings[0]]
+
+
 _size_arg = _int_arg("size", 1, f"a positive multiple of {MULTIPLE}", MULTIPLE)
 _positive_int = _int_arg("value", 1, "a positive integer")
 _non_negative_int = _int_arg("value", 0, "an integer >= 0")
@@ -422,6 +438,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     enc.add_argument(
         "--bucket-step",
         type=_int_arg("bucket step", MULTIPLE, f"a positive multiple of {MULTIPLE}", MULTIPLE),
+        action=_BucketOption,
         default=64,
         metavar="S",
         help="with --buckets: both sides of a bucket are multiples of S (default 64)",
@@ -429,11 +446,19 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     enc.add_argument(
         "--max-aspect",
         type=_positive_float("max aspect"),
+        action=_BucketOption,
         default=4.0,
         metavar="R",
         help="with --buckets: the largest long side / short side of a bucket (default 4)",
     )
+    enc.set_defaults(bucket_options=[])
     enc.add_argument("--flip", action="store_true", help="also store the latent of each horizontally mirrored image")
+    enc.add_argument(
+        "--tile",
+        action="store_true",
+        help="encode images larger than the model's sample_size in tiles (by default never: each latent is the "
+        "whole image's, as training scripts cache them; recorded in the store)",
+    )
     enc.add_argument(
         "--distribution",
         action="store_true",
@@ -624,6 +649,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_:
             return 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 2
         args.prog = prog
+        if args.command == "encode" and args.buckets is None and args.bucket_options:
+            flag = args.bucket_options[0]
+            print(
+                f"{prog} encode: error: {flag} needs --buckets (it shapes the aspect-ratio buckets and nothing else); "
+                f"add --buckets AREA or drop {flag} (see '{prog} encode --help')",
+                file=sys.stderr,
+            )
+            return 2
         if hasattr(args, "device") and args.device is None:
             args.device = _device_arg("auto")
         if args.verbose:

@@ -1,7 +1,8 @@
 """Pixels to tensors, the bottom of the image path: the image errors, uint8 lookup tables and RGB bands.
 
 :mod:`vae_toolkit.image_utils` builds the public functions on these (and re-exports the errors); nothing here
-opens files, resizes or knows about models.
+opens files or knows about models. :func:`resize_crop` is the one resize-then-crop of ``--size``, the buckets and
+``pil_to_tensor``.
 """
 
 from __future__ import annotations
@@ -145,6 +146,46 @@ def rgb_to_dtype(rgb: Image.Image, lut: np.ndarray, norm: Norm, dtype: torch.dty
     w, h = rgb.size
     index = torch.from_numpy(np.array(rgb, dtype=np.uint8).reshape(h * w, 3)).T.long()
     return torch.gather(lut_tensor(norm, dtype), 1, index).view(3, h, w)
+
+
+# --- resize, then crop ---------------------------------------------------------------------------
+
+
+RESIZE_WHOLE_UP_TO = 4
+""":func:`resize_crop` resizes the whole image while it is at most this many times the kept region (every image up
+to 4:1 into a square): PIL's resize then the crop, bit for bit, as 0.1.0. Beyond it (a thin strip, a spacer) only
+the kept region is resampled, so that memory follows the output whatever the aspect."""
+
+
+def resize_crop(
+    rgb: Image.Image,
+    resized: tuple[int, int],
+    crop: tuple[int, int],
+    target: tuple[int, int],
+    box: tuple[float, float, float, float] | None = None,
+) -> Image.Image:
+    """``rgb`` resized to ``resized`` (bilinear, antialiased), then cropped to ``target`` at ``crop``.
+
+    Sizes are ``(width, height)``, ``crop`` is ``(left, top)`` in the resized image. While the resized image is at
+    most ``RESIZE_WHOLE_UP_TO`` times the target it is made and cropped: PIL's values bit for bit. A larger one is
+    never made (a 2x3000 strip into 512x2048 would be 512x768,000, 1.5 GB): PIL resamples only the kept region
+    (``resize`` with that region's ``box``, the same sample positions), within one uint8 level of resize-then-crop
+    (the box is float32 in PIL, which may also run its two passes in the other order for it). ``box`` is where the
+    full image lies in ``rgb`` (a JPEG decoded at a reduced DCT scale); the kept region is then resampled from it.
+    """
+    from PIL import Image
+
+    (new_w, new_h), (left, top), (w, h) = resized, crop, target
+    if box is None and new_w * new_h <= RESIZE_WHOLE_UP_TO * w * h:
+        if rgb.size != (new_w, new_h):
+            rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        if (left, top, new_w, new_h) != (0, 0, w, h):
+            rgb = rgb.crop((left, top, left + w, top + h))
+        return rgb
+    x0, y0, x1, y1 = box if box is not None else (0.0, 0.0, float(rgb.width), float(rgb.height))
+    sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+    kept = (x0 + left * sx, y0 + top * sy, min(x1, x0 + (left + w) * sx), min(y1, y0 + (top + h) * sy))
+    return rgb.resize((w, h), Image.Resampling.BILINEAR, box=kept)
 
 
 WIDE_MODES = frozenset(("I", "F", "I;16", "I;16L", "I;16B", "I;16N"))

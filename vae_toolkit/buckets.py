@@ -11,7 +11,9 @@ The rule of ``encode --buckets AREA`` (``encode_dataset(buckets=AREA, bucket_ste
   (``scale = max(w / W, h / H)``, ``W' = round(W · scale)``, ``H' = round(H · scale)``, Python's ``round``
   of the exact fraction), with the resampling of ``--size`` (bilinear, antialiased; a large JPEG decoded at a
   reduced DCT scale first unless ``exact``), then cropped to ``w x h`` at ``top = (H' - h) // 2``,
-  ``left = (W' - w) // 2``. Smaller images are scaled up.
+  ``left = (W' - w) // 2``. Smaller images are scaled up. An image more than 4 times the area of its bucket once
+  resized (a thin strip) is resampled only where it is kept, so that its memory follows the bucket (values within
+  one level of resize-then-crop; the plan is the same).
 
 :func:`prepare_image` reads one image in any of the three modes (buckets, ``--size``, neither) and returns it
 with its conditioning: the original size ``(H, W)``, the resized size ``(H', W')`` and the crop's top-left
@@ -32,7 +34,7 @@ import torch
 
 from ._checks import check_int
 from ._orientation import exif_orientation, swaps_axes, transpose_method
-from ._pixels import LUT_SD, SD_NORM, rgb_to_dtype
+from ._pixels import LUT_SD, SD_NORM, resize_crop, rgb_to_dtype
 from .image_utils import load_for_encoding, open_for_resize
 
 logger = logging.getLogger(__name__)
@@ -165,23 +167,9 @@ def prepare_image(
 
     rgb, (width, height), box = open_for_resize(path, draft, max_pixels)  # type: ignore[arg-type]
     plan = plan_crop(width, height, choose_bucket(width, height, chosen))
-    return Prepared(rgb_to_dtype(_resize_crop(rgb, plan, box), LUT_SD, SD_NORM, torch.get_default_dtype()), plan)
-
-
-def _resize_crop(rgb: Any, plan: CropPlan, box: tuple[float, float, float, float] | None) -> Any:
-    """Resize ``rgb`` to ``plan.resized`` (bilinear, antialiased) and crop ``plan.target`` at ``plan.crop``."""
-    from PIL import Image
-
     (new_h, new_w), (top, left), (h, w) = plan.resized, plan.crop, plan.target
-    if box is not None:  # reduced-scale decode: resample only the part that is kept (same sampling positions)
-        sx, sy = (box[2] - box[0]) / new_w, (box[3] - box[1]) / new_h
-        crop = (box[0] + left * sx, box[1] + top * sy, box[0] + (left + w) * sx, box[1] + (top + h) * sy)
-        return rgb.resize((w, h), Image.Resampling.BILINEAR, box=crop)
-    if rgb.size != (new_w, new_h):
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    if (left, top, new_w, new_h) != (0, 0, w, h):
-        rgb = rgb.crop((left, top, left + w, top + h))
-    return rgb
+    rgb = resize_crop(rgb, (new_w, new_h), (left, top), (w, h), box)
+    return Prepared(rgb_to_dtype(rgb, LUT_SD, SD_NORM, torch.get_default_dtype()), plan)
 
 
 def _image_size(path: Readable) -> tuple[int, int]:

@@ -55,6 +55,7 @@ from ._pixels import (
     error_like,
     load_pixels,
     lut_array,
+    resize_crop,
     rgb_to_dtype,
     rgb_to_tensor,
     warn_if_clipped,
@@ -483,28 +484,18 @@ def tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
 def _resize_center_crop(
     rgb: Image.Image, size: int, full: tuple[int, int] | None = None, box: _Box | None = None
 ) -> Image.Image:
-    """Shorter side to ``size`` (bilinear, antialiased), then center-crop ``size x size``.
+    """Shorter side to ``size`` (bilinear, antialiased), then center-crop ``size x size`` (:func:`resize_crop`).
 
     ``full`` and ``box`` describe a JPEG decoded at reduced scale (``_open_rgb``): the output size is computed
     from the file's ``full`` size, and the resize reads ``box``, where the full image lies in ``rgb``.
     """
-    from PIL import Image
-
     w, h = full if full is not None else rgb.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    if box is not None:  # reduced-scale decode: resample only the square that is kept (same sampling positions)
-        sx, sy = (box[2] - box[0]) / new_w, (box[3] - box[1]) / new_h
-        crop = (box[0] + left * sx, box[1] + top * sy, box[0] + (left + size) * sx, box[1] + (top + size) * sy)
-        return rgb.resize((size, size), Image.Resampling.BILINEAR, box=crop)
-    if (new_w, new_h) != (w, h):
-        rgb = rgb.resize((new_w, new_h), Image.Resampling.BILINEAR)
-    if (left, top, new_w, new_h) != (0, 0, size, size):
-        rgb = rgb.crop((left, top, left + size, top + size))
-    return rgb
+    return resize_crop(rgb, (new_w, new_h), (left, top), (size, size), box)
 
 
 def _as_rgb(pil_image: Image.Image, caller: str, target_size: int | None = None) -> Image.Image:
@@ -565,7 +556,8 @@ def pil_to_tensor(pil_image: Image.Image, target_size: int | None = None, normal
             modified). A lazily opened image is decoded here; a corrupt file, or an image closed before it
             was read, raises ``ImageProcessingError``.
         target_size: When given, resize the shorter side to it (bilinear, antialiased) and
-            center-crop a ``target_size x target_size`` square.
+            center-crop a ``target_size x target_size`` square. An image longer than 4:1 is resampled only
+            where the square is kept (memory of the output, values within one level).
         normalize: ``[-1, 1]`` when True, ``[0, 1]`` otherwise.
 
     Raises:
