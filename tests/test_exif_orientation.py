@@ -87,7 +87,7 @@ def test_a_phone_portrait_is_stored_as_shown(tmp_path):
         assert store.metadata["exif_orientation"] == "applied"
         assert store.entry("portrait.jpg")["size"] == [40, 64]
         with torch.no_grad():
-            expected = latents.encode(vae, pil_to_tensor(center_crop_to_multiple(shown(path), 8)))
+            expected = latents.encode(vae, pil_to_tensor(center_crop_to_multiple(shown(path), 8)), tile=False)
         assert store["portrait.jpg"].shape == expected.shape == (4, 32, 20)
         assert (store["portrait.jpg"] - expected).abs().max().item() <= 1e-5
 

@@ -302,10 +302,6 @@ def test_bucket_options_with_buckets_are_taken(capsys, tmp_path, monkeypatch):
 # --- the summary of a --size run -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the summary line is EncodeSummary.__str__ in vae_toolkit/encoding.py, which does not know the run's size",
-)
 def test_a_size_run_does_not_speak_of_buckets(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

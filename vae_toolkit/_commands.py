@@ -319,7 +319,7 @@ def encode_command(args: argparse.Namespace) -> int:
     reader = "exact" if args.exact_resize or (args.size is None and args.buckets is None) else "fast"
     expected = {"model": model, "size": args.size, "dtype": args.latent_dtype, "vae_dtype": args.dtype}
     expected.update({"sample": args.sample, "seed": args.seed if args.sample else None, "reader": reader})
-    expected.update({"weights": weights_fingerprint(model), "exif_orientation": EXIF_ORIENTATION})
+    expected.update({"weights": weights_fingerprint(model), "exif_orientation": EXIF_ORIENTATION, "tile": args.tile})
     try:
         expected.update(training_settings(args.size, args.buckets, args.bucket_step, args.max_aspect, args.flip,
                                           args.distribution, args.sample))  # fmt: skip
@@ -367,6 +367,7 @@ def encode_command(args: argparse.Namespace) -> int:
                 max_pixels=args.max_pixels or None,
                 image_column=args.image_column,
                 key_column=args.key_column,
+                tile=args.tile,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err

@@ -91,10 +91,11 @@ class EncodeSummary:
             same on every rank.
         removed: Entries removed because their source file is gone (see ``keep_missing``).
         loaded_model: Whether the model was loaded (a run with nothing to encode does not load it).
-        upscaled: Images of this run smaller than their bucket (``buckets``), scaled up.
+        upscaled: Images of this run smaller than their bucket (``buckets``) or than ``size``, scaled up.
         verified: With ``verify=True``: listed shards whose whole file matched its SHA-256 (``None`` without).
         duplicates: Archive members read by this run that have the name of an earlier member of their shard
             (``tar -r`` / ``tar -u`` append such copies): the last one of a name is stored, one entry per name.
+        size: The run's ``size`` (``None`` with buckets, or each image keeping its own size).
     """
 
     output: Path
@@ -110,6 +111,7 @@ class EncodeSummary:
     upscaled: int = 0
     verified: int | None = None
     duplicates: int = 0
+    size: int | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -118,7 +120,8 @@ class EncodeSummary:
 
     def __str__(self) -> str:
         removed = f", {self.removed} removed (source file gone)" if self.removed else ""
-        upscaled = f" ({self.upscaled} smaller than their bucket, scaled up)" if self.upscaled else ""
+        against = f"--size {self.size}" if self.size is not None else "their bucket"
+        upscaled = f" ({self.upscaled} smaller than {against}, scaled up)" if self.upscaled else ""
         verified = f", {self.verified} shard(s) verified" if self.verified is not None else ""
         if self.duplicates:
             verified += f", {self.duplicates} duplicate name(s) (the last member of a name kept)"
@@ -194,9 +197,10 @@ class _Encoder:
         store_dtype: torch.dtype,
         flip: bool = False,
         distribution: bool = False,
+        tile: bool = False,
     ) -> None:
         self.vae, self.sample, self.seed, self.store_dtype = vae, sample, seed, store_dtype
-        self.flip, self.distribution = flip, distribution
+        self.flip, self.distribution, self.tile = flip, distribution, tile
         self.limits: dict[tuple[int, ...], int] = {}  # image shape -> batch size that fitted after an OOM
 
     def __call__(
@@ -250,14 +254,14 @@ class _Encoder:
             x = torch.cat([x, x.flip(-1)])
         with torch.inference_mode():
             if self.distribution:
-                z = torch.cat(latents.encode_distribution(self.vae, x), dim=1)
+                z = torch.cat(latents.encode_distribution(self.vae, x, tile=self.tile), dim=1)
             else:
                 generator = None
                 if self.sample:
                     generator = [sample_generator(self.seed, item.key) for item in chunk]
                     if self.flip:
                         generator += [sample_generator(self.seed, item.key, flipped=True) for item in chunk]
-                z = latents.encode(self.vae, x, sample=self.sample, generator=generator)
+                z = latents.encode(self.vae, x, sample=self.sample, generator=generator, tile=self.tile)
         z = z.to(device="cpu", dtype=self.store_dtype)
         if self.flip:
             z = torch.cat([z[:n], z[n:]], dim=1)
@@ -292,6 +296,7 @@ def _settings(
     seed: int,
     reader: str = "exact",
     training: dict[str, Any] | None = None,
+    tile: bool = False,
 ) -> dict[str, Any]:
     """What a reader must know about the latents, and what must match for a store to be resumed."""
     from .vae_loader import weights_fingerprint
@@ -318,6 +323,7 @@ def _settings(
         "reader": reader,
         "weights": weights_fingerprint(name),
         "exif_orientation": EXIF_ORIENTATION,
+        "tile": bool(tile),
         **(training or {}),
     }
 
@@ -350,6 +356,7 @@ def encode_dataset(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     image_column: str = "image",
     key_column: str | None = None,
+    tile: bool = False,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -408,6 +415,9 @@ def encode_dataset(
             89,478,485, PIL's decompression-bomb warning threshold); ``None`` for no limit.
         image_column: With Parquet files: the column holding the images (bytes, or ``{bytes, path}``).
         key_column: With Parquet files: the column whose value is the row's key (default: the row number).
+        tile: Encode in tiles (the model's own tiling) images larger than its ``sample_size``. By default never:
+            each latent is the whole image's, as diffusers' training scripts cache them and as
+            ``latents.encode(vae, x, tile=False)`` gives it; recorded in the store.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -458,7 +468,9 @@ def encode_dataset(
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} is a file; pass a folder for the latent store")
     reader = "exact" if exact_resize or (size is None and buckets is None) else "fast"
-    settings = _settings(vae, model, size, dtype, sample, seed, reader, training) if loaded else None
+    if not isinstance(tile, bool):
+        raise TypeError(f"tile must be True or False, got {tile!r}")
+    settings = _settings(vae, model, size, dtype, sample, seed, reader, training, tile) if loaded else None
     if settings is not None:
         known = {k: settings[k] for k in ("model", "weights")}
     else:
@@ -472,6 +484,7 @@ def encode_dataset(
         "seed": int(seed) if sample else None,
         "reader": reader,
         "exif_orientation": EXIF_ORIENTATION,
+        "tile": tile,
         **training,
     })  # fmt: skip
     workers = workers if workers is not None else default_workers()
@@ -507,7 +520,7 @@ def encode_dataset(
             loaded = True
             summary.loaded_model = True
         if loaded:
-            settings = _settings(vae, model, size, dtype, sample, seed, reader, training)
+            settings = _settings(vae, model, size, dtype, sample, seed, reader, training, tile)
         else:  # nothing to encode, only the index to update: the stored settings stand
             settings = _stored_settings(merge) if dist.rank == 0 else {}
         if plan.stored_settings is not None and loaded:
@@ -539,7 +552,7 @@ def encode_dataset(
         encoded, failed, upscaled = 0, dict[str, str](), 0
         log = ReadLog()
         if mine:
-            encoder = _Encoder(vae, sample, seed, dtype, flip, distribution)
+            encoder = _Encoder(vae, sample, seed, dtype, flip, distribution, tile)
             unit = "shards" if archived is not None else "images"
             desc = "encode" if dist.world_size == 1 else f"encode (rank 0's share: {len(mine)} of {len(todo)} {unit})"
             items: Iterable[tuple[str, Any]]
@@ -576,6 +589,7 @@ def encode_dataset(
             summary.duplicates = sum(r[4].duplicates for r in results)
         summary.encoded = sum(r[0] for r in results)
         summary.upscaled = sum(r[3] for r in results)
+        summary.size = size
         summary.failed = dict(sorted(failures.items()))
         summary.shards = sum(len(r[2]) for r in results)
         summary.seconds = time.perf_counter() - start

@@ -43,12 +43,12 @@ _TMP_SUFFIX = ".tmp"
 _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
 _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
-               "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution")  # fmt: skip
+               "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution", "tile")  # fmt: skip
 # settings recorded since a later version of format 2: what a store written without them holds. Unknown weights
-# (None) are accepted with a warning; EXIF orientation was not applied then, which is refused like any other setting;
+# (None) are accepted with a warning, as is unknown tiling (None: tiled when larger than the model's sample_size); EXIF orientation was not applied then, which is refused like any other setting;
 # the training cache's settings (no buckets, flips or distribution) keep such a store readable.
 TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False}
-_ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", **TRAINING_DEFAULTS}
+_ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", "tile": None, **TRAINING_DEFAULTS}
 _INDEX_CHECKSUM = "index_sha256"
 STORE_DTYPES = _table.DTYPES
 REBUILD = "run the same encode command again (python -m vae_toolkit encode SOURCE -o {out} ...)"
@@ -575,6 +575,8 @@ def mismatch(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[st
     problems = []
     for k in _COMPATIBLE:
         if k not in requested or stored.get(k) == requested[k]:
+            continue
+        if k == "tile" and (stored.get(k) is None or requested[k] is None):  # unknown: not compared
             continue
         if k == "weights":
             if stored.get(k) is not None and requested[k] is not None:
