@@ -45,8 +45,9 @@ _CORRUPT_SUFFIX = ".corrupt"
 _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
                "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution", "tile")  # fmt: skip
 # settings recorded since a later version of format 2: what a store written without them holds. Unknown weights
-# (None) are accepted with a warning, as is unknown tiling (None: tiled when larger than the model's sample_size); EXIF orientation was not applied then, which is refused like any other setting;
-# the training cache's settings (no buckets, flips or distribution) keep such a store readable.
+# (None) are accepted with a warning, unknown tiling (None: tiled when larger than the model's sample_size) is not
+# compared; EXIF orientation was not applied then, which is refused like any other setting; the training
+# cache's settings (no buckets, flips or distribution) keep such a store readable.
 TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False}
 _ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", "tile": None, **TRAINING_DEFAULTS}
 _INDEX_CHECKSUM = "index_sha256"
