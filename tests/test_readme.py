@@ -10,6 +10,7 @@ from vae_toolkit import __main__ as cli
 from vae_toolkit import list_available_models
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+API = README.parent / "docs" / "api.md"  # README's API reference, kept beside it
 
 
 def _readme_model_table() -> list[list[str]]:
@@ -78,9 +79,9 @@ def _table_first_cells(body: str) -> list[str]:
 
 
 def _readme_api() -> dict[str, list[str]]:
-    """``module -> names`` of README's API reference: each ``### Title (`module`)`` heading and the names that
+    """``module -> names`` of the API reference (docs/api.md, which README links to): each ``### Title (`module`)`` heading and the names that
     open the first cell of the rows of its tables (``Class.method`` kept dotted; signatures dropped)."""
-    api = _section(README.read_text(encoding="utf-8"), "API reference")
+    api = API.read_text(encoding="utf-8").split("\n", 1)[1]  # docs/api.md, below its title
     found: dict[str, list[str]] = {}
     for block in re.split(r"^(?=### )", api, flags=re.M)[1:]:
         heading, _, body = block.partition("\n")
@@ -153,3 +154,9 @@ def test_readme_install_names_every_extra_and_what_it_installs():
         if extra not in rows or name.lower().replace("_", "-") not in rows[extra]
     ]
     assert missing == []
+
+
+def test_readme_stays_short_and_links_the_api_reference():
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 460, "README grows past ~450 lines: move reference material to docs/"
+    assert "(docs/api.md)" in _section(text, "API reference")
