@@ -1,10 +1,16 @@
 """Image metrics on tensors, as the field computes them: PSNR, SSIM, MS-SSIM, MAE, LPIPS and FID.
 
-Every function takes two batches ``[N, 3, H, W]`` in the library's convention (``[-1, 1]``, as
-:func:`~vae_toolkit.load_and_preprocess_image` returns and :func:`vae_toolkit.latents.decode` produces) and
-returns one value per image as a tensor of shape ``[N]`` on the inputs' device, differentiable where the
-definition is, so that ``loss = metrics.lpips(decoded, target).mean()`` works in an optimisation loop.
+Every function takes two batches ``[N, 3, H, W]`` (PSNR, SSIM, MS-SSIM and MAE also ``[N, 1, H, W]``; LPIPS
+repeats a single channel) and returns one value per image as a tensor of shape ``[N]`` on the inputs' device
+(or their ``reduction=``: ``"mean"``, ``"sum"``; PSNR also ``"pooled"``), differentiable where the definition is,
+so that ``loss = metrics.lpips(decoded, target).mean()`` works in an optimisation loop. Running totals over many
+batches and ranks (``update`` / ``compute`` / ``reset``) are :mod:`vae_toolkit.running`'s; KID is
+:mod:`vae_toolkit.kid`'s; FID between two folders :mod:`vae_toolkit.fid`'s.
 
+- Input range: every function and class takes ``input_range=(-1, 1)`` (the library's convention, as
+  :func:`~vae_toolkit.load_and_preprocess_image` returns and :func:`vae_toolkit.latents.decode` produces, the
+  default), ``(0, 1)`` or ``(0, 255)`` (floats, or uint8 tensors). Values beyond the declared range by more than
+  a quarter of its width raise ``ValueError`` naming the range found (:mod:`vae_toolkit.pixel_metrics`).
 - Computation dtype: float16 and bfloat16 inputs are computed (and returned) in float32, float64 stays
   float64 for PSNR, SSIM, MS-SSIM and MAE; LPIPS runs in its network's dtype (float32).
 - Pixel values: ``[-1, 1]`` is mapped to ``[0, 255]`` as ``(x + 1) * 127.5``, without rounding or clamping,
@@ -30,6 +36,7 @@ Example:
     >>> from vae_toolkit import metrics
     >>> metrics.psnr(decoded, target)  # doctest: +SKIP
     tensor([24.1, 26.3])
+    >>> metrics.psnr(uint8_a, uint8_b, input_range=(0, 255), reduction="mean")  # doctest: +SKIP
     >>> loss = metrics.lpips(decoded, target).mean()  # doctest: +SKIP
 """
 
@@ -37,9 +44,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +56,23 @@ from torch import nn
 from . import _weights
 from ._backbones import AlexNetFeatures, FIDInceptionV3, TapFeatures, VGG16Features, min_side
 from ._weights import InvalidWeightsError, WeightsUnavailableError
+from .fid_statistics import read_statistics, write_statistics
+from .pixel_metrics import (
+    MS_SSIM_MIN_SIDE,
+    InputRange,
+    check_images,
+    check_input_range,
+    check_pair,
+    check_reduction,
+    mae,
+    ms_ssim,
+    psnr,
+    reduce,
+    ssim,
+    to_signed,
+    to_unit,
+)
+from .pixel_metrics import gaussian_window as _gaussian  # noqa: F401 - the SSIM window, kept where it was
 
 if TYPE_CHECKING:
     import numpy as np
@@ -57,15 +82,19 @@ __all__ = [
     "DEFINITIONS",
     "LPIPS",
     "FrechetInceptionDistance",
+    "InputRange",
     "InvalidWeightsError",
+    "MS_SSIM_MIN_SIDE",
     "WeightsUnavailableError",
     "frechet_distance",
+    "inception_features",
     "load_networks",
     "lpips_weight_files",
     "lpips",
     "mae",
     "ms_ssim",
     "psnr",
+    "read_statistics",
     "ssim",
     "weights_dir",
 ]
@@ -92,162 +121,8 @@ DEFINITIONS = {
     "fewer than 2,048 images per set: compare only values over the same number of images. Lower is better.",
 }
 
-_SSIM_WINDOW = 11
-_SSIM_SIGMA = 1.5
-_SSIM_K = (0.01, 0.03)
-_MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-#: pytorch-msssim's ms_ssim: the shorter side must exceed (11 - 1) * 2**4.
-MS_SSIM_MIN_SIDE = (_SSIM_WINDOW - 1) * 2 ** (len(_MS_SSIM_WEIGHTS) - 1) + 1
 #: Images fewer than this per set give an FID that is biased and not comparable with published values.
 FID_MIN_IMAGES = 2048
-
-
-# --- inputs ------------------------------------------------------------------------------------------------
-
-
-def _check_batch(x: object, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [N, 3, H, W] in [-1, 1], got {type(x).__name__}")
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(
-            f"{name} must have shape [N, 3, H, W], got {tuple(x.shape)}; add a batch dimension with x[None]"
-        )
-    if not x.is_floating_point():
-        raise TypeError(
-            f"{name} must be a floating-point tensor in [-1, 1], got {x.dtype}; convert uint8 images with "
-            "x.float() / 127.5 - 1"
-        )
-    return x
-
-
-def _pair(x: object, y: object, min_size: int = 1, what: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` and ``y`` checked, in their common computation dtype (at least float32)."""
-    a, b = _check_batch(x, "x"), _check_batch(y, "y")
-    if a.shape != b.shape:
-        raise ValueError(f"x and y differ in shape: {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.device != b.device:
-        raise ValueError(f"x and y are on different devices: {a.device} and {b.device}")
-    if min(a.shape[-2:]) < min_size:
-        raise ValueError(
-            f"{what} needs images of at least {min_size}x{min_size} pixels, got {a.shape[-1]}x{a.shape[-2]} "
-            "(width x height)"
-        )
-    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-    return a.to(dtype), b.to(dtype)
-
-
-def _levels(x: torch.Tensor) -> torch.Tensor:
-    """``[-1, 1]`` -> ``[0, 255]``, unrounded."""
-    return (x + 1) * 127.5
-
-
-# --- PSNR, MAE ---------------------------------------------------------------------------------------------
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """PSNR in dB per image, peak 255, of two batches ``[N, 3, H, W]`` in ``[-1, 1]``; ``inf`` where identical.
-
-    ``10 log10(255^2 / MSE)`` with the MSE of ``(x + 1) * 127.5`` and ``(y + 1) * 127.5`` (unrounded), which on
-    whole-level images is :func:`vae_toolkit.evaluate.psnr` of the uint8 images.
-
-    Raises:
-        TypeError: not floating-point tensors.
-        ValueError: not ``[N, 3, H, W]``, or of different shapes or devices.
-    """
-    a, b = _pair(x, y)
-    mse = ((a - b) * 127.5).square().flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse)
-
-
-def mae(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error per image in levels 0-255 (``|x - y| * 127.5``) of two batches in ``[-1, 1]``.
-
-    Raises:
-        TypeError, ValueError: as :func:`psnr`.
-    """
-    a, b = _pair(x, y)
-    return ((a - b) * 127.5).abs().flatten(1).mean(1)
-
-
-# --- SSIM, MS-SSIM -----------------------------------------------------------------------------------------
-
-
-def _gaussian(channels: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 11-tap Gaussian (sigma 1.5) normalised in float64, then cast to ``dtype``: ``[channels, 1, 1, 11]``.
-
-    Normalising in float64 puts float32 SSIM within 2e-5 of scikit-image's float64 value on 8-bit images (the
-    window of :mod:`vae_toolkit.evaluate`); pytorch-msssim's own window, normalised in float32, is 3e-5 off.
-    """
-    coords = torch.arange(_SSIM_WINDOW, dtype=torch.float64) - _SSIM_WINDOW // 2
-    g = torch.exp(-(coords**2) / (2 * _SSIM_SIGMA**2))
-    return (g / g.sum()).to(dtype).reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(device)
-
-
-def _blur(x: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter without padding, rows then columns (pytorch-msssim's ``gaussian_filter``)."""
-    channels = x.shape[1]
-    x = F.conv2d(x, win.transpose(2, 3), groups=channels)
-    return F.conv2d(x, win, groups=channels)
-
-
-def _layout(x: torch.Tensor) -> torch.Tensor:
-    """Channels-last on a CPU, where oneDNN's depthwise convolutions run 3-5x faster so; values agree to 1e-7."""
-    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-
-
-def _ssim_terms(a: torch.Tensor, b: torch.Tensor, win: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per image and channel ``(ssim, cs)`` of two batches of levels 0-255: pytorch-msssim's ``_ssim``."""
-    c1 = (_SSIM_K[0] * 255) ** 2
-    c2 = (_SSIM_K[1] * 255) ** 2
-    mu1, mu2 = _blur(a, win), _blur(b, win)
-    mu1_sq, mu2_sq, mu1_mu2 = mu1.pow(2), mu2.pow(2), mu1 * mu2
-    sigma1_sq = _blur(a * a, win) - mu1_sq
-    sigma2_sq = _blur(b * b, win) - mu2_sq
-    sigma12 = _blur(a * b, win) - mu1_mu2
-    cs_map = (2 * sigma12 + c2) / (sigma1_sq + sigma2_sq + c2)
-    ssim_map = ((2 * mu1_mu2 + c1) / (mu1_sq + mu2_sq + c1)) * cs_map
-    return ssim_map.flatten(2).mean(-1), cs_map.flatten(2).mean(-1)
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """SSIM per image of two batches ``[N, 3, H, W]`` in ``[-1, 1]`` (see :data:`DEFINITIONS`).
-
-    Computed on ``(x + 1) * 127.5`` with data range 255: on whole-level images, scikit-image's
-    ``structural_similarity(a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255,
-    channel_axis=-1)`` of the uint8 images within 2e-5, and :func:`vae_toolkit.evaluate.ssim`.
-
-    Raises:
-        TypeError, ValueError: as :func:`psnr`; ValueError also for a side shorter than 11 pixels (the window).
-    """
-    a, b = _pair(x, y, _SSIM_WINDOW, "SSIM")
-    win = _gaussian(3, a.device, a.dtype)
-    per_channel, _ = _ssim_terms(_layout(_levels(a)), _layout(_levels(b)), win)
-    return per_channel.mean(1)
-
-
-def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """5-scale MS-SSIM per image of two batches in ``[-1, 1]``, as pytorch-msssim 1.0's ``ms_ssim`` with the
-    window of :func:`ssim` (see :data:`DEFINITIONS`).
-
-    Raises:
-        TypeError, ValueError: as :func:`psnr`; ValueError also for a side shorter than 161 pixels
-            (:data:`MS_SSIM_MIN_SIDE`, 5 scales of an 11-pixel window).
-    """
-    a, b = _pair(x, y, MS_SSIM_MIN_SIDE, "MS-SSIM")
-    win = _gaussian(3, a.device, a.dtype)
-    a, b = _layout(_levels(a)), _layout(_levels(b))
-    mcs: list[torch.Tensor] = []
-    per_channel = a.new_empty(0)
-    for level in range(len(_MS_SSIM_WEIGHTS)):
-        per_channel, cs = _ssim_terms(a, b, win)
-        if level < len(_MS_SSIM_WEIGHTS) - 1:
-            mcs.append(torch.relu(cs))
-            padding = (a.shape[2] % 2, a.shape[3] % 2)
-            a = F.avg_pool2d(a, kernel_size=2, padding=padding)
-            b = F.avg_pool2d(b, kernel_size=2, padding=padding)
-    stacked = torch.stack([*mcs, torch.relu(per_channel)], dim=0)  # (scale, image, channel)
-    weights = stacked.new_tensor(_MS_SSIM_WEIGHTS).view(-1, 1, 1)
-    return torch.prod(stacked**weights, dim=0).mean(1)
 
 
 # --- LPIPS -------------------------------------------------------------------------------------------------
@@ -291,12 +166,14 @@ class LPIPS(nn.Module):
 
     Args:
         net: ``"alex"`` (the default of lpips and torchmetrics) or ``"vgg"`` (what latent-diffusion trained with).
+        input_range: the range of the images :meth:`forward` takes: ``(-1, 1)`` (default, lpips'), ``(0, 1)``
+            (lpips' ``normalize=True``) or ``(0, 255)`` (floats or uint8).
 
     Built outside ``torch.inference_mode()`` even inside it, so that a module made during a validation pass still
     backpropagates to its inputs later (``.to()`` under inference mode, though, makes inference tensors).
 
     Raises:
-        ValueError: an unknown ``net``.
+        ValueError: an unknown ``net`` or ``input_range``.
         WeightsUnavailableError: a weight file is missing and cannot be downloaded (offline or no network).
         InvalidWeightsError: a weight file is truncated or holds another network.
 
@@ -308,10 +185,11 @@ class LPIPS(nn.Module):
     shift: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, net: Literal["alex", "vgg"] = "alex") -> None:
+    def __init__(self, net: Literal["alex", "vgg"] = "alex", *, input_range: InputRange = (-1, 1)) -> None:
         super().__init__()
         if net not in _LPIPS_NETS:
             raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+        self.input_range = check_input_range(input_range)
         backbone_cls, backbone_file, heads_file = _LPIPS_NETS[net]
         for spec in (backbone_file, heads_file):  # both present (or fetched) before reading either
             _weights.locate(spec)
@@ -340,21 +218,24 @@ class LPIPS(nn.Module):
         return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """LPIPS per image ``[N]`` of two batches ``[N, 3, H, W]`` in ``[-1, 1]``, in the module's dtype.
+        """LPIPS per image ``[N]`` of two batches ``[N, 3, H, W]`` (or ``[N, 1, H, W]``, the channel repeated, as
+        lpips' users do) in the module's ``input_range``, in the module's dtype.
 
         Raises:
-            TypeError: not floating-point tensors.
-            ValueError: not ``[N, 3, H, W]``, different shapes or devices, not on the module's device, or a side
-                shorter than the backbone needs (AlexNet: 31 pixels, VGG-16: 16).
+            TypeError: not tensors, or not floating point (uint8 with a range other than ``(0, 255)``).
+            ValueError: another shape, different shapes or devices, values outside ``input_range``, not on the
+                module's device, or a side shorter than the backbone needs (AlexNet: 31 pixels, VGG-16: 16).
         """
         name = "LPIPS (AlexNet)" if self.net_name == "alex" else "LPIPS (VGG-16)"
-        a, b = _pair(x, y, self.min_side, name)
+        a, b = check_pair(x, y, self.input_range, self.min_side, name)
         param = next(self.parameters())
         if a.device != param.device:
             raise ValueError(
                 f"the images are on {a.device} but the LPIPS module on {param.device}; move one with .to()"
             )
-        a, b = a.to(param.dtype), b.to(param.dtype)
+        a, b = to_signed(a.to(param.dtype), self.input_range), to_signed(b.to(param.dtype), self.input_range)
+        if a.shape[1] == 1:
+            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
         feats0 = self.net((a - self.shift) / self.scale)
         feats1 = self.net((b - self.shift) / self.scale)
         value: torch.Tensor | int = 0
@@ -372,19 +253,29 @@ _LPIPS_CACHE: dict[tuple[str, ...], LPIPS] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex") -> torch.Tensor:
-    """LPIPS per image of two batches ``[N, 3, H, W]`` in ``[-1, 1]`` (see :class:`LPIPS`), differentiable.
+def lpips(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    net: Literal["alex", "vgg"] = "alex",
+    *,
+    input_range: InputRange = (-1, 1),
+    reduction: Literal["none", "mean", "sum"] = "none",
+) -> torch.Tensor:
+    """LPIPS per image of two batches ``[N, 3, H, W]`` (or ``[N, 1, H, W]``) in ``input_range`` (see
+    :class:`LPIPS`), differentiable; ``reduction="mean"`` or ``"sum"`` reduces over the images.
 
     The module is built once per ``(net, device)`` and kept for later calls, outside ``torch.inference_mode()``
     even when the first call is inside it, so that the order of calls never matters.
 
     Raises:
-        as :class:`LPIPS` and :meth:`LPIPS.forward`.
+        as :class:`LPIPS` and :meth:`LPIPS.forward`; ValueError for another ``reduction``.
 
     Example:
         >>> loss = lpips(vae_toolkit.latents.decode(vae, z), target).mean()  # doctest: +SKIP
     """
-    a = _check_batch(x, "x")
+    r = check_input_range(input_range)
+    check_reduction(reduction)
+    a = check_images(x, "x", r, (1, 3))
     if net not in _LPIPS_NETS:
         raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
     key = (net, str(a.device), *_file_key(*_LPIPS_NETS[net][1:]))
@@ -393,7 +284,10 @@ def lpips(x: torch.Tensor, y: torch.Tensor, net: Literal["alex", "vgg"] = "alex"
         if module is None:
             with torch.inference_mode(False):  # kept for later calls, which may need gradients
                 module = _LPIPS_CACHE[key] = LPIPS(net).to(a.device)
-    return module(x, y)
+    if r == module.input_range:
+        return reduce(module(x, y), reduction)
+    a, b = check_pair(x, y, r)  # the cached module takes [-1, 1]
+    return reduce(module(to_signed(a, r), to_signed(b, r)), reduction)
 
 
 # --- FID ---------------------------------------------------------------------------------------------------
@@ -451,15 +345,52 @@ def _inception(device: torch.device) -> FIDInceptionV3:
         return _INCEPTION_CACHE[key]
 
 
-class FrechetInceptionDistance:
+def inception_features(
+    images: torch.Tensor, dims: int = 2048, *, input_range: InputRange = (-1, 1), batch_size: int = 32
+) -> torch.Tensor:
+    """The ``[N, dims]`` float32 Inception features pytorch-fid computes of ``images`` ``[N, 3, H, W]`` (or
+    ``[N, 1, H, W]``, the channel repeated, as PIL's ``convert("RGB")``) in ``input_range``.
+
+    Each image is taken to ``[0, 1]`` (``(x + 1) / 2``, ``x`` or ``x / 255``: torchvision's ``ToTensor`` of uint8
+    images), resized to 299x299 (bilinear, ``align_corners=False``), scaled to ``[-1, 1]`` and passed through
+    pytorch-fid's FID Inception-v3; computed on the images' device, ``batch_size`` at a time, without gradients.
+
+    Raises:
+        TypeError, ValueError: as :func:`psnr`; ValueError also for ``dims`` not 64, 192, 768 or 2048.
+        WeightsUnavailableError: pytorch-fid's weight file is missing and cannot be downloaded.
+    """
+    r = check_input_range(input_range)
+    _check_dims(dims)
+    x = check_images(images, "images", r, (1, 3))
+    net = _inception(x.device)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            part = to_unit(x[start : start + batch_size].to(torch.float32), r)  # pytorch-fid resizes [0, 1] images
+            part = part.expand(-1, 3, -1, -1) if part.shape[1] == 1 else part
+            part = F.interpolate(part, size=(299, 299), mode="bilinear", align_corners=False)
+            out.append(net(2 * part - 1, dims))
+    return torch.cat(out) if out else torch.zeros(0, dims, device=x.device)
+
+
+def _check_dims(dims: object) -> None:
+    if dims not in FIDInceptionV3.BLOCK_BY_DIMS:
+        raise ValueError(f"dims must be one of 64, 192, 768, 2048 (pytorch-fid's), got {dims!r}")
+
+
+class FrechetInceptionDistance(nn.Module):
     """FID between two image sets, accumulated batch by batch: pytorch-fid 0.3.0's value, in bounded memory.
 
-    Each image is resized to 299x299 (bilinear, ``align_corners=False``, on ``(x + 1) / 2`` as pytorch-fid does
-    on ``[0, 1]`` images), scaled to ``[-1, 1]`` and passed through pytorch-fid's FID Inception-v3; of each set
+    Each image goes through :func:`inception_features` (pytorch-fid's resize and FID Inception-v3); of each set
     only the count, the float64 sum of the ``dims``-d features and the float64 sum of their outer products are
     kept (``2 * (dims + dims^2) * 8`` bytes, 64 MiB for 2048: independent of the number of images). The mean
     is ``sum / n`` and the covariance ``(sum_outer - n * mean mean^T) / (n - 1)`` (``np.cov``'s, ddof 1);
     :meth:`compute` takes :func:`frechet_distance` of them.
+
+    An ``nn.Module`` (``.to(device)`` moves the sums, which stay float64; ``fid(images, real)`` is
+    :meth:`update`), with torchmetrics' ``update(images, real)`` / ``compute()`` / ``reset()``. A set's
+    statistics can be saved and loaded in pytorch-fid's ``.npz`` layout (:meth:`save_statistics`,
+    :meth:`load_statistics`), so that a reference set is computed once.
 
     Accumulators of parts of the data (other processes, ranks) combine by adding their sums
     (:meth:`merge`, :meth:`all_reduce`): the counts exactly, the float64 sums up to the rounding of float64
@@ -473,51 +404,80 @@ class FrechetInceptionDistance:
         device: where the statistics are kept; by default the device of the first images (the CPU for MPS,
             which has no float64).
         batch_size: images per Inception forward pass.
+        input_range: the range of the images :meth:`update` takes: ``(-1, 1)`` (default), ``(0, 1)``
+            (torchmetrics' ``normalize=True``) or ``(0, 255)`` (floats or uint8: torchmetrics' default).
+        reset_real_features: whether :meth:`reset` also forgets the real set (torchmetrics' argument); ``False``
+            keeps the reference statistics across evaluations.
 
     Raises:
-        ValueError: ``dims`` not one of 64, 192, 768, 2048.
+        ValueError: ``dims`` not one of 64, 192, 768, 2048; another ``input_range``; a ``batch_size`` below 1.
         WeightsUnavailableError: pytorch-fid's weight file is missing and cannot be downloaded.
 
     Example:
-        >>> fid = FrechetInceptionDistance()  # doctest: +SKIP
-        >>> for originals, reconstructions in batches:  # doctest: +SKIP
-        ...     fid.update(originals, real=True)
+        >>> fid = FrechetInceptionDistance(input_range=(0, 255))  # doctest: +SKIP
+        >>> for originals, reconstructions in batches:  # uint8 [N, 3, H, W]  # doctest: +SKIP
+        ...     fid.update(originals, True)
         ...     fid.update(reconstructions, real=False)
         >>> fid.compute(), fid.num_real  # doctest: +SKIP
+        >>> fid.save_statistics("reference.npz")  # pytorch-fid reads it: python -m pytorch_fid reference.npz B
     """
 
-    def __init__(self, dims: int = 2048, *, device: str | torch.device | None = None, batch_size: int = 32) -> None:
-        if dims not in FIDInceptionV3.BLOCK_BY_DIMS:
-            raise ValueError(f"dims must be one of 64, 192, 768, 2048 (pytorch-fid's), got {dims!r}")
+    def __init__(
+        self,
+        dims: int = 2048,
+        *,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        input_range: InputRange = (-1, 1),
+        reset_real_features: bool = True,
+    ) -> None:
+        super().__init__()
+        # nn.Module's set of non-persistent buffer names, frozen empty: the statistics are float64 sums kept by
+        # set (dicts below), no buffer is registered, and the accumulator holds no per-image container
+        self._non_persistent_buffers_set = frozenset()  # type: ignore[assignment]
+        _check_dims(dims)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self._low, self._high = check_input_range(input_range)
         _weights.locate(_weights.FID_INCEPTION)  # fail (or fetch) now, before any image is read
         self.dims = dims
         self.batch_size = batch_size
+        self.reset_real_features = reset_real_features
         self._device = None if device is None else _stats_device(torch.device(device))
         self._sums: dict[bool, torch.Tensor] = {}
         self._outer: dict[bool, torch.Tensor] = {}
         self._counts = {True: 0, False: 0}
+        self._loaded: dict[bool, tuple[np.ndarray, np.ndarray, int | None]] = {}
         self.num_skipped = 0
+
+    @property
+    def input_range(self) -> InputRange:
+        """The range of the images :meth:`update` takes."""
+        return (self._low, self._high)
 
     # statistics
 
     @property
     def num_real(self) -> int:
-        """Images accumulated as real (originals)."""
-        return self._counts[True]
+        """Images accumulated as real (originals); for loaded statistics, the count their file states (or 0)."""
+        return self._count(True)
 
     @property
     def num_fake(self) -> int:
         """Images accumulated as generated (reconstructions)."""
-        return self._counts[False]
+        return self._count(False)
+
+    def _count(self, real: bool) -> int:
+        if real in self._loaded:
+            return self._loaded[real][2] or 0
+        return self._counts[real]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the running sums (the same for any number of images)."""
         return sum(t.numel() * t.element_size() for t in (*self._sums.values(), *self._outer.values()))
 
-    def _buffers(self, real: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sum_buffers(self, real: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device is None:
             self._device = _stats_device(device)
         if real not in self._sums:
@@ -526,44 +486,62 @@ class FrechetInceptionDistance:
                 self._outer[real] = torch.zeros(self.dims, self.dims, dtype=torch.float64, device=self._device)
         return self._sums[real], self._outer[real]
 
-    def reset(self) -> None:
-        """Forget every image."""
-        self._sums.clear()
-        self._outer.clear()
-        self._counts = {True: 0, False: 0}
+    def _apply(self, fn: Any, recurse: bool = True) -> FrechetInceptionDistance:
+        """``.to()``, ``.cuda()``, ``.cpu()``: the sums follow the device and stay float64."""
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0, device=self._device or "cpu")).device
+        self._device = _stats_device(device)
+        with torch.inference_mode(False):
+            for store in (self._sums, self._outer):
+                for real, t in store.items():
+                    store[real] = t.to(self._device)
+        return self
+
+    def reset(self, real: bool | None = None) -> None:
+        """Forget the generated set, and the real set unless ``real=False`` (by default as
+        ``reset_real_features`` says): torchmetrics' ``reset()``, keeping the reference statistics when asked."""
+        forget_real = self.reset_real_features if real is None else real
+        for which in (True, False) if forget_real else (False,):
+            self._sums.pop(which, None)
+            self._outer.pop(which, None)
+            self._loaded.pop(which, None)
+            self._counts[which] = 0
         self.num_skipped = 0
 
     # accumulating
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """The ``[N, dims]`` float32 Inception features of ``images`` ``[N, 3, H, W]`` in ``[-1, 1]``.
+        """The ``[N, dims]`` float32 Inception features of ``images`` in the module's ``input_range``
+        (:func:`inception_features`).
 
-        Computed on the images' device, without gradients. Useful to compute the originals' features once and
-        add them to several accumulators with :meth:`update_features`.
+        Useful to compute the originals' features once and add them to several accumulators with
+        :meth:`update_features`.
         """
-        x = _check_batch(images, "images")
-        net = _inception(x.device)
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(x), self.batch_size):
-                part = x[start : start + self.batch_size].to(torch.float32)
-                part = (part + 1) / 2  # pytorch-fid resizes images in [0, 1], then scales them to [-1, 1]
-                part = F.interpolate(part, size=(299, 299), mode="bilinear", align_corners=False)
-                out.append(net(2 * part - 1, self.dims))
-        return torch.cat(out) if out else x.new_zeros(0, self.dims, dtype=torch.float32)
+        return inception_features(images, self.dims, input_range=self.input_range, batch_size=self.batch_size)
 
-    def update(self, images: torch.Tensor, *, real: bool) -> None:
-        """Add a batch ``[N, 3, H, W]`` in ``[-1, 1]`` to the real (``real=True``) or generated set.
+    def forward(self, images: torch.Tensor, real: bool) -> None:
+        """:meth:`update`."""
+        self.update(images, real)
+
+    def update(self, images: torch.Tensor, real: bool) -> None:
+        """Add a batch ``[N, 3, H, W]`` (or ``[N, 1, H, W]``) in the module's ``input_range`` to the real
+        (``real=True``) or generated set; ``real`` may be given by position, as torchmetrics' ``update(imgs, real)``.
 
         Images holding NaN or inf are left out with a log line.
+
+        Raises:
+            TypeError, ValueError: as :func:`inception_features`; ValueError also when that set was loaded from a
+                statistics file.
         """
-        x = _check_batch(images, "images")
-        finite = torch.isfinite(x.detach()).flatten(1).all(1)
-        if not bool(finite.all()):
-            skipped = int((~finite).sum())
-            self.num_skipped += skipped
-            logger.warning("FID: %d image(s) with NaN or inf values left out of the %s set", skipped, _set(real))
-            x = x[finite]
+        x = check_images(images, "images", self.input_range, (1, 3))
+        self._check_not_loaded(real)
+        if x.is_floating_point():
+            finite = torch.isfinite(x.detach()).flatten(1).all(1)
+            if not bool(finite.all()):
+                skipped = int((~finite).sum())
+                self.num_skipped += skipped
+                logger.warning("FID: %d image(s) with NaN or inf values left out of the %s set", skipped, _set(real))
+                x = x[finite]
         if len(x):
             self.update_features(self.features(x), real=real)
 
@@ -575,18 +553,26 @@ class FrechetInceptionDistance:
         """:meth:`update` with ``real=False``."""
         self.update(images, real=False)
 
+    def _check_not_loaded(self, real: bool) -> None:
+        if real in self._loaded:
+            raise ValueError(
+                f"the {_set(real)} set holds statistics loaded from a file, which take no more images; call "
+                f"reset(real=True) first, or use another accumulator"
+            )
+
     def update_features(self, features: torch.Tensor, *, real: bool) -> None:
         """Add precomputed :meth:`features` ``[N, dims]`` to one set (rows with NaN or inf are left out)."""
         if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.dims:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"features must be a tensor [N, {self.dims}], got {shape}")
+        self._check_not_loaded(real)
         finite = torch.isfinite(features).all(1)
         if not bool(finite.all()):
             skipped = int((~finite).sum())
             self.num_skipped += skipped
             logger.warning("FID: %d feature row(s) with NaN or inf left out of the %s set", skipped, _set(real))
             features = features[finite]
-        total, outer = self._buffers(real, features.device)
+        total, outer = self._sum_buffers(real, features.device)
         f = features.detach().to(total.device).to(torch.float64)
         total += f.sum(0)
         outer += f.T @ f
@@ -598,13 +584,22 @@ class FrechetInceptionDistance:
         """Add ``other``'s images (its sums and counts) to this accumulator; returns ``self``.
 
         Raises:
-            ValueError: the two accumulators have different ``dims``.
+            ValueError: the two accumulators have different ``dims``, or a set loaded from a file in one has images
+                in the other.
         """
         if other.dims != self.dims:
             raise ValueError(f"cannot merge FID accumulators of {self.dims} and {other.dims} dims")
         for real in (True, False):
+            if real in other._loaded or real in self._loaded:
+                if self._counts[real] or other._counts[real] or (real in self._loaded and real in other._loaded):
+                    raise ValueError(
+                        f"cannot merge FID accumulators: the {_set(real)} set was loaded from a statistics file in "
+                        "one of them and holds images (or other statistics) in the other"
+                    )
+                self._loaded.setdefault(real, other._loaded.get(real))  # type: ignore[arg-type]
+                continue
             if real in other._sums:
-                total, outer = self._buffers(real, other._sums[real].device)
+                total, outer = self._sum_buffers(real, other._sums[real].device)
                 total += other._sums[real].to(total.device)
                 outer += other._outer[real].to(outer.device)
             self._counts[real] += other._counts[real]
@@ -616,20 +611,18 @@ class FrechetInceptionDistance:
 
         This accumulator is left as it is, so calling it again does not count any image twice. Without an
         initialised process group (one process) it is a copy. The buffers are summed where they are (use a CPU
-        accumulator with gloo, a CUDA one with NCCL); see the class docstring for exactness.
+        accumulator with gloo, a CUDA one with NCCL); see the class docstring for exactness. Statistics loaded
+        from a file are kept as they are (every rank is expected to have loaded the same file).
         """
         import torch.distributed as dist
 
-        out = copy.copy(self)  # the settings; the sums are copied below
         with torch.inference_mode(False):  # the copy's sums are updated in place later, in any mode
-            out._sums = {real: t.clone() for real, t in self._sums.items()}
-            out._outer = {real: t.clone() for real, t in self._outer.items()}
-        out._counts = dict(self._counts)
+            out = copy.deepcopy(self)
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return out
         device = out._device or torch.device("cpu")
         for real in (True, False):
-            out._buffers(real, device)
+            out._sum_buffers(real, device)
         counts = torch.tensor([out._counts[True], out._counts[False], out.num_skipped], dtype=torch.int64)
         counts = counts.to(out._sums[True].device)
         dist.all_reduce(counts, group=group)
@@ -644,19 +637,54 @@ class FrechetInceptionDistance:
 
     def statistics(self, real: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """``(mu, sigma)`` of one set as float64 numpy arrays: pytorch-fid's ``np.mean(act, axis=0)`` and
-        ``np.cov(act, rowvar=False)``, from the running sums.
+        ``np.cov(act, rowvar=False)``, from the running sums (or as loaded by :meth:`load_statistics`).
 
         Raises:
             ValueError: fewer than 2 images in that set.
         """
+        if real in self._loaded:
+            mu, sigma, _ = self._loaded[real]
+            return mu.copy(), sigma.copy()
         n = self._counts[real]
         if n < 2:
             raise ValueError(f"FID needs at least 2 images in each set, the {_set(real)} set has {n}")
-        mu = (self._sums[real] / n).cpu()
+        mu_t = (self._sums[real] / n).cpu()
         outer = self._outer[real].cpu()
-        sigma = (outer - n * torch.outer(mu, mu)) / (n - 1)
-        sigma = (sigma + sigma.T) / 2  # the sums of products are symmetric up to the matrix product's rounding
-        return mu.numpy(), sigma.numpy()
+        sigma_t = (outer - n * torch.outer(mu_t, mu_t)) / (n - 1)
+        sigma_t = (sigma_t + sigma_t.T) / 2  # the sums of products are symmetric up to the matrix product's rounding
+        return mu_t.numpy(), sigma_t.numpy()
+
+    def save_statistics(self, path: str | os.PathLike[str], real: bool = True) -> os.PathLike[str]:
+        """Write one set's :meth:`statistics` to ``path`` in pytorch-fid's ``.npz`` layout (``mu``, ``sigma``, as its
+        ``--save-stats`` writes them; pytorch-fid reads the file back), plus ``num_images``; returns the path.
+
+        The file is written under a temporary name in the same folder, then moved into place.
+
+        Raises:
+            ValueError: fewer than 2 images in that set.
+            OSError: the file cannot be written.
+        """
+        mu, sigma = self.statistics(real)
+        return write_statistics(path, mu, sigma, self._count(real) or None)
+
+    def load_statistics(self, path: str | os.PathLike[str], real: bool = True) -> None:
+        """Take one set's statistics from a ``.npz`` file holding ``mu`` and ``sigma`` (pytorch-fid's
+        ``--save-stats`` file, or :meth:`save_statistics`'), replacing that set; it then takes no more images.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not such a file, or statistics of another number of dimensions than ``dims``.
+        """
+        mu, sigma, n = read_statistics(path)
+        if mu.shape != (self.dims,):
+            raise ValueError(
+                f"{path} holds statistics of {mu.shape[0]}-d features, this accumulator has dims={self.dims}; "
+                f"create it with FrechetInceptionDistance(dims={mu.shape[0]})"
+            )
+        self._sums.pop(real, None)
+        self._outer.pop(real, None)
+        self._counts[real] = 0
+        self._loaded[real] = (mu, sigma, n)
 
     def compute(self, *, warn: bool = True) -> float:
         """The Fréchet distance between the real and the generated set (:func:`frechet_distance`).
@@ -671,8 +699,8 @@ class FrechetInceptionDistance:
         """
         mu1, sigma1 = self.statistics(True)
         mu2, sigma2 = self.statistics(False)
-        fewest = min(self.num_real, self.num_fake)
-        if fewest < FID_MIN_IMAGES and warn:
+        known = [n for n in (self.num_real, self.num_fake) if n]
+        if known and min(known) < FID_MIN_IMAGES and warn:
             logger.warning(
                 "FID over %d real and %d generated images: below %d images FID is biased upward and not comparable "
                 "with published values (model cards use 5,000 or 50,000)",
