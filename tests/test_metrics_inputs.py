@@ -97,7 +97,8 @@ def test_nan_and_inf_are_not_range_errors():
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda u: metrics.psnr(u, u, input_range=(0, 2)), ValueError, r"\(-1, 1\), \(0, 1\) or \(0, 255\), got \(0, 2\)"),
+        (lambda u: metrics.psnr(u, u, input_range=(0, 2)), ValueError,
+         r"\(-1, 1\), \(0, 1\) or \(0, 255\), got \(0, 2\)"),
         (lambda u: metrics.ssim(u, u, input_range="0-255"), ValueError, r"input_range must be .* got '0-255'"),
         (lambda u: metrics.mae(u, u), TypeError, r"uint8 tensor but input_range=\(-1, 1\).*input_range=\(0, 255\)"),
         (lambda u: metrics.lpips(u, u, input_range=(0, 1)), TypeError, r"uint8 tensor but input_range=\(0, 1\)"),

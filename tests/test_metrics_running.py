@@ -184,10 +184,9 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, planted_home):
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    proc = subprocess.run(
-        [*cmd, str(out), str(tmp_path / "images.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+    cmd.append(str(tmp_path / "images.pt"))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     single = {
