@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_toolkit import metrics, running
+from vae_toolkit import kid, metrics, running
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def planted_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("torch_home")
-    mw.plant(home / "hub" / "checkpoints", (mw.ALEXNET, mw.LPIPS_ALEX))
+    mw.plant(home / "hub" / "checkpoints", (mw.ALEXNET, mw.LPIPS_ALEX, mw.FID_INCEPTION))
     return home
 
 
@@ -149,7 +149,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 import metric_weights as mw
-from vae_toolkit import running
+from vae_toolkit import kid, running
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
@@ -163,8 +163,15 @@ for m in metrics.values():
     m.update(x[mine], y[mine])
 out = {name: [float(m.compute()), float(m.std()), m.count] for name, m in metrics.items()}
 again = float(metrics["psnr"].compute())  # computing again counts nothing twice
+g = torch.Generator().manual_seed(3)
+real, fake = torch.randn(9, 64, generator=g), torch.randn(7, 64, generator=g) + 0.5
+k = kid.KernelInceptionDistance(64, subsets=4, subset_size=5)
+k.update_features(real[:6] if rank == 0 else real[6:], real=True)
+k.update_features(fake[:2] if rank == 0 else fake[2:], real=False)
+kid_value = k.compute()
 if rank == 0:
     out["again"] = again
+    out["kid"] = list(kid_value)
     with open(sys.argv[1], "w") as f:
         json.dump(out, f)
 dist.destroy_process_group()
@@ -203,3 +210,6 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, planted_home):
         assert mean == pytest.approx(float(metric.compute()), rel=1e-6), name
         assert std == pytest.approx(float(metric.std()), rel=1e-5), name
     assert result["again"] == result["psnr"][0]
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(9, 64, generator=g), torch.randn(7, 64, generator=g) + 0.5
+    assert tuple(result["kid"]) == kid.kernel_inception_distance(real, fake, subsets=4, subset_size=5)

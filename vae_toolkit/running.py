@@ -114,7 +114,7 @@ class RunningMetric(nn.Module):
 
         state = self.state.clone()
         if self.sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(self.group) > 1:
-            pass  # mutation: no sync
+            dist.all_reduce(state, group=self.group)
         return state
 
     @property
