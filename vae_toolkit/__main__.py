@@ -12,6 +12,8 @@ Commands::
                                     decode stored latents back to PNG images, to look at them
     vae-toolkit evaluate SOURCE -o REPORT --model A [--model B ...] [--size N] [--limit K] [--overwrite]
                                     metrics per image and model, a ranking, pictures and an HTML report
+    vae-toolkit fid A B [--save-stats OUT] [--kid] [--json]
+                                    FID (and KID) of two folders or .npz statistics, as pytorch-fid
 
 ``--model`` takes a registered name or a local folder holding a diffusers ``AutoencoderKL``.
 
@@ -600,6 +602,31 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "the originals are read exactly (full decode, then resize), as other tools read them",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    fid = commands.add_parser(
+        "fid",
+        parents=[common],
+        help="FID (and KID) between two folders of images or .npz statistics, as pytorch-fid",
+        description="The FID python -m pytorch_fid A B prints (pytorch-fid 0.3.0's Inception weights and "
+        "definition): A and B are folders (their images, not searched recursively) or .npz statistics files "
+        "(mu, sigma). --save-stats OUT writes A's statistics in the same layout (B may then be left out).",
+    )
+    fid.add_argument("paths", type=Path, nargs="+", metavar="A B", help="two folders or .npz files")
+    fid.add_argument("--dims", type=int, choices=(64, 192, 768, 2048), default=2048, help="features (2048)")
+    fid.add_argument("--batch-size", type=_positive_int, default=50, metavar="B", help="images per batch (50)")
+    fid.add_argument("--device", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
+    fid.add_argument("--workers", type=_positive_int, metavar="W", help="decoding threads (default: CPUs, max 8)")
+    fid.add_argument("--save-stats", type=Path, metavar="OUT", help="write A's statistics to OUT (.npz)")
+    fid.add_argument("--kid", action="store_true", help="also KID (torch-fidelity's definition), mean and std")
+    fid.add_argument("--kid-subsets", type=_positive_int, default=100, metavar="S", help="KID subsets (100)")
+    fid.add_argument(
+        "--kid-subset-size",
+        type=_int_arg("KID subset size", 2, "an integer >= 2"),
+        default=1000,
+        metavar="M",
+        help="images per KID subset (1000; lowered to the smaller set's number of images, with a note)",
+    )
+    fid.add_argument("--json", action="store_true", help='print {"fid": ..., "kid_mean": ..., "kid_std": ...}')
     return parser
 
 
@@ -676,6 +703,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _commands.decode_command(args)
             if args.command == "evaluate":
                 return _commands.evaluate_command(args)
+            if args.command == "fid":
+                return _commands.fid_command(args)
             return _commands.roundtrip_command(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)

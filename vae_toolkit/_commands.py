@@ -646,6 +646,44 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def fid_command(args: argparse.Namespace) -> int:
+    """``fid A B``: :func:`vae_toolkit.fid.fid_between`, then the value (or JSON)."""
+    import json
+
+    from .fid import fid_between
+
+    if len(args.paths) > 2 or (len(args.paths) == 1 and args.save_stats is None):
+        raise UsageError(f"give two paths A B (or one folder with --save-stats OUT), got {len(args.paths)}")
+    try:
+        result = fid_between(
+            args.paths[0],
+            args.paths[1] if len(args.paths) == 2 else None,
+            dims=args.dims,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+            kid=args.kid,
+            kid_subsets=args.kid_subsets,
+            kid_subset_size=args.kid_subset_size,
+            save_stats=args.save_stats,
+        )
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    for note in result.notes:
+        print(f"{args.prog}: note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        if result.fid is not None:
+            print(f"FID: {result.fid}")
+        if result.kid_mean is not None:
+            subsets = f"{args.kid_subsets} subsets of {result.kid_subset_size}"
+            print(f"KID: {result.kid_mean} ± {result.kid_std} ({subsets})")
+    if args.save_stats is not None:
+        print(f"statistics of {args.paths[0]} -> {args.save_stats}", file=sys.stderr)
+    return 0
+
+
 def stopped_note(args: argparse.Namespace) -> str:
     """What a command ended by Ctrl-C (130) or SIGTERM (143) kept, for the line that says it stopped."""
     if args.command == "encode":
