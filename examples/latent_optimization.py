@@ -5,6 +5,11 @@ applies the model's scaling (and shift) factor, so the latents are the ones a di
 
     python examples/latent_optimization.py --model sd15 --image photo.png --steps 50
     python examples/latent_optimization.py --model sd14 --steps 20           # synthetic target
+    python examples/latent_optimization.py --model flux2-klein --size 512    # any supported class, or a folder
+
+Every autoencoder class vae-toolkit loads works the same way: ``latents.decode`` inverts the latent convention of
+the model's own pipeline (FLUX.2's patchify and batch norm, Qwen-Image's and Wan's per-channel statistics, ...).
+``--size`` must be a multiple of the model's spatial factor (8 for SD, 16 for FLUX.2, 32 for DC-AE).
 
 ``--loss`` picks what is minimised: ``mse`` (the default), ``l1``, ``lpips`` (AlexNet LPIPS), ``ssim``
 (``1 - SSIM``) or ``mixed`` (``mse + 0.1 * lpips``, a common recipe). Prints the loss of every step, and PSNR,
@@ -24,28 +29,36 @@ import torch
 
 from vae_toolkit import DeviceManager, VAELoader, list_available_models, metrics, pil_to_tensor, tensor_to_pil
 from vae_toolkit import latents as vae_latents
+from vae_toolkit.latent_formats import crop_multiple
 
 LOSSES = ("mse", "l1", "lpips", "ssim", "mixed")
 
 
 def loss_fn(name: str, decoded: torch.Tensor, target: torch.Tensor, lpips: metrics.LPIPS | None) -> torch.Tensor:
-    """The scalar loss ``name`` of a decoded batch against the target, both in ``[-1, 1]``."""
+    """The scalar loss ``name`` of a decoded batch against the target, both in ``[-1, 1]``.
+
+    A decoder's output is not clamped and may overshoot ``[-1, 1]``; the metrics check the range of their inputs, so
+    the SSIM and LPIPS terms see it clamped (as an image is saved).
+    """
+    if name in ("ssim", "lpips", "mixed"):
+        pixels = decoded.clamp(-1, 1)
     if name == "mse":
         return torch.nn.functional.mse_loss(decoded, target)
     if name == "l1":
         return torch.nn.functional.l1_loss(decoded, target)
     if name == "ssim":
-        return 1 - metrics.ssim(decoded, target).mean()
+        return 1 - metrics.ssim(pixels, target).mean()
     assert lpips is not None, "the LPIPS losses need the LPIPS module"
     if name == "lpips":
-        return lpips(decoded, target).mean()
+        return lpips(pixels, target).mean()
     if name == "mixed":
-        return torch.nn.functional.mse_loss(decoded, target) + 0.1 * lpips(decoded, target).mean()
+        return torch.nn.functional.mse_loss(decoded, target) + 0.1 * lpips(pixels, target).mean()
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")
 
 
 def report(label: str, decoded: torch.Tensor, target: torch.Tensor, lpips: metrics.LPIPS | None) -> None:
     """Print PSNR, SSIM and (when the LPIPS module is there) LPIPS of ``decoded`` against ``target``."""
+    decoded = decoded.clamp(-1, 1)  # as the image is saved
     with torch.no_grad():
         line = f"{label}: PSNR {metrics.psnr(decoded, target).mean().item():.2f} dB"
         if min(target.shape[-2:]) >= 11:  # SSIM's window
@@ -92,7 +105,9 @@ def load_target(path: str, size: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="sd14", choices=list_available_models(), help="registered VAE name")
+    parser.add_argument(
+        "--model", default="sd14", help=f"registered VAE ({', '.join(list_available_models())}) or a model folder"
+    )
     parser.add_argument("--image", help="target image (resized and center-cropped); default: a synthetic pattern")
     parser.add_argument("--size", type=int, default=256, help="target size in pixels, a multiple of 8")
     parser.add_argument("--steps", type=int, default=50, help="Adam steps")
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     loader = VAELoader(device_manager=dm)
     vae, device = loader.load_sd_vae(args.model)
     vae.requires_grad_(False)  # only the latents are optimised
+    if args.size % crop_multiple([vae]):
+        parser.error(f"--size must be a multiple of {crop_multiple([vae])}, the spatial factor of {args.model}")
     lpips = lpips.to(device) if lpips is not None else None
     print(f"model {args.model} on {device}")
     if summary := dm.get_memory_summary():

@@ -140,10 +140,13 @@ def test_env_json(capsys, hf_home):
 def test_models_lists_the_registry(capsys):
     assert cli.main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:6] == ["name", "repo", "subfolder", "channels", "scaling", "shift"]
+    assert lines[0].split()[:8] == ["name", "class", "repo", "subfolder", "channels", "factor", "scaling", "shift"]
     assert [line.split()[0] for line in lines[1:]] == list_available_models()
     flux = next(line for line in lines if line.startswith("flux-schnell")).split()
-    assert flux[:6] == ["flux-schnell", "black-forest-labs/FLUX.1-schnell", "vae", "16", "0.3611", "0.1159"]
+    assert flux[:8] == ["flux-schnell", "AutoencoderKL", "black-forest-labs/FLUX.1-schnell", "vae", "16", "8",
+                        "0.3611", "0.1159"]  # fmt: skip
+    dc = next(line for line in lines if line.startswith("sana-dc-ae")).split()
+    assert dc[:6] == ["sana-dc-ae", "AutoencoderDC", "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", "-", "32", "32"]
 
 
 def test_roundtrip_one_image(capsys, tmp_path, hf_home):

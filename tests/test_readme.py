@@ -15,7 +15,9 @@ API = README.parent / "docs" / "api.md"  # README's API reference, kept beside i
 
 def _readme_model_table() -> list[list[str]]:
     section = README.read_text().split("\n## Models\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    first = re.search(r"(?:^\|.*\n)+", section, re.M)  # the section's first table (the latent conventions follow)
+    assert first, "README's Models section has no table"
+    rows = [line for line in first.group(0).splitlines() if line.startswith("|") and not line.startswith("|---")]
     return [[cell.strip().strip("`") for cell in row.strip().strip("|").split("|")] for row in rows]
 
 
@@ -79,8 +81,9 @@ def _table_first_cells(body: str) -> list[str]:
 
 
 def _readme_api() -> dict[str, list[str]]:
-    """``module -> names`` of the API reference (docs/api.md, which README links to): each ``### Title (`module`)`` heading and the names that
-    open the first cell of the rows of its tables (``Class.method`` kept dotted; signatures dropped)."""
+    """``module -> names`` of the API reference (docs/api.md, which README links to): each ``### Title
+    (`module`)`` heading and the names that open the first cell of the rows of its tables (``Class.method`` kept
+    dotted; signatures dropped)."""
     api = API.read_text(encoding="utf-8").split("\n", 1)[1]  # docs/api.md, below its title
     found: dict[str, list[str]] = {}
     for block in re.split(r"^(?=### )", api, flags=re.M)[1:]:

@@ -402,8 +402,9 @@ def _html(
         pictures=_pictures(result, pictures, scale),
         definitions="\n".join(f"<dt>{e(metric)}</dt><dd>{e(text)}</dd>" for metric, text in result.definitions.items())
         + "\n<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
-        "center-cropped to a multiple of 8, or resized and center-cropped to N x N with --size N); each model "
-        "encodes it (the latent distribution's mean) and decodes it, and the reconstruction is the lossless "
+        "center-cropped to a multiple of the largest spatial factor of the models, at least 8, or resized and "
+        "center-cropped to N x N with --size N); each model encodes it (the latent distribution's mode, as its "
+        "pipeline does) and decodes it, and the reconstruction is the lossless "
         "uint8 conversion of the decoded tensor (tensor_to_pil). The metrics compare the prepared original with "
         "that uint8 reconstruction.</dd>",
         settings=e(json.dumps(settings, indent=2)),

@@ -154,6 +154,7 @@ def iter_images(
     workers: int | None = None,
     window: int | None = None,
     max_pixels: int | None = None,
+    multiple: int = 8,
 ) -> Iterator[tuple[str, tuple[int, int] | None, torch.Tensor | Exception]]:
     """Read images on threads, at most ``window`` ahead, and yield them in input order.
 
@@ -168,6 +169,7 @@ def iter_images(
         workers: Decoding threads (default :func:`default_workers`).
         window: Images decoded ahead (default ``2 * workers``).
         max_pixels: An image whose header says more pixels fails before it is decoded (``None``: no limit).
+        multiple: Without ``size``: sides cropped to multiples of it (the model's spatial factor, at least 8).
 
     Yields:
         ``(key, (file size, mtime in ns), [3, H, W] tensor)``, or ``(key, None, exception)``.
@@ -177,7 +179,7 @@ def iter_images(
 
     def work(path: str | os.PathLike[str]) -> tuple[tuple[int, int], torch.Tensor]:
         stat = file_stat(Path(path))
-        return stat, load_for_encoding(path, size, exact=exact_resize, max_pixels=max_pixels)
+        return stat, load_for_encoding(path, size, exact=exact_resize, max_pixels=max_pixels, multiple=multiple)
 
     for key, result in read_ahead(items, work, workers, window):
         if isinstance(result, Exception):
@@ -194,6 +196,7 @@ def iter_batches(
     exact_resize: bool = False,
     workers: int | None = None,
     max_pixels: int | None = None,
+    multiple: int = 8,
 ) -> Iterator[list[tuple[str, tuple[int, int], torch.Tensor]] | tuple[str, Exception]]:
     """Batches of images of equal size, read ahead on threads by :func:`iter_images`: what ``encode`` and
     ``evaluate`` run through a model.
@@ -204,7 +207,8 @@ def iter_batches(
     """
     workers = workers if workers is not None else default_workers()
     window = max(2 * batch_size, 2 * workers)
-    images = iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window, max_pixels=max_pixels)
+    images = iter_images(items, size, exact_resize=exact_resize, workers=workers, window=window, max_pixels=max_pixels,
+                         multiple=multiple)  # fmt: skip
 
     def prepared() -> Iterator[tuple[str, Item | Exception]]:
         for key, stat, result in images:

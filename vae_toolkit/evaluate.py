@@ -60,6 +60,7 @@ from .eval_results import (
     check_report_folder,
     versions,
 )
+from .latent_formats import crop_multiple
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -510,8 +511,12 @@ def evaluate(
         if not isinstance(name, str) or not name:
             raise TypeError(f"the model names (keys of vaes) must be non-empty strings, got {name!r}")
     check_int("size", size, 8, allow_none=True)
-    if size is not None and size % 8:
-        raise ValueError(f"size must be a multiple of 8, got {size}")
+    multiple = crop_multiple(vaes.values())
+    if size is not None and size % multiple:
+        raise ValueError(
+            f"size must be a multiple of {multiple} (the largest spatial factor of the models"
+            f"{', with the 8 every model needs' if multiple == 8 else ''}), got {size}"
+        )
     check_int("batch_size", batch_size, 1)
     check_int("limit", limit, 1, allow_none=True)
     check_int("workers", workers, 1, allow_none=True)
@@ -541,7 +546,9 @@ def evaluate(
         "images": len(keys) + len(src.bad),
         "limit": limit,
         "size": size,
-        "preparation": "resized and center-cropped to size x size" if size else "center-cropped to a multiple of 8",
+        "preparation": "resized and center-cropped to size x size"
+        if size
+        else f"center-cropped to a multiple of {multiple}",
         # exact: full decode, then resize; fast (fast_reader): large JPEGs decoded at a reduced DCT scale first
         "reader": "fast" if size and fast_reader else "exact",
         "lpips": chosen.lpips,
@@ -598,6 +605,7 @@ def evaluate(
                         tile,
                         max_pixels,
                         fast_reader and size is not None,
+                        multiple,
                     ),  # fmt: skip
                     keeper,
                     perceptual,
@@ -665,6 +673,7 @@ class _Run:
     tile: bool
     max_pixels: int | None
     fast: bool  # the reduced-scale JPEG decode of load_for_encoding
+    multiple: int = 8  # sides cropped to multiples of it: every model's spatial factor divides it
 
 
 def _pipeline(
@@ -747,6 +756,7 @@ def _pipeline(
                 exact_resize=not run.fast,
                 workers=run.workers,
                 max_pixels=run.max_pixels,
+                multiple=run.multiple,
             )
             for batch in batches:
                 if isinstance(batch, tuple):

@@ -266,7 +266,12 @@ def center_crop_to_multiple(image: Image.Image, multiple: int = 8) -> Image.Imag
 
 
 def load_for_encoding(
-    path: PathLike, size: int | None = None, *, exact: bool = False, max_pixels: int | None = None
+    path: PathLike,
+    size: int | None = None,
+    *,
+    exact: bool = False,
+    max_pixels: int | None = None,
+    multiple: int = 8,
 ) -> torch.Tensor:
     """Read an image file as ``encode_dataset`` does: a ``[3, H, W]`` float32 tensor in ``[-1, 1]``.
 
@@ -293,6 +298,8 @@ def load_for_encoding(
         exact: Decode every file at full size, giving ``pil_to_tensor``'s values bit for bit.
         max_pixels: Refuse, before decoding, an image whose header says more pixels (``None``: no limit
             beyond PIL's own; ``encode`` and ``evaluate`` pass 89,478,485 by default).
+        multiple: With ``size=None``: crop to multiples of this (the model's spatial factor when above 8, as
+            ``encode`` and ``evaluate`` pass it: 32 for DC-AE, 16 for FLUX.2).
 
     Returns:
         Contiguous ``[3, H, W]`` float32 (torch's default dtype) in ``[-1, 1]``.
@@ -312,10 +319,12 @@ def load_for_encoding(
         size = _check_target_size(size)
     if not isinstance(exact, bool):
         raise InputTypeError(f"exact must be True or False, got {type(exact).__name__}: {exact!r}")
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise InputTypeError(f"multiple must be a positive int, got {multiple!r}")
     if size is None:
         rgb = _open_rgb(path, orient=True, max_pixels=max_pixels)[0]
         try:
-            rgb = center_crop_to_multiple(rgb, 8)
+            rgb = center_crop_to_multiple(rgb, multiple)
         except InputValueError as err:
             raise InputValueError(f"{path}: {err}") from err
         return pil_to_tensor(rgb)

@@ -22,7 +22,7 @@ carry it through JSON (a dataset store's metadata). diffusers is never imported 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -42,6 +42,7 @@ __all__ = [
     "UnsupportedVAEError",
     "latent_format",
     "supported_class",
+    "crop_multiple",
 ]
 
 #: The diffusers classes vae-toolkit loads, encodes with and decodes with (``config.json`` ``_class_name``).
@@ -507,6 +508,28 @@ def latent_format(vae: Any) -> LatentFormat:
             f"{type(vae).__name__} is not an autoencoder class vae-toolkit supports; supported: {_listing()}"
         )
     return _FORMATS[name].from_vae(vae)
+
+
+def crop_multiple(vaes: Iterable[Any]) -> int:
+    """The multiple every side of an image is cropped to so that each of ``vaes`` can encode it: the largest
+    spatial factor among them, and never less than 8 (what ``encode``, ``evaluate`` and ``roundtrip`` crop to).
+
+    A model of another class (an ``AutoencoderKL``-like wrapper) counts with the factor of its config's
+    ``block_out_channels`` (8 when it has none).
+
+    Example:
+        >>> crop_multiple([sd_vae, dc_ae])  # doctest: +SKIP
+        32
+    """
+    multiple = 8
+    for vae in vaes:
+        if supported_class(vae) is not None:
+            factor = latent_format(vae).spatial_factor
+        else:
+            blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
+            factor = 2 ** (len(blocks) - 1) if blocks else 8
+        multiple = max(multiple, factor)
+    return multiple
 
 
 # --- private helpers ------------------------------------------------------------------------------

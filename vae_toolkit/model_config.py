@@ -45,6 +45,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sd15": {
@@ -57,6 +58,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "maintained copy of the removed runwayml/stable-diffusion-v1-5",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sd-vae-ft-mse": {
@@ -69,6 +71,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sd-vae-ft-ema": {
@@ -81,6 +84,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sdxl": {
@@ -93,6 +97,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "unsafe in float16 (decodes to NaN); use float32 or sdxl-fp16-fix",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sdxl-fp16-fix": {
@@ -105,6 +110,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "safe in float16",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "flux-schnell": {
@@ -117,6 +123,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": 0.1159,
         "notes": "16 latent channels; latents use a shift factor",
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": False,
     },
     "sd35": {
@@ -129,6 +136,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": 0.0609,
         "notes": "16 latent channels; latents use a shift factor; " + _GATED,
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": True,
     },
     "flux-dev": {
@@ -141,6 +149,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": 0.1159,
         "notes": "16 latent channels; latents use a shift factor; " + _GATED,
         "class_name": "AutoencoderKL",
+        "spatial_factor": 8,
         "gated": True,
     },
     "flux2-dev": {
@@ -153,6 +162,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; " + _GATED,
         "class_name": "AutoencoderKLFlux2",
+        "spatial_factor": 16,
         "gated": True,
     },
     "flux2-klein": {
@@ -165,6 +175,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; not gated",
         "class_name": "AutoencoderKLFlux2",
+        "spatial_factor": 16,
         "gated": False,
     },
     "flux2-klein-9b": {
@@ -177,6 +188,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "32 latent channels, 2x2-patchified and batch-normalised by the pipeline; " + _GATED,
         "class_name": "AutoencoderKLFlux2",
+        "spatial_factor": 16,
         "gated": True,
     },
     "qwen-image": {
@@ -189,6 +201,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "16 latent channels, normalised per channel by the config's latents_mean / latents_std",
         "class_name": "AutoencoderKLQwenImage",
+        "spatial_factor": 8,
         "gated": False,
     },
     "wan21": {
@@ -201,6 +214,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "16 latent channels, normalised per channel by the config's latents_mean / latents_std",
         "class_name": "AutoencoderKLWan",
+        "spatial_factor": 8,
         "gated": False,
     },
     "wan22": {
@@ -213,6 +227,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "48 latent channels, normalised per channel by the config's latents_mean / latents_std",
         "class_name": "AutoencoderKLWan",
+        "spatial_factor": 16,
         "gated": False,
     },
     "sana-dc-ae": {
@@ -225,6 +240,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "32x spatial compression; deterministic (no posterior to sample)",
         "class_name": "AutoencoderDC",
+        "spatial_factor": 32,
         "gated": False,
     },
     "hunyuanimage-2.1": {
@@ -237,6 +253,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "64 latent channels, 32x spatial compression",
         "class_name": "AutoencoderKLHunyuanImage",
+        "spatial_factor": 32,
         "gated": False,
     },
     "taesd": {
@@ -249,6 +266,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "fast approximate decoder; deterministic (no posterior to sample)",
         "class_name": "AutoencoderTiny",
+        "spatial_factor": 8,
         "gated": False,
     },
     "taesdxl": {
@@ -261,6 +279,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "fast approximate decoder; deterministic (no posterior to sample)",
         "class_name": "AutoencoderTiny",
+        "spatial_factor": 8,
         "gated": False,
     },
     "taesd3": {
@@ -273,6 +292,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "fast approximate decoder; deterministic (no posterior to sample)",
         "class_name": "AutoencoderTiny",
+        "spatial_factor": 8,
         "gated": False,
     },
     "taef1": {
@@ -285,6 +305,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "shift_factor": None,
         "notes": "fast approximate decoder; deterministic (no posterior to sample)",
         "class_name": "AutoencoderTiny",
+        "spatial_factor": 8,
         "gated": False,
     },
 }
@@ -297,6 +318,7 @@ ACCEPTED_CONFIG_KEYS: dict[str, str] = {
     "description": "free text",
     "input_size": "(height, width) the VAE was trained on",
     "latent_channels": "channels of the latent space",
+    "spatial_factor": "image pixels per latent pixel along a side, a pipeline's patchify included (8, 16, 32)",
     "scaling_factor": "latent scaling factor",
     "shift_factor": "latent shift factor, or None",
     "notes": "free text (gated, unsafe in float16, ...)",
@@ -373,6 +395,9 @@ def add_model_config(model_name: str, config: Mapping[str, Any]) -> None:
         value = config.get(key)
         if value is not None and not isinstance(value, kind):
             raise ValueError(f"Model config for {model_name!r}: {key!r} must be {expected}, got {value!r}")
+    factor = config.get("spatial_factor")
+    if factor is not None and (not isinstance(factor, int) or isinstance(factor, bool) or factor < 1):
+        raise ValueError(f"Model config for {model_name!r}: 'spatial_factor' must be a positive int, got {factor!r}")
     class_name = config.get("class_name")
     if class_name is not None:
         from .latent_formats import SUPPORTED_CLASSES
