@@ -498,7 +498,8 @@ def test_bucket_batches_hold_one_shape_each_and_cover_the_store_once(vae, tmp_pa
     full = [b for b in BucketBatchSampler(store, batch_size=2, drop_last=True)]
     assert all(len(b) == 2 for b in full)
     halves = [list(BucketBatchSampler(store, batch_size=2, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert sorted(i for h in halves for b in h for i in b) == list(range(len(store)))
+    assert len(halves[0]) == len(halves[1])  # equal per rank: a short round is filled with a repeated batch
+    assert sorted({i for h in halves for b in h for i in b}) == list(range(len(store)))
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,7 @@ def test_training_view_flips_seeded_and_the_same_on_every_rank(bucketed):
             top, left = entry["crops_coords_top_left"]
             if it["flipped"]:  # the crop corner in the mirrored image
                 left = entry["resized_size"][1] - entry["target_size"][1] - left
-            assert it["crops_coords_top_left"] == (top, left)
+            assert it["crops_coords_top_left"].tolist() == [top, left]  # [2] tensors: [B, 2] once batched
             ids = entry["original_size"] + (top, left) + entry["target_size"]
             assert it["time_ids"].tolist() == list(ids)
     flat = [c for epoch in choices for c in epoch]
@@ -313,5 +313,5 @@ def test_the_flipped_crop_corner_is_the_crop_in_the_mirrored_image(vae, tmp_path
     for epoch in range(16):
         view.set_epoch(epoch)
         item = view[0]
-        seen[item["flipped"]] = item["crops_coords_top_left"]
+        seen[item["flipped"]] = tuple(item["crops_coords_top_left"].tolist())
     assert seen == {False: (0, 0), True: (0, 1)}

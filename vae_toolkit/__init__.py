@@ -15,7 +15,7 @@ from ._warnings import VAEToolkitWarning
 
 if TYPE_CHECKING:
     from . import latents
-    from .dataset import BucketBatchSampler, LatentStore, encode_dataset
+    from .dataset import BucketBatchSampler, LatentStore, TrainingDataset, encode_dataset
     from .device_manager import DeviceManager, DeviceRecord, auto_select_device, list_devices
     from .image_utils import (
         DEFAULT_PROCESSOR,
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 # and argparse's errors then answer without importing torch.
 _HOMES = {
     "latents": ".latents",
-    **dict.fromkeys(("BucketBatchSampler", "LatentStore", "encode_dataset"), ".dataset"),
+    **dict.fromkeys(("BucketBatchSampler", "LatentStore", "TrainingDataset", "encode_dataset"), ".dataset"),
     **dict.fromkeys(("DeviceManager", "DeviceRecord", "auto_select_device", "list_devices"), ".device_manager"),
     **dict.fromkeys(
         (
@@ -138,4 +138,5 @@ __all__ = [
     "encode_dataset",
     "LatentStore",
     "BucketBatchSampler",
+    "TrainingDataset",
 ]

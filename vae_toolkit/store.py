@@ -1,5 +1,5 @@
 """The store as a reader: :class:`LatentStore` (a lazy read-only mapping and a ``Dataset``) and
-:class:`BucketBatchSampler`.
+:class:`BucketBatchSampler` (its indices, :class:`EpochIndex`, carry the epoch).
 
 Opening reads the index and memory-maps the per-key table (:mod:`vae_toolkit._table`); a latent is read from
 its shard at the recorded offset when asked for. Writing a store is :mod:`vae_toolkit.encoding`'s; its files,
@@ -389,14 +389,55 @@ def _close(handle: Any) -> None:
         handle.close()
 
 
+class EpochIndex(int):
+    """A dataset index that carries the epoch it is drawn for: ``int(i)`` is the index, ``i.epoch`` the epoch.
+
+    :class:`BucketBatchSampler` yields these, so that the epoch travels with each index to wherever the item is
+    built. A DataLoader with ``persistent_workers=True`` keeps one copy of the dataset per worker for the whole
+    run, and ``set_epoch`` on the main process's copy never reaches them; :class:`TrainingDataset` reads the
+    epoch from the index instead. Anything that takes an int index (``store[i]``, a list, an array) takes it.
+    """
+
+    epoch: int
+
+    def __new__(cls, index: int, epoch: int) -> EpochIndex:
+        value = super().__new__(cls, index)
+        value.epoch = int(epoch)
+        return value
+
+    def __reduce__(self) -> tuple[type[EpochIndex], tuple[int, int]]:  # sent to DataLoader workers
+        return (EpochIndex, (int(self), self.epoch))
+
+    def __repr__(self) -> str:
+        return f"EpochIndex({int(self)}, epoch={self.epoch})"
+
+
 class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of store indices whose latents have the same shape, shuffled and seeded (aspect-ratio buckets).
+    """Batches of indices whose latents have the same shape, shuffled and seeded (aspect-ratio buckets).
 
     A store encoded without ``size`` holds latents of several shapes, which ``torch.stack`` cannot batch.
     This sampler groups the indices by shape (from the store's memory-mapped table: no Python object per
     key), shuffles within each group and then the order of the batches, with a generator seeded by
-    ``seed + epoch`` (call :meth:`set_epoch` each epoch). Under DDP, pass ``num_replicas`` and ``rank`` to
-    give each process every ``num_replicas``-th batch.
+    ``seed + epoch`` (call :meth:`set_epoch` each epoch). ``store`` is a :class:`LatentStore`, a
+    :class:`TrainingDataset` (of one store or several, with repeats: batches then mix the stores, one shape per
+    batch) or any dataset with a ``shapes`` array of one row per index.
+
+    **Short batches.** Each shape's indices are cut into batches of ``batch_size``; the last batch of a shape
+    holds the rest (1 to ``batch_size - 1`` indices), so an epoch has up to one short batch per shape. With
+    ``drop_last=True`` those short batches are left out (at most ``batch_size - 1`` latents of each shape per
+    epoch, other ones each epoch when shuffled).
+
+    **Several processes (DDP).** Pass ``num_replicas`` (the world size) and ``rank``: every process draws the
+    same batches and takes every ``num_replicas``-th. Every rank gets the same number of batches, ``len(self)``,
+    every epoch, as collective operations (DDP's gradient all-reduce) need: when the batches do not divide
+    evenly, ``drop_last=False`` repeats the epoch's first batches (whole batches, one shape each) to fill the
+    last round, so every latent is seen at least once and at most ``num_replicas - 1`` batches twice, as
+    ``DistributedSampler`` repeats samples; ``drop_last=True`` leaves out the epoch's last batches instead (at
+    most ``num_replicas - 1``), so no latent is seen twice. ``len(self)`` is the same every epoch.
+
+    **The epoch travels with each index.** The indices are :class:`EpochIndex` ints that carry the sampler's
+    epoch, which :class:`TrainingDataset` uses for its flips and draws, also in DataLoader workers that outlive
+    an epoch (``persistent_workers=True``). Call :meth:`set_epoch` every epoch, also with ``shuffle=False``.
 
     Example:
         >>> store = LatentStore("photos-latents")  # doctest: +SKIP
@@ -410,7 +451,7 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __init__(
         self,
-        store: LatentStore,
+        store: Any,
         batch_size: int,
         *,
         shuffle: bool = True,
@@ -425,17 +466,42 @@ class BucketBatchSampler(Sampler[list[int]]):
         check_int("rank", rank, 0)
         if rank >= num_replicas:
             raise ValueError(f"rank must be < num_replicas ({num_replicas}), got {rank}")
-        shapes = np.asarray(store.shapes)
+        shapes = getattr(store, "shapes", None)
+        if shapes is None:
+            raise TypeError(
+                "store must be a LatentStore, a TrainingDataset or a dataset with a shapes array (one row per "
+                f"index), got {type(store).__name__}"
+            )
+        shapes = np.asarray(shapes)
+        if shapes.ndim != 2 or len(shapes) != len(store):
+            raise ValueError(
+                f"store.shapes must hold one row per index ({len(store)}), got an array of shape {shapes.shape}"
+            )
         if len(shapes):
-            _, self._group = np.unique(shapes, axis=0, return_inverse=True)
-            self._group = self._group.reshape(-1)
+            _, group = np.unique(shapes, axis=0, return_inverse=True)
+            self._group = group.reshape(-1)
         else:
             self._group = np.zeros(0, dtype=np.int64)
+        counts = np.bincount(self._group)
+        per_shape = counts // batch_size if drop_last else -(-counts // batch_size)
+        self._count = int(per_shape.sum())  # the epoch's batches before they are dealt to the ranks
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.num_replicas, self.rank, self.epoch = num_replicas, rank, 0
+        if self._count and not len(self):
+            logger.warning(
+                "BucketBatchSampler: %d full batch(es) of %d for %d ranks leave no batch to any rank; lower "
+                "batch_size or pass drop_last=False",
+                self._count,
+                batch_size,
+                num_replicas,
+            )
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw another order: epoch ``e`` uses the seed ``seed + e``."""
+        """Draw another order, and send ``epoch`` with the indices: epoch ``e`` uses the seed ``seed + e``."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+            raise TypeError(f"epoch must be an int >= 0, got {type(epoch).__name__}: {epoch!r}")
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
     def _batches(self) -> list[np.ndarray]:
@@ -452,11 +518,19 @@ class BucketBatchSampler(Sampler[list[int]]):
                     batches.append(batch)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.drop_last:  # leave out the last round's batches
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        elif batches:  # repeat the first batches to fill the last round
+            batches += [batches[i % len(batches)] for i in range(-len(batches) % self.num_replicas)]
         return batches[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[list[int]]:
+        epoch = self.epoch
         for batch in self._batches():
-            yield batch.tolist()
+            yield [EpochIndex(i, epoch) for i in batch.tolist()]
 
     def __len__(self) -> int:
-        return len(self._batches())
+        """The batches each rank gets per epoch (the same on every rank, every epoch)."""
+        if self.drop_last:
+            return self._count // self.num_replicas
+        return -(-self._count // self.num_replicas)
