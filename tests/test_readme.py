@@ -84,7 +84,7 @@ def _readme_api() -> dict[str, list[str]]:
     """``module -> names`` of the API reference (docs/api.md, which README links to): each ``### Title
     (`module`)`` heading and the names that open the first cell of the rows of its tables (``Class.method`` kept
     dotted; signatures dropped)."""
-    api = API.read_text(encoding="utf-8").split("\n", 1)[1]  # docs/api.md, below its title
+    api = API.read_text(encoding="utf-8").split("\n", 1)[1].split("\n## ", 1)[0]  # below the title, up to Errors
     found: dict[str, list[str]] = {}
     for block in re.split(r"^(?=### )", api, flags=re.M)[1:]:
         heading, _, body = block.partition("\n")
