@@ -22,9 +22,19 @@ VGG16 = "vgg16-397923af.pth"
 FID_INCEPTION = "pt_inception-2015-12-05-6726825d.pth"
 LPIPS_ALEX = "lpips-v0.1-alex.pth"
 LPIPS_VGG = "lpips-v0.1-vgg.pth"
-FILES = (ALEXNET, VGG16, FID_INCEPTION, LPIPS_ALEX, LPIPS_VGG)
+SQUEEZENET1_1 = "squeezenet1_1-b8a52dc0.pth"
+LPIPS_SQUEEZE = "lpips-v0.1-squeeze.pth"
+FILES = (ALEXNET, VGG16, FID_INCEPTION, LPIPS_ALEX, LPIPS_VGG, SQUEEZENET1_1, LPIPS_SQUEEZE)
 
-_SEEDS = {ALEXNET: 11, VGG16: 12, FID_INCEPTION: 13, LPIPS_ALEX: 14, LPIPS_VGG: 15}
+_SEEDS = {
+    ALEXNET: 11,
+    VGG16: 12,
+    FID_INCEPTION: 13,
+    LPIPS_ALEX: 14,
+    LPIPS_VGG: 15,
+    SQUEEZENET1_1: 16,
+    LPIPS_SQUEEZE: 17,
+}
 
 # (index in features, in channels, out channels, kernel) of torchvision's convolutions
 _ALEX_CONVS = ((0, 3, 64, 11), (3, 64, 192, 5), (6, 192, 384, 3), (8, 384, 256, 3), (10, 256, 256, 3))
@@ -46,7 +56,22 @@ _VGG_CONVS = tuple(
         (28, 512, 512),
     )
 )
-_LPIPS_CHANNELS = {LPIPS_ALEX: (64, 192, 384, 256, 256), LPIPS_VGG: (64, 128, 256, 512, 512)}
+# (index in features, in channels, squeeze, expand1x1, expand3x3) of torchvision's SqueezeNet 1.1 Fire blocks
+_FIRES = (
+    (3, 64, 16, 64, 64),
+    (4, 128, 16, 64, 64),
+    (6, 128, 32, 128, 128),
+    (7, 256, 32, 128, 128),
+    (9, 256, 48, 192, 192),
+    (10, 384, 48, 192, 192),
+    (11, 384, 64, 256, 256),
+    (12, 512, 64, 256, 256),
+)
+_LPIPS_CHANNELS = {
+    LPIPS_ALEX: (64, 192, 384, 256, 256),
+    LPIPS_VGG: (64, 128, 256, 512, 512),
+    LPIPS_SQUEEZE: (64, 128, 256, 384, 384, 512, 512),
+}
 
 
 def _inception_convs() -> list[tuple[str, int, int, tuple[int, int]]]:
@@ -146,6 +171,19 @@ def state_dict(name: str) -> dict[str, torch.Tensor]:
         for index in (1, 4, 6) if name == ALEXNET else (0, 3, 6):
             sd[f"classifier.{index}.weight"] = torch.zeros(1)
             sd[f"classifier.{index}.bias"] = torch.zeros(1)
+    elif name == SQUEEZENET1_1:
+        sd["features.0.weight"] = _he(g, 64, 3, 3, 3)
+        sd["features.0.bias"] = torch.randn(64, generator=g) * 0.05
+        for index, cin, squeeze, e1, e3 in _FIRES:
+            for part, (i, o, k) in (
+                ("squeeze", (cin, squeeze, 1)),
+                ("expand1x1", (squeeze, e1, 1)),
+                ("expand3x3", (squeeze, e3, 3)),
+            ):
+                sd[f"features.{index}.{part}.weight"] = _he(g, o, i, k, k)
+                sd[f"features.{index}.{part}.bias"] = torch.randn(o, generator=g) * 0.05
+        sd["classifier.1.weight"] = torch.zeros(1)  # the final 1x1 convolution of the classifier, unused
+        sd["classifier.1.bias"] = torch.zeros(1)
     elif name == FID_INCEPTION:
         for prefix, cin, cout, (kh, kw) in _inception_convs():
             sd[f"{prefix}.conv.weight"] = _he(g, cout, cin, kh, kw)

@@ -167,6 +167,7 @@ def test_the_originals_inception_features_are_computed_once_whatever_the_number_
     ("flags", "lpips_column", "rfid"),
     [
         pytest.param(["--lpips", "vgg", "--no-fid"], "vgg", False, id="vgg"),
+        pytest.param(["--lpips", "squeeze", "--no-fid"], "squeeze", False, id="squeeze"),
         pytest.param(["--lpips", "none", "--no-fid"], None, False, id="none"),
         pytest.param(["--lpips", "none", "--fid"], None, True, id="fid-only"),
     ],

@@ -199,7 +199,7 @@ def test_nan_in_an_image_gives_nan_for_that_image_only(name):
         (lambda: metrics.ssim(torch.zeros(1, 3, 10, 32), torch.zeros(1, 3, 10, 32)), ValueError, "11x11.*32x10"),
         (lambda: metrics.ms_ssim(torch.zeros(1, 3, 160, 200), torch.zeros(1, 3, 160, 200)), ValueError, "161x161"),
         (lambda: metrics.lpips(torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)), ValueError, "31x31.*16x16"),
-        (lambda: metrics.LPIPS("squeeze"), ValueError, "'alex' or 'vgg'"),
+        (lambda: metrics.LPIPS("resnet"), ValueError, "'alex', 'vgg' or 'squeeze'"),  # squeeze: test_lpips_squeeze
         (lambda: metrics.FrechetInceptionDistance(dims=100), ValueError, "64, 192, 768, 2048"),
     ],
 )

@@ -127,7 +127,7 @@ def test_reset_forgets_and_an_empty_total_is_an_error():
     [
         (lambda: running.RunningPSNR(reduction="sum"), r"reduction must be one of 'mean', 'pooled', got 'sum'"),
         (lambda: running.RunningSSIM(input_range=(0, 2)), r"input_range must be .* got \(0, 2\)"),
-        (lambda: running.RunningLPIPS("squeeze"), "net must be 'alex' or 'vgg'"),
+        (lambda: running.RunningLPIPS("resnet"), "net must be 'alex', 'vgg' or 'squeeze'"),
     ],
 )
 def test_bad_settings_are_clear_errors(build, match):

@@ -582,10 +582,11 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     ev.add_argument("--max-pixels", **max_pixels)
     ev.add_argument(
         "--lpips",
-        choices=("alex", "vgg", "none"),
+        choices=("alex", "vgg", "squeeze", "none"),
         default=None,
-        help="LPIPS per image with AlexNet (as lpips and torchmetrics default to) or VGG-16, or none; by default "
-        "AlexNet when its weights are in torch hub's checkpoints folder or can be downloaded, else left out (a note)",
+        help="LPIPS per image with AlexNet (as lpips and torchmetrics default to), VGG-16 or SqueezeNet 1.1, or none; "
+        "by default AlexNet when its weights are in torch hub's checkpoints folder or can be downloaded, else left "
+        "out (a note)",
     )
     fid_group = ev.add_mutually_exclusive_group()
     fid_group.add_argument(

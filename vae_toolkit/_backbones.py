@@ -2,7 +2,9 @@
 
 - :class:`AlexNetFeatures` and :class:`VGG16Features`: torchvision's ``features`` stacks (keys
   ``features.N.weight`` / ``features.N.bias`` of ``alexnet-owt-7be5be79.pth`` and ``vgg16-397923af.pth``),
-  returning the five ReLU outputs that LPIPS compares.
+  returning the five ReLU outputs that LPIPS compares; :class:`SqueezeNet11Features`: torchvision's SqueezeNet 1.1
+  ``features`` (keys ``features.N.weight`` and ``features.N.{squeeze,expand1x1,expand3x3}.{weight,bias}`` of
+  ``squeezenet1_1-b8a52dc0.pth``), returning the seven outputs that LPIPS ``net="squeeze"`` compares.
 - :class:`FIDInceptionV3`: Inception-v3 as pytorch-fid 0.3.0 builds it for FID (torchvision's ``Inception3``
   with the ``FIDInceptionA/C/E_1/E_2`` blocks patched to TensorFlow's pooling), keys of
   ``pt_inception-2015-12-05-6726825d.pth``, returning the pool features of one of its four blocks.
@@ -16,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AlexNetFeatures", "FIDInceptionV3", "TapFeatures", "VGG16Features", "min_side"]
+__all__ = [
+    "AlexNetFeatures",
+    "FIDInceptionV3",
+    "Fire",
+    "SqueezeNet11Features",
+    "TapFeatures",
+    "VGG16Features",
+    "min_side",
+]
 
 
 class TapFeatures(nn.Module):
@@ -85,14 +95,67 @@ class VGG16Features(TapFeatures):
         self.features = nn.Sequential(*layers)
 
 
+class Fire(nn.Module):
+    """torchvision's SqueezeNet ``Fire`` block: a 1x1 squeeze convolution and ReLU, then 1x1 and 3x3 expand
+    convolutions, each with a ReLU, concatenated over channels (the spatial size is kept)."""
+
+    def __init__(self, in_channels: int, squeeze: int, expand1x1: int, expand3x3: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(in_channels, squeeze, kernel_size=1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, kernel_size=1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.squeeze(x), inplace=True)
+        return torch.cat([F.relu(self.expand1x1(x), inplace=True), F.relu(self.expand3x3(x), inplace=True)], 1)
+
+
+class SqueezeNet11Features(TapFeatures):
+    """torchvision's ``squeezenet1_1().features``; :meth:`forward` returns the seven outputs the ``lpips``
+    package's ``squeezenet`` slices end on: the first ReLU (``features.1``) and the ``Fire`` blocks
+    ``features.{4,7,9,10,11,12}``.
+
+    The max pools round up (``ceil_mode=True``), as torchvision's.
+    """
+
+    channels = (64, 128, 256, 384, 384, 512, 512)
+    taps = (1, 4, 7, 9, 10, 11, 12)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=3, stride=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+            Fire(64, 16, 64, 64),
+            Fire(128, 16, 64, 64),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+            Fire(128, 32, 128, 128),
+            Fire(256, 32, 128, 128),
+            nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True),
+            Fire(256, 48, 192, 192),
+            Fire(384, 48, 192, 192),
+            Fire(384, 64, 256, 256),
+            Fire(512, 64, 256, 256),
+        )
+
+
 def min_side(features: nn.Sequential) -> int:
-    """The smallest side (pixels) for which every layer of ``features`` has an output of at least 1x1."""
+    """The smallest side (pixels) for which every layer of ``features`` has an output of at least 1x1.
+
+    Convolutions and max pools change the size (a pool with ``ceil_mode`` rounds up as PyTorch does, its last
+    window starting inside the input); other layers, ``Fire`` blocks included, keep it.
+    """
 
     def out(size: int) -> int:
         for layer in features:
             if isinstance(layer, (nn.Conv2d, nn.MaxPool2d)):
                 k, s, p = (_first(getattr(layer, name)) for name in ("kernel_size", "stride", "padding"))
-                size = (size + 2 * p - k) // s + 1
+                if getattr(layer, "ceil_mode", False):
+                    rounded_up = -(-(size + 2 * p - k) // s) + 1
+                    size = rounded_up - 1 if (rounded_up - 1) * s >= size + p else rounded_up
+                else:
+                    size = (size + 2 * p - k) // s + 1
                 if size < 1:
                     return 0
         return size

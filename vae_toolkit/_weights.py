@@ -35,7 +35,9 @@ __all__ = [
     "ALEXNET",
     "FID_INCEPTION",
     "LPIPS_ALEX",
+    "LPIPS_SQUEEZE",
     "LPIPS_VGG",
+    "SQUEEZENET1_1",
     "VGG16",
     "InvalidWeightsError",
     "WeightsFile",
@@ -96,6 +98,14 @@ VGG16 = WeightsFile(
     "397923af",
     "torchvision's VGG-16 (IMAGENET1K_V1)",
 )
+#: torchvision's SqueezeNet 1.1 (``SqueezeNet1_1_Weights.IMAGENET1K_V1``, 4.7 MB), the LPIPS squeeze backbone;
+#: name-prefix check as above.
+SQUEEZENET1_1 = WeightsFile(
+    "squeezenet1_1-b8a52dc0.pth",
+    "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+    "b8a52dc0",
+    "torchvision's SqueezeNet 1.1 (IMAGENET1K_V1)",
+)
 #: pytorch-fid's FID Inception (ported from TensorFlow's 2015-12-05 Inception graph). Its name follows torch
 #: hub's convention, so only those 8 digits of its SHA-256 are checked; the full digest is not known here.
 FID_INCEPTION = WeightsFile(
@@ -118,6 +128,14 @@ LPIPS_VGG = WeightsFile(
     "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/vgg.pth",
     "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
     "the lpips package's v0.1 VGG heads",
+)
+#: The ``lpips`` package's v0.1 SqueezeNet heads (``lpips/weights/v0.1/squeeze.pth``, 10,811 bytes, seven heads),
+#: SHA-256 of lpips 0.1.4's file.
+LPIPS_SQUEEZE = WeightsFile(
+    "lpips-v0.1-squeeze.pth",
+    "https://raw.githubusercontent.com/richzhang/PerceptualSimilarity/master/lpips/weights/v0.1/squeeze.pth",
+    "4a5350f23600cb79923ce65bb07cbf57dca461329894153e05a1346bd531cf76",
+    "the lpips package's v0.1 SqueezeNet heads",
 )
 
 

@@ -29,7 +29,7 @@ __all__ = ["FID_DIMS", "FID_MIN_IMAGES", "FID_NOTE", "PerceptualMetrics", "Plan"
 
 logger = logging.getLogger(__name__)
 
-LpipsChoice = Literal["alex", "vgg", "none"]
+LpipsChoice = Literal["alex", "vgg", "squeeze", "none"]
 
 #: The Inception features rFID compares: the 2048-d pool features every paper reports.
 FID_DIMS = 2048
@@ -45,7 +45,7 @@ FID_NOTE = (
 class Plan:
     """What :func:`plan` decided: the LPIPS network (or None), whether rFID runs, and notes for the report."""
 
-    lpips: Literal["alex", "vgg"] | None
+    lpips: Literal["alex", "vgg", "squeeze"] | None
     fid: bool
     notes: list[str] = field(default_factory=list)
 
@@ -55,7 +55,8 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
 
     Args:
         lpips: ``None`` (default: AlexNet when its weights are there or can be fetched, else left out with a
-            note), ``"alex"`` / ``"vgg"`` / ``True`` (required: AlexNet for ``True``), ``"none"`` / ``False``.
+            note), ``"alex"`` / ``"vgg"`` / ``"squeeze"`` / ``True`` (required: AlexNet for ``True``),
+            ``"none"`` / ``False``.
         fid: ``None`` (default: on when the Inception weights are there or can be fetched), ``True``
             (required), ``False``.
 
@@ -72,8 +73,8 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
         lpips = "alex"
     if lpips is False:
         lpips = "none"
-    if lpips is not None and lpips not in ("alex", "vgg", "none"):
-        raise ValueError(f"lpips must be 'alex', 'vgg' or 'none' (or None for the default), got {lpips!r}")
+    if lpips is not None and lpips not in ("alex", "vgg", "squeeze", "none"):
+        raise ValueError(f"lpips must be 'alex', 'vgg', 'squeeze' or 'none' (or None for the default), got {lpips!r}")
     out = Plan(lpips=None, fid=False)
     wanted: list[tuple[str, bool, list[_weights.WeightsFile]]] = []
     if lpips != "none":
@@ -96,7 +97,7 @@ def plan(lpips: LpipsChoice | bool | None, fid: bool | None) -> Plan:
         if name == "fid":
             out.fid = True
         else:
-            out.lpips = "vgg" if name == "lpips:vgg" else "alex"
+            out.lpips = "vgg" if name == "lpips:vgg" else "squeeze" if name == "lpips:squeeze" else "alex"
     load_networks(lpips=out.lpips, fid=out.fid)  # a truncated or wrong file stops the run here, whoever asked
     return out
 

@@ -47,14 +47,14 @@ import logging
 import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import _weights
-from ._backbones import AlexNetFeatures, FIDInceptionV3, TapFeatures, VGG16Features, min_side
+from ._backbones import AlexNetFeatures, FIDInceptionV3, SqueezeNet11Features, TapFeatures, VGG16Features, min_side
 from ._weights import InvalidWeightsError, WeightsUnavailableError
 from .fid_statistics import read_statistics, write_statistics
 from .pixel_metrics import (
@@ -81,9 +81,11 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFINITIONS",
     "LPIPS",
+    "LPIPS_NETS",
     "FrechetInceptionDistance",
     "InputRange",
     "InvalidWeightsError",
+    "LpipsNet",
     "MS_SSIM_MIN_SIDE",
     "WeightsUnavailableError",
     "frechet_distance",
@@ -115,7 +117,7 @@ DEFINITIONS = {
     "1 means identical.",
     "mae": "Mean absolute error in levels 0-255. Lower is better.",
     "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), v0.1, as the lpips package 0.1.4 "
-    "computes it with lpips=True (AlexNet unless stated: VGG-16). Lower is better.",
+    "computes it with lpips=True (AlexNet unless stated: VGG-16 or SqueezeNet 1.1). Lower is better.",
     "fid": "Frechet distance between Gaussians fitted to the 2048-d pool features of Inception-v3 (pytorch-fid's FID "
     "weights, bilinear resize to 299x299) of two image sets, as pytorch-fid 0.3.0 computes it. Biased upward for "
     "fewer than 2,048 images per set: compare only values over the same number of images. Lower is better.",
@@ -127,10 +129,20 @@ FID_MIN_IMAGES = 2048
 
 # --- LPIPS -------------------------------------------------------------------------------------------------
 
-_LPIPS_NETS: dict[str, tuple[type[TapFeatures], _weights.WeightsFile, _weights.WeightsFile]] = {
-    "alex": (AlexNetFeatures, _weights.ALEXNET, _weights.LPIPS_ALEX),
-    "vgg": (VGG16Features, _weights.VGG16, _weights.LPIPS_VGG),
+#: The LPIPS networks, as the ``lpips`` package's ``net=`` names them.
+LpipsNet = Literal["alex", "vgg", "squeeze"]
+LPIPS_NETS: tuple[str, ...] = ("alex", "vgg", "squeeze")
+
+_LPIPS_NETS: dict[str, tuple[type[TapFeatures], _weights.WeightsFile, _weights.WeightsFile, str]] = {
+    "alex": (AlexNetFeatures, _weights.ALEXNET, _weights.LPIPS_ALEX, "AlexNet"),
+    "vgg": (VGG16Features, _weights.VGG16, _weights.LPIPS_VGG, "VGG-16"),
+    "squeeze": (SqueezeNet11Features, _weights.SQUEEZENET1_1, _weights.LPIPS_SQUEEZE, "SqueezeNet 1.1"),
 }
+
+
+def _check_net(net: object) -> None:
+    if net not in _LPIPS_NETS:
+        raise ValueError(f"net must be 'alex', 'vgg' or 'squeeze' (the lpips package's), got {net!r}")
 
 
 class _Head(nn.Module):
@@ -155,17 +167,20 @@ class LPIPS(nn.Module):
 
     Both images are scaled by lpips' ``ScalingLayer`` (shift ``[-0.030, -0.088, -0.188]``, scale ``[0.458, 0.448,
     0.450]``), passed through the backbone (AlexNet: its five ReLUs; VGG-16: relu1_2, relu2_2, relu3_3, relu4_3,
-    relu5_3), each feature map is unit-normalised over channels (eps 1e-10), the squared differences weighted by
-    the linear heads (1x1 convolutions), averaged over space, and the five layers summed. All parameters are
-    frozen; gradients flow to the inputs.
+    relu5_3; SqueezeNet 1.1: its first ReLU and six of its Fire blocks, seven layers), each feature map is
+    unit-normalised over channels (eps 1e-10), the squared differences weighted by the linear heads (1x1
+    convolutions), averaged over space, and the layers summed. All parameters are frozen; gradients flow to the
+    inputs.
 
-    Weights: the backbone from torchvision's file (``alexnet-owt-7be5be79.pth`` or ``vgg16-397923af.pth``) and the
-    heads from the lpips package's (``lpips-v0.1-alex.pth`` or ``lpips-v0.1-vgg.pth``), in
-    ``torch.hub.get_dir()/checkpoints``, downloaded there when missing (see :mod:`vae_toolkit._weights`). Both
-    files are found before either is read, so a missing one fails fast.
+    Weights: the backbone from torchvision's file (``alexnet-owt-7be5be79.pth``, ``vgg16-397923af.pth`` or
+    ``squeezenet1_1-b8a52dc0.pth``) and the heads from the lpips package's (``lpips-v0.1-alex.pth``,
+    ``lpips-v0.1-vgg.pth`` or ``lpips-v0.1-squeeze.pth``), in ``torch.hub.get_dir()/checkpoints``, downloaded there
+    when missing (see :mod:`vae_toolkit._weights`). Both files are found before either is read, so a missing one
+    fails fast.
 
     Args:
-        net: ``"alex"`` (the default of lpips and torchmetrics) or ``"vgg"`` (what latent-diffusion trained with).
+        net: ``"alex"`` (the default of lpips and torchmetrics), ``"vgg"`` (what latent-diffusion trained with) or
+            ``"squeeze"`` (lpips' SqueezeNet 1.1, the smallest).
         input_range: the range of the images :meth:`forward` takes: ``(-1, 1)`` (default, lpips'), ``(0, 1)``
             (lpips' ``normalize=True``) or ``(0, 255)`` (floats or uint8).
 
@@ -185,18 +200,18 @@ class LPIPS(nn.Module):
     shift: torch.Tensor
     scale: torch.Tensor
 
-    def __init__(self, net: Literal["alex", "vgg"] = "alex", *, input_range: InputRange = (-1, 1)) -> None:
+    def __init__(self, net: LpipsNet = "alex", *, input_range: InputRange = (-1, 1)) -> None:
         super().__init__()
-        if net not in _LPIPS_NETS:
-            raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+        _check_net(net)
         self.input_range = check_input_range(input_range)
-        backbone_cls, backbone_file, heads_file = _LPIPS_NETS[net]
+        backbone_cls, backbone_file, heads_file, _ = _LPIPS_NETS[net]
         for spec in (backbone_file, heads_file):  # both present (or fetched) before reading either
             _weights.locate(spec)
         with torch.inference_mode(False):  # no inference tensors, which autograd cannot save, whoever builds it
             self.net_name = net
             self.net = backbone_cls()
-            self.lin0, self.lin1, self.lin2, self.lin3, self.lin4 = (_Head(c) for c in backbone_cls.channels)
+            for k, channels in enumerate(backbone_cls.channels):  # lin0 ... lin4 (lin6 for squeeze), as lpips
+                self.add_module(f"lin{k}", _Head(channels))
             self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
             self.min_side = min_side(self.net.features)
@@ -214,8 +229,8 @@ class LPIPS(nn.Module):
 
     @property
     def heads(self) -> tuple[_Head, ...]:
-        """The five linear heads, ``lin0`` to ``lin4``."""
-        return (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
+        """The linear heads, ``lin0`` to ``lin4`` (``lin6`` for ``"squeeze"``), one per compared layer."""
+        return tuple(cast(_Head, self.get_submodule(f"lin{k}")) for k in range(len(self.net.channels)))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS per image ``[N]`` of two batches ``[N, 3, H, W]`` (or ``[N, 1, H, W]``, the channel repeated, as
@@ -224,9 +239,10 @@ class LPIPS(nn.Module):
         Raises:
             TypeError: not tensors, or not floating point (uint8 with a range other than ``(0, 255)``).
             ValueError: another shape, different shapes or devices, values outside ``input_range``, not on the
-                module's device, or a side shorter than the backbone needs (AlexNet: 31 pixels, VGG-16: 16).
+                module's device, or a side shorter than the backbone needs (AlexNet: 31 pixels, VGG-16: 16,
+                SqueezeNet 1.1: 17).
         """
-        name = "LPIPS (AlexNet)" if self.net_name == "alex" else "LPIPS (VGG-16)"
+        name = f"LPIPS ({_LPIPS_NETS[self.net_name][3]})"
         a, b = check_pair(x, y, self.input_range, self.min_side, name)
         param = next(self.parameters())
         if a.device != param.device:
@@ -256,7 +272,7 @@ _CACHE_LOCK = threading.Lock()
 def lpips(
     x: torch.Tensor,
     y: torch.Tensor,
-    net: Literal["alex", "vgg"] = "alex",
+    net: LpipsNet = "alex",
     *,
     input_range: InputRange = (-1, 1),
     reduction: Literal["none", "mean", "sum"] = "none",
@@ -276,9 +292,8 @@ def lpips(
     r = check_input_range(input_range)
     check_reduction(reduction)
     a = check_images(x, "x", r, (1, 3))
-    if net not in _LPIPS_NETS:
-        raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
-    key = (net, str(a.device), *_file_key(*_LPIPS_NETS[net][1:]))
+    _check_net(net)
+    key = (net, str(a.device), *_file_key(*_LPIPS_NETS[net][1:3]))
     with _CACHE_LOCK:
         module = _LPIPS_CACHE.get(key)
         if module is None:
@@ -293,14 +308,13 @@ def lpips(
 # --- FID ---------------------------------------------------------------------------------------------------
 
 
-def lpips_weight_files(net: Literal["alex", "vgg"]) -> tuple[_weights.WeightsFile, _weights.WeightsFile]:
+def lpips_weight_files(net: LpipsNet) -> tuple[_weights.WeightsFile, _weights.WeightsFile]:
     """The two files LPIPS ``net`` reads: the backbone's (torchvision's) and the linear heads' (lpips')."""
-    if net not in _LPIPS_NETS:
-        raise ValueError(f"net must be 'alex' or 'vgg', got {net!r}")
+    _check_net(net)
     return _LPIPS_NETS[net][1], _LPIPS_NETS[net][2]
 
 
-def load_networks(*, lpips: Literal["alex", "vgg"] | None = None, fid: bool = False) -> None:
+def load_networks(*, lpips: LpipsNet | None = None, fid: bool = False) -> None:
     """Read the weights of the networks named now (LPIPS ``lpips``, FID's Inception), so that a missing,
     truncated or wrong file fails before any other work; FID's network stays cached for the run.
 
