@@ -525,6 +525,26 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     enc.add_argument(
         "--key-column", default=None, metavar="NAME", help="Parquet: the column of keys (default: the row number)"
     )
+    enc.add_argument(
+        "--caption-column",
+        default=None,
+        metavar="NAME",
+        help="Parquet: a string column of captions, stored beside each latent (a folder image's caption is its "
+        "NAME.txt, a tar sample's its KEY.txt or KEY.json's 'caption')",
+    )
+    enc.add_argument(
+        "--no-upscale",
+        action="store_true",
+        help="never scale an image up: with --buckets an image smaller than its bucket takes the largest bucket "
+        "inside it, else its own size rounded down to the step; with --size one smaller than N is left out as too "
+        "small (recorded in the store)",
+    )
+    enc.add_argument(
+        "--min-size",
+        type=_positive_int,
+        metavar="PIXELS",
+        help="leave out, listed as too small, an image whose shorter side is below PIXELS (recorded in the store)",
+    )
 
     dec = commands.add_parser(
         "decode",

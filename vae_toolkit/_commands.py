@@ -322,7 +322,7 @@ def encode_command(args: argparse.Namespace) -> int:
     expected.update({"weights": weights_fingerprint(model), "exif_orientation": EXIF_ORIENTATION, "tile": args.tile})
     try:
         expected.update(training_settings(args.size, args.buckets, args.bucket_step, args.max_aspect, args.flip,
-                                          args.distribution, args.sample))  # fmt: skip
+                                          args.distribution, args.sample, args.no_upscale, args.min_size))  # fmt: skip
         if not args.overwrite:
             check_store(args.output, **expected)  # refuse a store of another model before loading one
     except StoreMismatchError as err:
@@ -368,6 +368,9 @@ def encode_command(args: argparse.Namespace) -> int:
                 image_column=args.image_column,
                 key_column=args.key_column,
                 tile=args.tile,
+                no_upscale=args.no_upscale,
+                min_size=args.min_size,
+                caption_column=args.caption_column,
             )
     except StoreMismatchError as err:
         raise UsageError(_mismatch_message(err)) from err

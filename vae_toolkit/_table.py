@@ -26,7 +26,11 @@ Columns (``n`` rows, sorted by key as UTF-8 bytes, which is also Python's ``str`
 - ``source_bytes`` / ``source_mtime_ns`` int64: the source file's size and mtime when it was encoded;
 - ``original_size``, ``resized_size``, ``crop`` int32 ``[n, 2]``: the file's ``(H, W)``, the size ``(H', W')``
   it was resized to and the crop's top-left ``(top, left)`` in it (SDXL's conditioning). Tables written
-  before these columns lack them; they read as -1.
+  before these columns lack them; they read as -1;
+- ``caption_offsets`` int64 ``[n + 1]`` and ``caption_blob`` uint8: row ``i``'s caption (UTF-8) is the bytes from
+  ``caption_offsets[i]`` to one before ``caption_offsets[i + 1]``, followed by a NUL byte; a row without a caption
+  has no bytes at all (equal offsets), so that no caption (None) and an empty one (``""``) differ. Tables written
+  before these columns lack them: every row reads as None.
 
 A truncated or damaged file is detected on opening (magic, header, declared length, column bounds) and is never
 misread; the index records the table's length and SHA-256, which a rerun of ``encode`` checks in full.
@@ -68,6 +72,8 @@ COLUMNS: dict[str, tuple[str, int]] = {
 }
 # columns added after the first tables of format 2 were written: a table without them reads them as -1
 OPTIONAL = frozenset({"original_size", "resized_size", "crop"})
+# the captions, a blob with offsets as the keys are (added later too: a table without them has no captions)
+CAPTIONS = ("caption_offsets", "caption_blob")
 
 
 class TableError(ValueError):
@@ -81,22 +87,35 @@ class Rows:
     Keys are sorted and unique. ``key_offsets[i]`` is where key ``i`` starts; it ends one byte before
     ``key_offsets[i + 1]`` (its NUL). File names cannot hold NUL, so the blob of a list of keys is simply
     ``"\\0".join(keys) + "\\0"``, which lets a writer compare a whole source listing with a table in one step.
+    Captions are laid out the same way (:func:`blob_of`), a row without one taking no bytes; None: no captions.
     """
 
     key_offsets: np.ndarray
     key_blob: np.ndarray
     columns: dict[str, np.ndarray]
+    caption_offsets: np.ndarray | None = None
+    caption_blob: np.ndarray | None = None
 
     @classmethod
-    def from_keys(cls, keys: Sequence[bytes], columns: dict[str, np.ndarray]) -> Rows:
-        lengths = np.fromiter((len(k) + 1 for k in keys), dtype=np.int64, count=len(keys))
-        offsets = np.zeros(len(keys) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        blob = np.frombuffer(b"".join(k + b"\0" for k in keys), dtype=np.uint8)
-        return cls(offsets, blob, columns)
+    def from_keys(
+        cls, keys: Sequence[bytes], columns: dict[str, np.ndarray], captions: Sequence[bytes | None] | None = None
+    ) -> Rows:
+        offsets, blob = blob_of(keys)
+        if captions is None:
+            return cls(offsets, blob, columns)
+        return cls(offsets, blob, columns, *blob_of(captions))
 
     def __len__(self) -> int:
         return len(self.key_offsets) - 1
+
+
+def blob_of(values: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """``(offsets [n + 1], blob)`` of byte strings, each followed by a NUL byte; None takes no bytes."""
+    lengths = np.fromiter((0 if v is None else len(v) + 1 for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    blob = np.frombuffer(b"".join(v + b"\0" for v in values if v is not None), dtype=np.uint8)
+    return offsets, blob
 
 
 def _aligned(n: int) -> int:
@@ -116,6 +135,15 @@ def write_table(f: BinaryIO, rows: Rows) -> tuple[int, str]:
         if column.shape != expected:
             raise ValueError(f"table column {name} has shape {column.shape}, expected {expected}")
         arrays[name] = column
+    if rows.caption_offsets is None or rows.caption_blob is None:
+        arrays["caption_offsets"] = np.zeros(n + 1, dtype="<i8")
+        arrays["caption_blob"] = np.zeros(0, dtype=np.uint8)
+    else:
+        arrays["caption_offsets"] = np.ascontiguousarray(rows.caption_offsets, dtype="<i8")
+        arrays["caption_blob"] = np.ascontiguousarray(rows.caption_blob, dtype=np.uint8)
+        if arrays["caption_offsets"].shape != (n + 1,) or arrays["caption_offsets"][-1] != len(arrays["caption_blob"]):
+            raise ValueError(f"table captions: {arrays['caption_offsets'].shape[0]} offsets do not fit {n} rows and "
+                             f"a blob of {len(arrays['caption_blob'])} bytes")  # fmt: skip
     # the header's length depends on the offsets, which depend on the header's length: fix it by padding
     layout: dict[str, list[Any]] = {}
     header_room = 1024
@@ -175,11 +203,16 @@ class Table:
         try:
             self._columns = self._parse(size)
         except Exception:
-            self._mmap.close()
+            try:
+                self._mmap.close()
+            except BufferError:  # the refused columns are still referenced (the traceback): freed with them
+                pass
             raise
         self.count = int(self._columns["shard"].shape[0])
         self.key_offsets = self._columns["key_offsets"]
         self.key_blob = self._columns["key_blob"]
+        self.caption_offsets = self._columns["caption_offsets"]
+        self.caption_blob = self._columns["caption_blob"]
 
     def _parse(self, size: int) -> dict[str, np.ndarray]:
         mm = self._mmap
@@ -196,7 +229,11 @@ class Table:
         if total != size:
             raise TableError(f"{self.path} is truncated or damaged ({size} bytes, its header says {total})")
         columns: dict[str, np.ndarray] = {}
-        for name in ("key_offsets", "key_blob", *COLUMNS):
+        for name in ("key_offsets", "key_blob", *COLUMNS, *CAPTIONS):
+            if name in CAPTIONS and not set(CAPTIONS) & set(layout):  # no captions: every row's is None
+                starts = name == "caption_offsets"
+                columns[name] = np.zeros(count + 1 if starts else 0, dtype="<i8" if starts else np.uint8)
+                continue
             if name in OPTIONAL and name not in layout:
                 width = COLUMNS[name][1]
                 columns[name] = np.full((count, width) if width > 1 else (count,), -1, dtype=COLUMNS[name][0])
@@ -213,6 +250,12 @@ class Table:
         offsets = columns["key_offsets"]
         if offsets[0] != 0 or offsets[-1] != columns["key_blob"].shape[0] or (count and np.any(np.diff(offsets) < 1)):
             raise TableError(f"{self.path} is damaged: key offsets out of order")
+        captions = columns["caption_offsets"]
+        if (
+            columns["caption_blob"].ndim != 1 or captions.shape != (count + 1,) or captions[0] != 0
+            or captions[-1] != columns["caption_blob"].shape[0] or (count and np.any(np.diff(captions) < 0))
+        ):  # fmt: skip
+            raise TableError(f"{self.path} is damaged: caption offsets out of order")
         return columns
 
     def column(self, name: str) -> np.ndarray:
@@ -224,6 +267,11 @@ class Table:
 
     def key(self, i: int) -> str:
         return self.key_bytes(i).decode("utf-8")
+
+    def caption(self, i: int) -> str | None:
+        """Row ``i``'s caption, or None when it has none."""
+        start, end = (int(v) for v in self.caption_offsets[i : i + 2])
+        return None if end == start else self.caption_blob[start : end - 1].tobytes().decode("utf-8")
 
     def iter_key_bytes(self, chunk: int = 65536) -> Iterator[bytes]:
         """Every key as bytes, in order, made a chunk at a time (no list of all keys)."""

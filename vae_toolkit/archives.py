@@ -11,6 +11,13 @@ or a brace pattern as webdataset writes it (``shards/{00000..00999}.tar``, ``{tr
   e.g. ``train-00000.parquet/1234``. The image column holds the encoded image's bytes, or the ``{bytes,
   path}`` struct of the Hugging Face hub's datasets.
 
+Captions (stored beside each latent, :func:`vae_toolkit.sources.decode_caption`'s rule): a tar sample's
+``KEY.txt``, else the ``"caption"`` field of its ``KEY.json``; a Parquet row's ``caption_column`` (a string
+column). Samples are grouped as webdataset groups them: a member's sample key is its name with the basename cut
+at its first dot (``d/a.b.jpg`` belongs to ``d/a``, whose caption is ``d/a.txt``), and the members of one sample
+are adjacent in the tar. As the caption may come before or after its image, a sample's image members are held
+until the next sample starts (up to 64 MiB of them; beyond that they go with the caption read so far).
+
 Every entry of a shard carries the shard's (size, mtime) as its source stat. The index records, per shard
 read to its end, that stat and its number of image members: a rerun opens a shard only when that record is
 absent or different, or fewer of its entries are stored (:func:`plan_archives`), looking at each shard once
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import json
 import logging
 import os
 import re
@@ -39,9 +47,9 @@ from typing import Any
 import numpy as np
 
 from .image_utils import image_extensions
-from .sources import file_stat
+from .sources import MAX_CAPTION_BYTES, CaptionError, decode_caption, file_stat
 from .store_files import Record, StoreState
-from .store_update import Merge, Plan
+from .store_update import Merge, Plan, recorded_too_small
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,8 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 PARQUET_HINT = 'pip install "vae-toolkit[parquet]"'
 _PARQUET_BATCH = 16  # rows per record batch: a few images' bytes in memory at a time
 _PARQUET_BUFFER = 1 << 20  # bytes read ahead per column when streaming a Parquet file
+_MAX_SAMPLE_BYTES = 1 << 26  # image bytes of one tar sample held while waiting for its caption
+_MAX_JSON_BYTES = 1 << 24  # a sample's KEY.json read for its caption
 
 
 class ArchiveError(ValueError):
@@ -71,6 +81,7 @@ class ArchiveSource:
     is_folder: bool
     image_column: str = "image"
     key_column: str | None = None
+    caption_column: str | None = None
 
 
 @dataclass
@@ -91,16 +102,19 @@ class ArchivePlan:
     records: dict[str, list[int]]  # complete shards not read again: path -> [bytes, mtime_ns, members]
     image_column: str = "image"
     key_column: str | None = None
+    caption_column: str | None = None
 
 
 @dataclass
 class ReadLog:
-    """What a rank's reader saw: members found, those already stored, and shards read to their end."""
+    """What a rank's reader saw: members found, those already stored, shards read to their end, and images left
+    out as too small (``key -> {"reason", "source_bytes", "source_mtime_ns"}``, as the index records them)."""
 
     seen: int = 0
     stored: int = 0
     duplicates: int = 0  # members named as an earlier member of their shard (the last one of a name is kept)
     complete: dict[str, list[int]] = field(default_factory=dict)
+    too_small: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -194,12 +208,13 @@ def archive_source(
     source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     image_column: str = "image",
     key_column: str | None = None,
+    caption_column: str | None = None,
 ) -> ArchiveSource | None:
     """The archives ``source`` names, or None when it is a source of image files.
 
     Raises:
-        ArchiveError: a brace pattern matching no file, tar and Parquet files mixed, or archives mixed with
-            images in a list.
+        ArchiveError: a brace pattern matching no file, tar and Parquet files mixed, archives mixed with
+            images in a list, or a ``caption_column`` for tar shards.
         FileNotFoundError: a file of a list or of a brace pattern does not exist.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -217,10 +232,10 @@ def archive_source(
                     f"brace pattern {text}: {len(missing)} of {len(paths)} files do not exist (first: {missing[0]}); "
                     "fix the pattern or pass the files as a list"
                 )
-            return _listed(paths, False, image_column, key_column)
+            return _listed(paths, False, image_column, key_column, caption_column=caption_column)
         path = Path(text).expanduser()
         if path.is_file() and _is_archive(path):
-            return _listed([path], False, image_column, key_column)
+            return _listed([path], False, image_column, key_column, caption_column=caption_column)
         if path.is_dir():
             try:
                 entries = [e for e in os.scandir(path) if not e.name.startswith(".")]
@@ -241,7 +256,7 @@ def archive_source(
                         "a folder is read either as images or as shards: to encode the archive, pass it as SOURCE "
                         "(into its own store), or move it out of the folder to encode the images"
                     )
-                return _listed([Path(p) for p in found], True, image_column, key_column, root=path)
+                return _listed([Path(p) for p in found], True, image_column, key_column, path, caption_column)
         return None
     items = list(source)
     archives = [p for p in items if _is_archive(p)]
@@ -253,16 +268,26 @@ def archive_source(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"shard not found: {path}")
-    return _listed(paths, False, image_column, key_column)
+    return _listed(paths, False, image_column, key_column, caption_column=caption_column)
 
 
 def _listed(
-    paths: list[Path], is_folder: bool, image_column: str, key_column: str | None, root: Path | None = None
+    paths: list[Path],
+    is_folder: bool,
+    image_column: str,
+    key_column: str | None,
+    root: Path | None = None,
+    caption_column: str | None = None,
 ) -> ArchiveSource:
     paths = [p.absolute() for p in paths]
     kinds = {PARQUET if str(p).lower().endswith(PARQUET) else TAR for p in paths}
     if len(kinds) > 1:
         raise ArchiveError("the source mixes .tar and .parquet files; encode them into separate stores")
+    if caption_column is not None and PARQUET not in kinds:
+        raise ArchiveError(
+            f"--caption-column {caption_column} is for Parquet files; tar shards take each sample's caption from its "
+            "KEY.txt (or the 'caption' field of its KEY.json)"
+        )
     base = root.absolute() if root is not None else Path(os.path.commonpath([p.parent for p in paths]))
     by_name = {p.relative_to(base).as_posix(): p for p in paths}
     names = sorted(by_name)
@@ -270,7 +295,7 @@ def _listed(
     for name in names:
         st = by_name[name].stat()
         stats.append((int(st.st_size), int(st.st_mtime_ns)) if stat_module.S_ISREG(st.st_mode) else (-1, -1))
-    return ArchiveSource(base, names, stats, kinds.pop(), is_folder, image_column, key_column)
+    return ArchiveSource(base, names, stats, kinds.pop(), is_folder, image_column, key_column, caption_column)
 
 
 def _prefix_ranges(table: Any, shards: list[str], hints: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -323,7 +348,8 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
     One ``stat`` per shard (done by :func:`archive_source`), binary searches of the sorted table per shard and
     array comparisons of its stat columns: no member of an unchanged, complete shard is looked at. Entries of a
     changed shard are dropped (read again: replaced); entries of a shard gone from a folder source are removed
-    unless ``keep_missing``.
+    unless ``keep_missing``. Members the index lists as too small count as stored for their unchanged shard, and
+    stay listed while it is not opened; an opened shard checks them again.
     """
     table = state.table
     n = table.count if table is not None else 0
@@ -361,6 +387,13 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
         for record in shard_file.records:
             orphans[record.key] = record
     index_of = {name: i for i, name in enumerate(src.shards)}
+    recorded_small = recorded_too_small(state.index)
+    small: dict[int, dict[str, Any]] = {}  # per shard: its members listed as too small, of its present stat
+    for skey, info in recorded_small.items():
+        i = _shard_index(skey, index_of)
+        if i >= 0 and (info["source_bytes"], info["source_mtime_ns"]) == src.stats[i]:
+            small.setdefault(i, {})[skey] = info
+    carried: dict[str, Any] = {}
     orphan_keys: dict[int, set[str]] = {}
     removed_keys = 0
     drop_missing = src.is_folder and not keep_missing
@@ -386,9 +419,10 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
     records: dict[str, list[int]] = {}
     for i, shard in enumerate(src.shards):
         size, mtime = src.stats[i]
-        stored = int(good[i]) + len(orphan_keys.get(i, ()))
+        stored = int(good[i]) + len(orphan_keys.get(i, ())) + len(small.get(i, ()))
         if recorded.get(shard) == [size, mtime, stored] and size >= 0:
             records[shard] = [size, mtime, stored]
+            carried.update(small.get(i, {}))
             continue
         keys = {table.key(r) for r in range(int(starts[i]), int(ends[i])) if valid[r]} if table is not None else set()
         tasks.append(ShardTask(shard, frozenset(keys | orphan_keys.get(i, set()))))
@@ -397,14 +431,16 @@ def plan_archives(state: StoreState, src: ArchiveSource, keep_missing: bool) -> 
         gone = ~in_source & keep
         removed += int(np.count_nonzero(gone))
         keep &= in_source
-    skipped = sum(r[2] for r in records.values())
+    total = sum(r[2] for r in records.values())
     old_failures = state.index.get("failures", {}) if state.index is not None else None
     up_to_date = (
         not tasks and not state.orphans and not state.damaged and not removed and old_failures == {}
-        and recorded == records
+        and recorded == records and carried == recorded_small
     )  # fmt: skip
-    plan = Plan(src.root, [t.shard for t in tasks], skipped, skipped, {}, removed, state.settings, up_to_date)
-    archive_plan = ArchivePlan(src.root, src.kind, tasks, records, src.image_column, src.key_column)
+    plan = Plan(src.root, [t.shard for t in tasks], total, total - len(carried), {}, removed, state.settings,
+                up_to_date, too_small=dict(sorted(carried.items())))  # fmt: skip
+    archive_plan = ArchivePlan(src.root, src.kind, tasks, records, src.image_column, src.key_column,
+                               src.caption_column)  # fmt: skip
     return plan, Merge(state, keep, orphans), archive_plan
 
 
@@ -419,17 +455,85 @@ class MemberBytes(io.BytesIO):
         return self.key
 
 
-class Later(bytes):
+class Member(bytes):
+    """An image member's (or Parquet row's) bytes with its sample's ``caption`` (the readers yield plain bytes for
+    a first member of its name without a caption)."""
+
+    caption: str | None = None
+    generation: int = 0
+
+
+class Later(Member):
     """The bytes of a member named as an earlier member of its shard: ``generation`` is 1 for the second of that
     name, 2 for the third... The last one of a name is stored, as ``tar -x`` leaves the last one on disk (what
     ``tar -r`` and ``tar -u`` append is the newer copy)."""
-
-    generation: int
 
     def __new__(cls, data: bytes, generation: int) -> Later:
         self = super().__new__(cls, data)
         self.generation = generation
         return self
+
+
+def _captioned(data: bytes, caption: str | None) -> bytes:
+    """``data`` carrying ``caption`` (a copy made only when there is a caption to carry)."""
+    if caption is None:
+        return data
+    member = data if isinstance(data, Member) else Member(data)
+    member.caption = caption
+    return member
+
+
+def sample_key(name: str) -> str:
+    """The webdataset sample a tar member belongs to: its name with the basename cut at its first dot."""
+    folder, slash, base = name.rpartition("/")
+    return folder + slash + base.split(".", 1)[0]
+
+
+def _json_caption(data: bytes, name: str) -> str | None:
+    """The ``"caption"`` field of a sample's JSON metadata (None when absent or null)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CaptionError(f"{name} is not valid UTF-8 JSON ({err}); fix or remove it") from None
+    value = meta.get("caption") if isinstance(meta, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise CaptionError(f"the 'caption' field of {name} is a {type(value).__name__}, not text")
+    return None if value is None else decode_caption(value.encode("utf-8"), f"the 'caption' field of {name}")
+
+
+class _Sample:
+    """The webdataset sample being read from a tar: its image members, held until it ends, and its caption's."""
+
+    def __init__(self, key: str | None = None) -> None:
+        self.key = key
+        self.images: list[tuple[str, bytes]] = []
+        self.held = 0
+        self.text: tuple[str, bytes | None] | None = None  # (member name, bytes: None when too large to read)
+        self.meta: tuple[str, bytes | None] | None = None
+
+    def caption(self) -> str | None:
+        if self.text is not None:
+            name, data = self.text
+            if data is None:
+                raise CaptionError(f"caption file {name} has more than {MAX_CAPTION_BYTES:,} bytes: not a caption")
+            return decode_caption(data, f"caption file {name}")
+        if self.meta is not None:
+            name, data = self.meta
+            if data is None:
+                raise CaptionError(f"{name} has more than {_MAX_JSON_BYTES:,} bytes: too large for metadata")
+            return _json_caption(data, name)
+        return None
+
+    def take(self) -> list[tuple[str, bytes | Exception]]:
+        """The held images with this sample's caption (or its caption's error), and none held any more."""
+        images, self.images, self.held = self.images, [], 0
+        if not images:
+            return []
+        try:
+            caption = self.caption()
+        except CaptionError as err:
+            return [(key, err) for key, _ in images]
+        return [(key, _captioned(data, caption)) for key, data in images]
 
 
 class ShardError(Exception):
@@ -472,12 +576,14 @@ def _tar_ended(tar: tarfile.TarFile, size: int) -> bool:
 def iter_members(
     path: Path, shard: str, stored: frozenset[str] = frozenset(), log: ReadLog | None = None
 ) -> Iterator[tuple[str, tuple[int, int], bytes | Exception]]:
-    """A tar shard's image members in one sequential pass: ``(key, shard stat, bytes)``, one member at a time.
+    """A tar shard's image members in one sequential pass: ``(key, shard stat, bytes)``, one sample at a time.
 
     Members already ``stored`` are counted and passed over unread; a member whose name is not valid UTF-8 or
     cannot be a key (:func:`check_member_name`) is yielded with its exception. A member named as an earlier one
-    of the shard is yielded as :class:`Later` bytes (the last one of a name is stored). A shard that cannot be
-    read to its end (a member cut short, or the file ending without tar's end-of-archive blocks) yields
+    of the shard is yielded as :class:`Later` bytes (the last one of a name is stored). An image of a sample with
+    a caption (the module's rule) is yielded as :class:`Member` bytes carrying it, once its sample has ended; a
+    caption that cannot be read is yielded as each of the sample's images' :class:`CaptionError`. A shard that
+    cannot be read to its end (a member cut short, or the file ending without tar's end-of-archive blocks) yields
     ``(shard, stat, ShardError)`` after the members before the problem; one read to its end is recorded in
     ``log.complete`` with its number of distinct image member names.
     """
@@ -486,13 +592,36 @@ def iter_members(
     names = _Names(log)
     last = None
     stat = (-1, -1)
+    sample = _Sample()
+
+    def release() -> Iterator[tuple[str, tuple[int, int], bytes | Exception]]:
+        nonlocal last
+        for key, data in sample.take():
+            last = key
+            yield key, stat, data
+
     try:
         with _open_shard(path) as f:
             st = os.fstat(f.fileno())
             stat = (int(st.st_size), int(st.st_mtime_ns))
             with tarfile.open(fileobj=f, mode="r|*") as tar:
                 for member in tar:
-                    if not member.isfile() or os.path.splitext(member.name)[1].lower() not in extensions:
+                    if not member.isfile():
+                        continue
+                    group = sample_key(member.name)
+                    if group != sample.key:
+                        yield from release()
+                        sample = _Sample(group)
+                    suffix = member.name[len(group) + 1 :].lower()
+                    if suffix in ("txt", "json"):
+                        limit = MAX_CAPTION_BYTES if suffix == "txt" else _MAX_JSON_BYTES
+                        found = (f"{shard}/{member.name}", _read_member(tar, member) if member.size <= limit else None)
+                        if suffix == "txt":
+                            sample.text = found
+                        else:
+                            sample.meta = found
+                        continue
+                    if os.path.splitext(member.name)[1].lower() not in extensions:
                         continue
                     key = f"{shard}/{member.name}"
                     log.seen += 1
@@ -511,17 +640,17 @@ def iter_members(
                     if key in stored and not generation:  # a later one of a name is never taken as stored
                         log.stored += 1
                         continue
-                    reader = tar.extractfile(member)
-                    assert reader is not None
-                    data = reader.read()
-                    if len(data) != member.size:
-                        raise tarfile.ReadError("unexpected end of data")
-                    last = key
-                    yield key, stat, Later(data, generation) if generation else data
-                    del data, reader  # not held while the next member is read
+                    data = _read_member(tar, member)
+                    sample.images.append((key, Later(data, generation) if generation else data))
+                    sample.held += len(data)
+                    del data  # held once, by its sample
+                    if sample.held > _MAX_SAMPLE_BYTES:
+                        yield from release()
+                yield from release()
                 if not _tar_ended(tar, stat[0]):
                     raise tarfile.ReadError("ends after a member without tar's end-of-archive blocks: it was cut")
     except (tarfile.TarError, OSError, EOFError) as err:
+        yield from release()  # the images read whole before the problem
         after = f"after its member {last}" if last is not None else "before any member was read"
         text = " ".join(str(err).split()) or type(err).__name__
         problem = "ends in the middle of a member" if "unexpected end" in text or isinstance(err, EOFError) else text
@@ -532,6 +661,15 @@ def iter_members(
         yield shard, stat, ShardError(message)
         return
     log.complete[shard] = [stat[0], stat[1], names.unique()]
+
+
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    reader = tar.extractfile(member)
+    assert reader is not None
+    data = reader.read()
+    if len(data) != member.size:
+        raise tarfile.ReadError("unexpected end of data")
+    return data
 
 
 def _pyarrow() -> Any:
@@ -554,11 +692,13 @@ def iter_rows(
     key_column: str | None,
     stored: frozenset[str] = frozenset(),
     log: ReadLog | None = None,
+    caption_column: str | None = None,
 ) -> Iterator[tuple[str, tuple[int, int], bytes | Exception]]:
     """A Parquet file's images, one record batch at a time: ``(key, file stat, bytes)``.
 
     The image column holds binary values or ``{bytes, path}`` structs; anything else is reported once for the
-    file (``(shard, stat, ShardError)``) naming the file and the column.
+    file (``(shard, stat, ShardError)``) naming the file and the column. With ``caption_column`` (a string
+    column), a row's non-null value comes as the :class:`Member` bytes' caption.
     """
     pq = _pyarrow()
     import pyarrow as pa
@@ -576,6 +716,12 @@ def iter_rows(
             problem = f"has no column {image_column!r} (its columns: {', '.join(schema.names)}); pass --image-column"
         elif key_column is not None and key_column not in schema.names:
             problem = f"has no column {key_column!r} (its columns: {', '.join(schema.names)}); pass --key-column"
+        elif caption_column is not None and caption_column not in schema.names:
+            problem = (f"has no column {caption_column!r} (its columns: {', '.join(schema.names)}); pass "
+                       "--caption-column")  # fmt: skip
+        elif caption_column is not None and not _is_text(pa, schema.field(caption_column).type):
+            problem = (f"column {caption_column!r} holds {schema.field(caption_column).type}, not text; pass a "
+                       "string column with --caption-column")  # fmt: skip
         else:
             kind = schema.field(image_column).type
             is_struct = pa.types.is_struct(kind)
@@ -586,12 +732,13 @@ def iter_rows(
         if problem is not None:
             yield shard, stat, ShardError(f"Parquet file {path} {problem}")
             return
-        columns = [image_column] + ([key_column] if key_column is not None else [])
+        columns = [image_column] + [c for c in (key_column, caption_column) if c is not None]
         for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH, columns=columns):
             images = batch.column(0)
             if is_struct:
                 images = images.field("bytes")
             values = batch.column(1).to_pylist() if key_column is not None else None
+            captions = batch.column(len(columns) - 1).to_pylist() if caption_column is not None else None
             for j in range(batch.num_rows):
                 name = str(values[j]) if values is not None else str(rows)
                 rows += 1
@@ -609,12 +756,26 @@ def iter_rows(
                 if value is None:
                     yield key, stat, ValueError(f"row {rows - 1} of {path} has no image bytes in {image_column!r}")
                     continue
-                yield key, stat, Later(value, generation) if generation else value
+                data = Later(value, generation) if generation else value
+                text = captions[j] if captions is not None else None
+                if text is None:
+                    yield key, stat, data
+                    continue
+                try:
+                    caption = decode_caption(text.encode("utf-8"), f"the caption of row {rows - 1} of {path}")
+                except CaptionError as err:
+                    yield key, stat, err
+                    continue
+                yield key, stat, _captioned(data, caption)
             del batch, images
     except (OSError, pa.ArrowException) as err:
         yield shard, stat, ShardError(f"Parquet file {path} could not be read to its end after {rows} rows: {err}")
         return
     log.complete[shard] = [stat[0], stat[1], names.unique()]
+
+
+def _is_text(pa: Any, kind: Any) -> bool:
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind))
 
 
 def iter_archive(
@@ -624,6 +785,7 @@ def iter_archive(
     for task in tasks:
         path = plan.root / task.shard
         if plan.kind == PARQUET:
-            yield from iter_rows(path, task.shard, plan.image_column, plan.key_column, task.stored, log)
+            yield from iter_rows(path, task.shard, plan.image_column, plan.key_column, task.stored, log,
+                                 plan.caption_column)  # fmt: skip
         else:
             yield from iter_members(path, task.shard, task.stored, log)

@@ -15,6 +15,17 @@ The rule of ``encode --buckets AREA`` (``encode_dataset(buckets=AREA, bucket_ste
   resized (a thin strip) is resampled only where it is kept, so that its memory follows the bucket (values within
   one level of resize-then-crop; the plan is the same).
 
+With ``--no-upscale`` (``no_upscale=True``, kohya's option; :func:`fit_bucket`) no image is scaled up: an image
+smaller than its bucket on either side takes instead the largest bucket that fits inside it (both sides at most
+the image's; ties: the nearest ``log(w / h)``, then the wider), or, when none fits, a bucket of its own size,
+each side rounded down to a multiple of ``S`` (of 8 for a side shorter than ``S``), the long side then cut to
+``R`` times the short one (rounded down the same way); it is resized down to cover that bucket and cropped as
+above. With ``--size N`` every latent is ``N x N``, so an image whose shorter side is below ``N`` cannot be kept
+without scaling it up: with ``--no-upscale`` it is left out as too small (:class:`ImageTooSmallError`). Each
+image keeping its own size (neither option) is never scaled. ``--min-size M`` (``min_size``) leaves out, in
+every mode, an image whose shorter side (EXIF orientation applied) is below ``M`` pixels. A left-out image is
+found from its header, before it is decoded, and listed with its reason.
+
 :func:`prepare_image` reads one image in any of the three modes (buckets, ``--size``, neither) and returns it
 with its conditioning: the original size ``(H, W)``, the resized size ``(H', W')`` and the crop's top-left
 corner ``(top, left)`` in the resized image (SDXL's ``original_size`` and ``crops_coords_top_left``; the
@@ -35,7 +46,7 @@ import torch
 from ._checks import check_int
 from ._orientation import exif_orientation, swaps_axes, transpose_method
 from ._pixels import LUT_SD, SD_NORM, resize_crop, rgb_to_dtype
-from .image_utils import load_for_encoding, open_for_resize
+from .image_utils import ImageProcessingError, load_for_encoding, open_for_resize
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +122,72 @@ class CropPlan:
         return self.resized[0] > self.original[0] or self.resized[1] > self.original[1]
 
 
+def fit_bucket(
+    width: int, height: int, buckets: list[tuple[int, int]], step: int | None = None, max_aspect: float | None = None
+) -> tuple[int, int]:
+    """The bucket of an image of ``width x height`` that is never scaled up (``no_upscale``; the module's rule).
+
+    ``step`` and ``max_aspect`` shape the bucket of the image's own size when no bucket fits inside it (default:
+    the greatest common divisor of the buckets' sides, and their largest ``long / short``).
+
+    Raises:
+        ImageTooSmallError: a side below 8 pixels (no latent can be made without scaling the image up).
+    """
+    chosen = choose_bucket(width, height, buckets)
+    if chosen[0] <= width and chosen[1] <= height:
+        return chosen
+    inside = [b for b in buckets if b[0] <= width and b[1] <= height]
+    if inside:
+
+        def rank(b: tuple[int, int]) -> tuple[int, Fraction, int]:
+            a, c = b[0] * height, b[1] * width
+            return b[0] * b[1], -Fraction(max(a, c), min(a, c)), b[0]
+
+        return max(inside, key=rank)
+    if step is None:
+        step = math.gcd(*(side for b in buckets for side in b))
+    limit = max(Fraction(max(b), min(b)) for b in buckets) if max_aspect is None else Fraction(max_aspect)
+
+    def down(value: float | Fraction) -> int:
+        side = math.floor(value)
+        return side - side % (step if side >= step else MULTIPLE)
+
+    w, h = down(width), down(height)
+    if min(w, h) < MULTIPLE:
+        raise ImageTooSmallError(
+            f"its shorter side ({min(width, height)} px) is below {MULTIPLE}, the least a latent needs, and "
+            "--no-upscale keeps it from being scaled up"
+        )
+    if w > limit * h:
+        w = down(limit * h)
+    elif h > limit * w:
+        h = down(limit * w)
+    return w, h
+
+
+class ImageTooSmallError(ImageProcessingError):
+    """An image left out by ``min_size``, or by ``no_upscale`` when it could only be kept by scaling it up.
+
+    Found from the image's header, before it is decoded; ``encode_dataset`` lists it as too small (not as a
+    failure), and a rerun does not read it again while the file is unchanged. ``stat`` is set by the reader that
+    knows the source's (size, mtime).
+    """
+
+    stat: tuple[int, int] = (-1, -1)
+
+
+def check_small(width: int, height: int, size: int | None, no_upscale: bool, min_size: int | None) -> None:
+    """Raise :class:`ImageTooSmallError` when an image of ``width x height`` is left out (the module's rule)."""
+    short = min(width, height)
+    if min_size is not None and short < min_size:
+        raise ImageTooSmallError(f"its shorter side ({short} px) is below --min-size {min_size}")
+    if no_upscale and size is not None and short < size:
+        raise ImageTooSmallError(
+            f"its shorter side ({short} px) is smaller than --size {size}, and --no-upscale keeps it from being "
+            "scaled up"
+        )
+
+
 def plan_crop(width: int, height: int, bucket: tuple[int, int]) -> CropPlan:
     """The resize and crop of an image of ``width x height`` into ``bucket`` ``(w, h)`` (the module's rule)."""
     w, h = bucket
@@ -146,27 +223,40 @@ def prepare_image(
     buckets: list[tuple[int, int]] | None = None,
     exact: bool = False,
     max_pixels: int | None = None,
+    no_upscale: bool = False,
+    min_size: int | None = None,
+    bucket_step: int | None = None,
+    max_aspect: float | None = None,
 ) -> Prepared:
     """Read an image as ``encode_dataset`` does, with its :class:`CropPlan`.
 
-    With ``buckets``, the image goes to its bucket (:func:`choose_bucket`), is resized and cropped by
+    With ``buckets``, the image goes to its bucket (:func:`choose_bucket`; with ``no_upscale``,
+    :func:`fit_bucket`, which uses ``bucket_step`` and ``max_aspect``), is resized and cropped by
     :func:`plan_crop`. Otherwise the image is exactly ``load_for_encoding(path, size, exact=exact)``.
 
     Raises:
+        ImageTooSmallError: the image is left out by ``min_size``, or by ``no_upscale`` (the module's rule);
+            raised from its header, before it is decoded.
         ImageProcessingError: as :func:`vae_toolkit.load_for_encoding`.
     """
     if buckets is None:
         width, height = _image_size(path)
+        if width and height:  # (0, 0): unreadable, which the reader reports
+            check_small(width, height, size, no_upscale, min_size)
         image = load_for_encoding(path, size, exact=exact, max_pixels=max_pixels)  # type: ignore[arg-type]  # a file object too
         return Prepared(image, size_plan(width, height, size))
     chosen = buckets
 
+    def bucket_of(w: int, h: int) -> tuple[int, int]:
+        check_small(w, h, None, no_upscale, min_size)
+        return fit_bucket(w, h, chosen, bucket_step, max_aspect) if no_upscale else choose_bucket(w, h, chosen)
+
     def draft(full: tuple[int, int]) -> int | None:
-        plan = plan_crop(full[0], full[1], choose_bucket(full[0], full[1], chosen))
+        plan = plan_crop(full[0], full[1], bucket_of(full[0], full[1]))
         return None if exact else min(plan.resized)
 
     rgb, (width, height), box = open_for_resize(path, draft, max_pixels)  # type: ignore[arg-type]
-    plan = plan_crop(width, height, choose_bucket(width, height, chosen))
+    plan = plan_crop(width, height, bucket_of(width, height))
     (new_h, new_w), (top, left), (h, w) = plan.resized, plan.crop, plan.target
     rgb = resize_crop(rgb, (new_w, new_h), (left, top), (w, h), box)
     return Prepared(rgb_to_dtype(rgb, LUT_SD, SD_NORM, torch.get_default_dtype()), plan)
@@ -196,11 +286,19 @@ def training_settings(
     flip: bool,
     distribution: bool,
     sample: bool,
+    no_upscale: bool = False,
+    min_size: int | None = None,
 ) -> dict[str, Any]:
     """The training-cache settings a store records (checked, as the others, on every rerun)."""
-    for name, value in (("flip", flip), ("distribution", distribution)):
+    check_int("min_size", min_size, 1, allow_none=True)
+    for name, value in (("flip", flip), ("distribution", distribution), ("no_upscale", no_upscale)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
+    if no_upscale and size is None and buckets is None:
+        raise ValueError(
+            "no_upscale (--no-upscale) needs size or buckets: without them every image keeps its own size and is "
+            "never scaled up"
+        )
     if buckets is not None and size is not None:
         raise ValueError(
             f"size ({size}) and buckets ({buckets}) exclude each other: size crops every image square, buckets "
@@ -213,4 +311,5 @@ def training_settings(
     if buckets is not None:
         bucket_sizes(buckets, bucket_step, max_aspect)  # raises when there is no bucket
         spec = {"area": int(buckets), "step": int(bucket_step), "max_aspect": float(max_aspect)}
-    return {"buckets": spec, "flip": flip, "distribution": distribution}
+    return {"buckets": spec, "flip": flip, "distribution": distribution, "no_upscale": no_upscale,
+            "min_size": None if min_size is None else int(min_size)}  # fmt: skip

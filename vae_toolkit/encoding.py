@@ -16,8 +16,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import closing
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,24 +26,23 @@ import torch
 from . import latents
 from ._checks import DEFAULT_MAX_PIXELS, check_int
 from ._dist import ProcessGroup
+from ._encode_loop import ReadOptions, encode_items
 from ._signals import sigterm_exits
 from ._version import __version__
 from .archives import (
     PARQUET,
     ArchivePlan,
     ArchiveSource,
-    Later,
-    MemberBytes,
     ReadLog,
     archive_source,
     check_parquet_available,
     iter_archive,
     plan_archives,
 )
-from .batching import Item, default_workers, failure_reason, group_batches, read_ahead, share_cores, stacked_batches
-from .buckets import bucket_sizes, prepare_image, training_settings
+from .batching import Item, default_workers, share_cores
+from .buckets import bucket_sizes, training_settings
 from .model_config import get_all_model_configs
-from .sources import Source, file_stat, scan_source
+from .sources import Source, scan_source
 from .store_files import (
     FORMAT,
     FORMAT_VERSION,
@@ -96,6 +94,8 @@ class EncodeSummary:
         duplicates: Archive members read by this run that have the name of an earlier member of their shard
             (``tar -r`` / ``tar -u`` append such copies): the last one of a name is stored, one entry per name.
         size: The run's ``size`` (``None`` with buckets, or each image keeping its own size).
+        too_small: ``key -> reason`` for images left out by ``min_size`` or ``no_upscale`` (not failures; also in
+            the index, and not read again while unchanged). ``total`` = encoded + skipped + failed + too small.
     """
 
     output: Path
@@ -112,6 +112,7 @@ class EncodeSummary:
     verified: int | None = None
     duplicates: int = 0
     size: int | None = None
+    too_small: dict[str, str] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -128,7 +129,8 @@ class EncodeSummary:
         rate = f", {self.images_per_second:.1f} images/s" if self.encoded else ""  # no rate of nothing
         return (
             f"{self.total} images: {self.encoded} encoded{upscaled}, {self.skipped} already stored, "
-            f"{len(self.failed)} failed{removed}{verified} -> {self.output} ({self.shards} new shard(s)) in "
+            f"{len(self.failed)} failed{f', {len(self.too_small)} too small' if self.too_small else ''}{removed}"
+            f"{verified} -> {self.output} ({self.shards} new shard(s)) in "
             f"{self.seconds:.1f} s{rate}"
         )
 
@@ -163,7 +165,7 @@ class _ShardWriter:
     def add(self, key: str, latent: torch.Tensor, entry: dict[str, Any]) -> None:
         self.tensors[key] = latent
         self.entries[key] = entry
-        self.nbytes += latent.numel() * latent.element_size()
+        self.nbytes += latent.numel() * latent.element_size() + len(entry.get("caption") or "")  # captions: header
         if self.nbytes >= self.max_bytes or time.monotonic() - self.since >= self.every:
             self.flush()
 
@@ -357,6 +359,9 @@ def encode_dataset(
     image_column: str = "image",
     key_column: str | None = None,
     tile: bool = False,
+    no_upscale: bool = False,
+    min_size: int | None = None,
+    caption_column: str | None = None,
 ) -> EncodeSummary:
     """Encode every image of a folder (recursively) or a list of files into a latent store at ``output``.
 
@@ -418,6 +423,14 @@ def encode_dataset(
         tile: Encode in tiles (the model's own tiling) images larger than its ``sample_size``. By default never:
             each latent is the whole image's, as diffusers' training scripts cache them and as
             ``latents.encode(vae, x, tile=False)`` gives it; recorded in the store.
+        no_upscale: Never scale an image up (kohya's ``--no-upscale``): with ``buckets`` an image smaller than its
+            bucket takes the largest bucket inside it, else its own size rounded down to the step; with ``size``
+            an image whose shorter side is below ``size`` is left out as too small (the rule:
+            :mod:`vae_toolkit.buckets`). Recorded in the store.
+        min_size: Leave out as too small an image whose shorter side is below this many pixels. Recorded.
+        caption_column: With Parquet files: a string column holding each row's caption. A folder image's caption
+            is its ``NAME.txt``, a tar sample's its ``KEY.txt`` (or ``KEY.json``'s ``"caption"``); read when the
+            image is encoded (an unchanged image keeps its stored caption) and given by ``store.entry(key)``.
 
     Returns:
         An :class:`EncodeSummary` with counts, failures and time (over all ranks).
@@ -449,13 +462,15 @@ def encode_dataset(
     check_int("max_pixels", max_pixels, 1, allow_none=True)
     if not isinstance(image_column, str) or not image_column:
         raise TypeError(f"image_column must be a column name, got {image_column!r}")
-    if key_column is not None and (not isinstance(key_column, str) or not key_column):
-        raise TypeError(f"key_column must be a column name or None, got {key_column!r}")
+    for name, column in (("key_column", key_column), ("caption_column", caption_column)):
+        if column is not None and (not isinstance(column, str) or not column):
+            raise TypeError(f"{name} must be a column name or None, got {column!r}")
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, (int, float)):
         raise TypeError(f"checkpoint_every must be a number of seconds, got {checkpoint_every!r}")
     if not checkpoint_every > 0 or checkpoint_every == float("inf"):
         raise ValueError(f"checkpoint_every must be a finite number of seconds > 0, got {checkpoint_every}")
-    training = training_settings(size, buckets, bucket_step, max_aspect, flip, distribution, sample)
+    training = training_settings(size, buckets, bucket_step, max_aspect, flip, distribution, sample, no_upscale,
+                                 min_size)  # fmt: skip
     bucket_list = None if buckets is None else bucket_sizes(buckets, bucket_step, max_aspect)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(map(_dtype_name, STORE_DTYPES))}, got {dtype!r}")
@@ -495,7 +510,7 @@ def encode_dataset(
     merge: Merge | None = None
     try:
         prepared: tuple[Plan, ArchivePlan | None] | BaseException
-        columns = (image_column, key_column)
+        columns = (image_column, key_column, caption_column)
         if dist.rank == 0:
             try:
                 lock, plan, merge, archived = _prepare(out, source, known, overwrite, keep_missing, verify, columns)
@@ -512,6 +527,7 @@ def encode_dataset(
                                 rank=dist.rank, verified=plan.verified if verify else None)  # fmt: skip
         if plan.up_to_date:
             summary.failed = dict(sorted(plan.failures.items()))
+            summary.too_small = {k: v["reason"] for k, v in plan.too_small.items()}
             summary.seconds = time.perf_counter() - start
             logger.info("nothing to encode: all %d images are stored in %s", plan.total, out)
             return summary
@@ -563,15 +579,18 @@ def encode_dataset(
                 items, count = ((key, (stat, data, key)) for key, stat, data in members), None
             with sigterm_exits():  # SIGTERM ends the run as Ctrl-C does: shards flushed, exit 143
                 try:
-                    encoded, failed, upscaled = _pipeline(items, size, bucket_list, exact_resize, batch_size,
-                                                          workers, encoder, writer, progress and dist.rank == 0,
-                                                          desc, max_pixels, count)  # fmt: skip
+                    options = ReadOptions(size, bucket_list, exact_resize, max_pixels, no_upscale, min_size,
+                                          bucket_step, max_aspect)  # fmt: skip
+                    show = progress and dist.rank == 0
+                    encoded, failed, upscaled = encode_items(items, options, batch_size, workers, encoder, writer,
+                                                             show, desc, count, log)  # fmt: skip
                 finally:  # also on Ctrl-C, SIGTERM or an error: keep what was encoded, the next run resumes from it
                     writer.flush()
         dist.barrier()  # all shards are on disk
         results = dist.gather((encoded, failed, writer.written, upscaled, log))
         failures = {k: v for _, f, _, _, _ in results for k, v in f.items()}
         failures.update(plan.failures)
+        too_small = {**plan.too_small, **{k: v for r in results for k, v in r[4].too_small.items()}}
         if dist.rank == 0:
             assert merge is not None
             records = None
@@ -581,7 +600,7 @@ def encode_dataset(
                     records.update(r[4].complete)
                 records = dict(sorted(records.items()))
             commit_run(out, merge, [name for r in results for name in r[2]], settings, failures, plan.root,
-                       archives=records)  # fmt: skip
+                       archives=records, too_small=too_small)  # fmt: skip
         dist.barrier()  # the index exists when encode_dataset returns on any rank
         if archived is not None:  # members are only known once read
             summary.total += sum(r[4].seen for r in results)
@@ -591,6 +610,7 @@ def encode_dataset(
         summary.upscaled = sum(r[3] for r in results)
         summary.size = size
         summary.failed = dict(sorted(failures.items()))
+        summary.too_small = {k: v["reason"] for k, v in sorted(too_small.items())}
         summary.shards = sum(len(r[2]) for r in results)
         summary.seconds = time.perf_counter() - start
         return summary
@@ -619,7 +639,7 @@ def _prepare(
     overwrite: bool,
     keep_missing: bool,
     verify: bool = False,
-    columns: tuple[str, str | None] = ("image", None),
+    columns: tuple[str, str | None, str | None] = ("image", None, None),
 ) -> tuple[WriterLock | None, Plan, Merge, ArchivePlan | None]:
     """Rank 0, before any model loads: lock the store, walk the source once, read the store, plan the work.
 
@@ -667,11 +687,14 @@ def _prepare(
 
 
 def _scan(
-    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], columns: tuple[str, str | None]
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], columns: tuple[str, str | None, str | None]
 ) -> Source | ArchiveSource:
     """The source's listing: its archives (tar, Parquet), else its image files."""
     archives = archive_source(source, *columns)
     if archives is None:
+        if columns[2] is not None:
+            raise ValueError(f"caption_column ({columns[2]}) is for Parquet files; a folder image's caption is its "
+                             "NAME.txt beside it")  # fmt: skip
         return scan_source(source)
     if archives.kind == PARQUET:
         check_parquet_available()
@@ -706,96 +729,3 @@ def _stored_settings(merge: Merge | None) -> dict[str, Any]:
     if state.orphans:
         return normalise_settings(state.orphans[-1].settings)
     return {}
-
-
-def _pipeline(
-    items: Iterable[tuple[str, Any]],
-    size: int | None,
-    buckets: list[tuple[int, int]] | None,
-    exact_resize: bool,
-    batch_size: int,
-    workers: int,
-    encoder: _Encoder,
-    writer: _ShardWriter,
-    progress: bool,
-    desc: str,
-    max_pixels: int | None = None,
-    total: int | None = None,
-) -> tuple[int, dict[str, str], int]:
-    """Read (threads) -> group by size -> encode (this thread) -> shards; returns (encoded, failures, upscaled).
-
-    ``items`` are ``(key, path)``, or ``(key, (stat, bytes or exception, key))`` for an archive's members: those
-    are produced one at a time on the reading thread (a tar read in one pass), and decoded on the threads.
-    """
-    from tqdm.auto import tqdm
-
-    failed: dict[str, str] = {}
-    encoded = upscaled = 0
-
-    # A shard may hold several members of one name (tar -r, tar -u): the last one read is stored. ``latest`` holds
-    # such names (bounded by the duplicates) -> the generation of the last one read; an earlier one still in a
-    # size group when a later one has been read is not written, and one written before is replaced at the merge.
-    latest: dict[str, int] = {}
-    written_again: set[str] = set()
-
-    def read(
-        path: Path | tuple[tuple[int, int], bytes | Exception, str],
-    ) -> tuple[tuple[int, int], Any, int]:
-        if isinstance(path, tuple):  # a member of a tar or a Parquet row
-            stat, data, key = path
-            if isinstance(data, Exception):
-                raise data
-            prepared = prepare_image(
-                MemberBytes(data, key), size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels
-            )
-            return stat, prepared, data.generation if isinstance(data, Later) else 0
-        stat = file_stat(path)
-        return stat, prepare_image(path, size=size, buckets=buckets, exact=exact_resize, max_pixels=max_pixels), 0
-
-    def prepared() -> Iterator[tuple[str, Item | Exception]]:
-        for key, result in read_ahead(items, read, workers, max(2 * batch_size, 2 * workers)):
-            if isinstance(result, Exception):
-                yield key, result
-            else:
-                stat, image, generation = result
-                if generation:
-                    latest[key] = generation
-                yield key, Item(key, stat, image.image, image.plan, generation)
-
-    bar = tqdm(total=total, desc=desc, unit="image", disable=not progress, dynamic_ncols=True)
-    try:
-        batches = group_batches(prepared(), batch_size)
-        with closing(stacked_batches(batches)) as assembled:  # closed at once on an exception: the helper stops
-            for batch in assembled:
-                if isinstance(batch[0], str):
-                    key, err = batch
-                    failed[key] = failure_reason(err)
-                    logger.warning("skipped %s: %s", key, failed[key])
-                    bar.update(1)
-                    continue
-                chunk, x = batch
-                done, errors = encoder(chunk, x)
-                for item, z in done:
-                    if item.key in latest:
-                        if item.generation < latest[item.key]:  # a later member of this name was read
-                            continue
-                        failed.pop(item.key, None)
-                        if item.key in written_again:
-                            encoded -= 1  # one entry per name: an earlier member's latent is replaced
-                        written_again.add(item.key)
-                    encoded += 1
-                    entry: dict[str, Any] = {
-                        "size": [int(item.image.shape[-1]), int(item.image.shape[-2])],
-                        "source_bytes": item.stat[0],
-                        "source_mtime_ns": item.stat[1],
-                    }
-                    if item.plan is not None:
-                        entry.update(original_size=list(item.plan.original), resized_size=list(item.plan.resized),
-                                     crop=list(item.plan.crop))  # fmt: skip
-                        upscaled += item.plan.upscaled
-                    writer.add(item.key, z, entry)
-                failed.update(errors)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    return encoded, failed, upscaled

@@ -4,6 +4,13 @@
 ``(root, sorted keys)``, a key being the path relative to ``root`` with ``/``. :func:`scan_source` also reads
 each file's size and mtime once (what a rerun compares with the store) and sets aside names that cannot be
 keys. Reading the images is :mod:`vae_toolkit.batching`'s; what is stored of them, :mod:`vae_toolkit.encoding`'s.
+
+Captions: an image's caption is the text of its sidecar ``NAME.txt`` (same folder, same name without the image's
+extension: ``a.jpg`` and ``a.txt``), read by :func:`read_caption` when the image is encoded, or None when there
+is none. :func:`decode_caption` is the rule for any caption's bytes (also a tar sample's ``KEY.txt``): strict
+UTF-8 (a byte order mark is dropped), surrounding whitespace stripped, at most :data:`MAX_CAPTION_BYTES`; bytes
+that are not UTF-8 make the image a failure whose reason names the file, rather than a caption with replaced
+characters that a trainer would learn from.
 """
 
 from __future__ import annotations
@@ -22,6 +29,13 @@ if TYPE_CHECKING:
     pass
 
 logger = logging.getLogger(__name__)
+
+CAPTION_SUFFIX = ".txt"
+MAX_CAPTION_BYTES = 1 << 16  # 64 KiB: far above any caption; a larger file is not one
+
+
+class CaptionError(ValueError):
+    """A caption that cannot be stored (not UTF-8, too long, unreadable): its image is listed as a failure."""
 
 
 def _printable(name: str) -> str:
@@ -151,3 +165,42 @@ def find_images(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
 def file_stat(path: Path) -> tuple[int, int]:
     st = path.stat()
     return int(st.st_size), int(st.st_mtime_ns)
+
+
+def decode_caption(data: bytes, name: str) -> str:
+    """The caption held by ``data``: strict UTF-8, byte order mark dropped, stripped (``name`` says where it is
+    from in a message: ``"caption file a.txt"``).
+
+    Raises:
+        CaptionError: more than :data:`MAX_CAPTION_BYTES`, or not valid UTF-8 (the message says where).
+    """
+    if len(data) > MAX_CAPTION_BYTES:
+        raise CaptionError(
+            f"{name} has {len(data):,} bytes, more than {MAX_CAPTION_BYTES:,}: not a caption; shorten it or move it "
+            "away"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise CaptionError(
+            f"{name} is not UTF-8 text (byte {data[err.start]:#04x} at position {err.start}); save it as UTF-8"
+        ) from None
+    return text.strip()
+
+
+def read_caption(image: Path) -> str | None:
+    """The caption of the image file ``image``: its sidecar ``NAME.txt`` decoded by :func:`decode_caption`, or None
+    when there is no such file.
+
+    Raises:
+        CaptionError: the sidecar exists but cannot be read or decoded.
+    """
+    sidecar = image.with_name(os.path.splitext(image.name)[0] + CAPTION_SUFFIX)
+    try:
+        with open(sidecar, "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise CaptionError(f"caption file {sidecar} cannot be read: {err.strerror or err}") from err
+    return decode_caption(data, f"caption file {sidecar}")

@@ -312,7 +312,10 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
         ``size`` [w, h] encoded, ``source_bytes``, ``source_mtime_ns``, and SDXL's conditioning:
         ``original_size`` (H, W) of the file, ``crops_coords_top_left`` (top, left) of the crop in the image
         resized to ``resized_size`` (H', W'), and ``target_size`` (h, w) encoded. The conditioning is None for
-        entries written before it was recorded (vae-toolkit 0.2.0).
+        entries written before it was recorded (vae-toolkit 0.2.0). ``caption``: the sample's caption as read
+        when its image was encoded (a folder image's ``NAME.txt``, a tar sample's ``KEY.txt`` or its ``KEY.json``'s
+        ``"caption"``, a Parquet row's ``--caption-column``), None when it has none (or was stored before captions
+        were).
         """
         if not isinstance(key, str):
             raise TypeError(f"keys are str (image paths relative to the source), got {key!r}")
@@ -328,6 +331,7 @@ class LatentStore(Mapping[str, torch.Tensor], Dataset):
             "resized_size": resized,
             "crops_coords_top_left": crop,
             "target_size": (h, w),
+            "caption": t.caption(row),
         }
 
     @property

@@ -43,12 +43,15 @@ _TMP_SUFFIX = ".tmp"
 _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
 _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
-               "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution", "tile")  # fmt: skip
+               "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution", "tile",
+               "no_upscale", "min_size")  # fmt: skip
 # settings recorded since a later version of format 2: what a store written without them holds. Unknown weights
 # (None) are accepted with a warning, unknown tiling (None: tiled when larger than the model's sample_size) is not
 # compared; EXIF orientation was not applied then, which is refused like any other setting; the training
 # cache's settings (no buckets, flips or distribution) keep such a store readable.
-TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False}
+# (every image kept, scaled up to its bucket or size if need be)
+TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False, "no_upscale": False,
+                                     "min_size": None}  # fmt: skip
 _ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", "tile": None, **TRAINING_DEFAULTS}
 _INDEX_CHECKSUM = "index_sha256"
 STORE_DTYPES = _table.DTYPES
@@ -260,6 +263,7 @@ class Record:
     original_size: tuple[int, int] = (-1, -1)  # (H, W) of the file
     resized_size: tuple[int, int] = (-1, -1)  # (H', W') before the crop
     crop: tuple[int, int] = (-1, -1)  # (top, left) of the crop in the resized image
+    caption: str | None = None  # the sample's caption (absent from shards written before captions were stored)
 
 
 @dataclass
@@ -313,6 +317,9 @@ def read_shard(path: Path) -> _Shard:
         if dtype is None or len(info["shape"]) != 3:
             raise ValueError(f"{path.name}: {key!r} is not a latent ({info['dtype']}, shape {info['shape']})")
         entry = entries[key]
+        caption = entry.get("caption")
+        if caption is not None and not isinstance(caption, str):
+            raise ValueError(f"{path.name}: damaged header (the caption of {key!r} is not text)")
         records.append(
             Record(
                 key=key,
@@ -324,6 +331,7 @@ def read_shard(path: Path) -> _Shard:
                 size=(int(entry["size"][0]), int(entry["size"][1])),
                 stat=(int(entry["source_bytes"]), int(entry["source_mtime_ns"])),
                 created=created,
+                caption=caption,
                 **_conditioning(entry),
             )
         )
@@ -407,6 +415,12 @@ def index_problem(index: Any) -> str | None:
         return "its table entry is malformed"
     if not isinstance(index.get("failures", {}), dict) or not isinstance(index.get("retired", []), list):
         return "its failures or retired lists are malformed"
+    small = index.get("too_small", {})
+    if not isinstance(small, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("source_bytes"), int) and isinstance(v.get("source_mtime_ns"), int)
+        for v in small.values()
+    ):
+        return "its list of images too small is malformed"
     recorded = index.get(_INDEX_CHECKSUM)
     if recorded is not None and recorded != index_checksum(index):  # absent: written before indexes had one
         return "its content does not match its checksum: it was edited or damaged"
@@ -604,7 +618,8 @@ def check_store(output: str | os.PathLike[str], **settings: Any) -> dict[str, An
 
     Only the settings given are compared (any of ``model``, ``size``, ``dtype``, ``vae_dtype``, ``sample``,
     ``seed``, ``reader``, ``scaling_factor``, ``shift_factor``, ``latent_channels``, ``weights`` (as
-    :func:`vae_toolkit.vae_loader.weights_fingerprint` gives it), ``exif_orientation``; dtypes as names like
+    :func:`vae_toolkit.vae_loader.weights_fingerprint` gives it), ``exif_orientation``, the training cache's
+    ``buckets``, ``flip``, ``distribution``, ``no_upscale``, ``min_size``; dtypes as names like
     ``"float32"``), so a command can refuse a folder of another model before loading one. Nothing is written.
 
     Returns:

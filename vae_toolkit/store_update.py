@@ -5,6 +5,11 @@
 :func:`commit_run` merges the old table with the new shards' entries into a new table, writes the index (the
 commit point), and only then removes what it supersedes. The file format itself is
 :mod:`vae_toolkit.store_files`'; encoding, :mod:`vae_toolkit.encoding`'s.
+
+Images left out as too small (``min_size``, ``no_upscale``) are listed in the index under ``too_small`` with the
+source stat they had; a rerun does not read such an image again while its file (or its tar or Parquet shard) is
+unchanged, and lists it again. Captions travel with each new entry (its shard's header) into the table's
+caption columns; kept rows keep theirs.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +58,7 @@ class Plan:
     stored_settings: dict[str, Any] | None
     up_to_date: bool  # nothing to encode and the index would not change: nothing is written
     verified: int = 0  # listed shards whose whole file was read and matched its SHA-256
+    too_small: dict[str, dict[str, Any]] = field(default_factory=dict)  # listed as too small, unchanged: not read
 
 
 @dataclass
@@ -111,6 +117,15 @@ def plan_run(state: StoreState, src: Source, keep_missing: bool) -> tuple[Plan, 
         elif drop_missing:
             removed_keys.add(okey)
             del orphans[okey]
+    recorded_small = recorded_too_small(state.index)
+    carried: dict[str, dict[str, Any]] = {}
+    for skey, info in recorded_small.items():  # images left out before, and unchanged since: not read again
+        j = _find(src.keys, skey)
+        if j >= 0 and not ok[j] and (info["source_bytes"], info["source_mtime_ns"]) == src.stats[j]:
+            carried[skey] = info
+            ok[j] = True
+            if row_of[j] >= 0:
+                keep[row_of[j]] = False  # a latent of what the file was before
     todo_idx = np.flatnonzero(~ok)
     todo_rows = row_of[todo_idx]
     keep[todo_rows[todo_rows >= 0]] = False  # encoded again (or failing now): the old latent goes
@@ -121,18 +136,32 @@ def plan_run(state: StoreState, src: Source, keep_missing: bool) -> tuple[Plan, 
         keep &= in_source
     todo = [src.keys[j] for j in todo_idx]
     old_failures = state.index.get("failures", {}) if state.index is not None else None
-    up_to_date = not todo and not state.orphans and not state.damaged and not removed and old_failures == dict(src.bad)
+    up_to_date = (
+        not todo and not state.orphans and not state.damaged and not removed and old_failures == dict(src.bad)
+        and carried == recorded_small
+    )  # fmt: skip
     plan = Plan(
         src.root,
         todo,
         len(src.keys) + len(src.bad),
-        len(src.keys) - len(todo),
+        len(src.keys) - len(todo) - len(carried),
         dict(src.bad),
         removed,
         state.settings,
         up_to_date,
+        too_small=carried,
     )
     return plan, Merge(state, keep, orphans)
+
+
+def recorded_too_small(index: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """The images an index lists as too small: ``key -> {"reason", "source_bytes", "source_mtime_ns"}``."""
+    return dict(index.get("too_small", {})) if index is not None else {}
+
+
+def too_small_entry(reason: str, stat: tuple[int, int]) -> dict[str, Any]:
+    """What the index records of an image left out as too small (the stat tells whether it changed since)."""
+    return {"reason": reason, "source_bytes": int(stat[0]), "source_mtime_ns": int(stat[1])}
 
 
 def _match(table_keys: Iterator[bytes], keys: Iterator[bytes], count: int) -> np.ndarray:
@@ -166,7 +195,7 @@ def _find(sorted_keys: list[str], key: str) -> int:
 
 def commit_run(
     folder: Path, merge: Merge, new_shards: Sequence[str], settings: dict[str, Any], failures: dict[str, str],
-    source: Path, archives: dict[str, list[int]] | None = None,
+    source: Path, archives: dict[str, list[int]] | None = None, too_small: dict[str, dict[str, Any]] | None = None,
 ) -> None:  # fmt: skip
     """Write the table and the index for the store's new state, then delete what they supersede (rank 0).
 
@@ -217,10 +246,14 @@ def commit_run(
         if len(new_keys):
             column[pos_new] = np.array([_record_value(r, name, new_id) for _, r in new_items], dtype=dtype)
         columns[name] = column
-    offsets, blob = _merged_keys(table, keep_rows, pos_old, new_keys, pos_new)
+    old_keys = (table.key_offsets, table.key_blob) if table is not None else None
+    offsets, blob = _merged_blob(old_keys, keep_rows, pos_old, new_keys, pos_new)
+    old_captions = (table.caption_offsets, table.caption_blob) if table is not None else None
+    new_captions = [None if r.caption is None else r.caption.encode("utf-8") for _, r in new_items]
+    captions = _merged_blob(old_captions, keep_rows, pos_old, new_captions, pos_new)
 
     table_name = f"latents-table-{uuid.uuid4().hex[:12]}.bin"
-    merged = _table.Rows(offsets, blob, columns)
+    merged = _table.Rows(offsets, blob, columns, *captions)
     table_bytes, table_sha = atomic_write(folder / table_name, lambda f: _table.write_table(f, merged))
     index = {
         "metadata": {
@@ -239,6 +272,8 @@ def commit_run(
     }
     if archives is not None:  # per tar / Parquet shard read to its end: [bytes, mtime_ns, members]
         index["archives"] = archives
+    if too_small:  # images left out by min_size / no_upscale, with the stat they had
+        index["too_small"] = dict(sorted(too_small.items()))
     write_index(folder, index)
     for name in retired:
         (folder / name).unlink(missing_ok=True)
@@ -281,31 +316,38 @@ def _insertion_points(table: _table.Table | None, keep_rows: np.ndarray, new_key
     return np.array(points, dtype=np.int64)
 
 
-def _merged_keys(
-    table: _table.Table | None, keep_rows: np.ndarray, pos_old: np.ndarray, new_keys: list[bytes], pos_new: np.ndarray
+def _merged_blob(
+    old: tuple[np.ndarray, np.ndarray] | None,
+    keep_rows: np.ndarray,
+    pos_old: np.ndarray,
+    new_values: Sequence[bytes | None],
+    pos_new: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The merged key blob and offsets: runs of kept table keys are copied as slices, new keys one by one."""
-    total = len(keep_rows) + len(new_keys)
+    """The merged blob and offsets of the keys (or captions; None takes no bytes): runs of kept rows are copied
+    as slices of the old ``(offsets, blob)``, new values one by one."""
+    total = len(keep_rows) + len(new_values)
     lengths = np.empty(total, dtype=np.int64)
-    old_offsets = table.key_offsets if table is not None else np.zeros(1, dtype=np.int64)
+    old_offsets = old[0] if old is not None else np.zeros(1, dtype=np.int64)
     if len(keep_rows):
         lengths[pos_old] = old_offsets[keep_rows + 1] - old_offsets[keep_rows]
-    lengths[pos_new] = np.fromiter((len(k) + 1 for k in new_keys), dtype=np.int64, count=len(new_keys))
+    lengths[pos_new] = np.fromiter((0 if v is None else len(v) + 1 for v in new_values), dtype=np.int64,
+                                   count=len(new_values))  # fmt: skip
     offsets = np.zeros(total + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     blob = np.zeros(int(offsets[-1]), dtype=np.uint8)
     if len(keep_rows):
-        assert table is not None
+        assert old is not None
         breaks = np.flatnonzero((np.diff(keep_rows) != 1) | (np.diff(pos_old) != 1)) + 1
         starts = np.concatenate([[0], breaks])
         ends = np.concatenate([breaks, [len(keep_rows)]])
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             a, b = int(old_offsets[keep_rows[s]]), int(old_offsets[keep_rows[e - 1] + 1])
             dst = int(offsets[pos_old[s]])
-            blob[dst : dst + b - a] = table.key_blob[a:b]
-    for key, p in zip(new_keys, pos_new.tolist(), strict=True):
-        start = int(offsets[p])
-        blob[start : start + len(key)] = np.frombuffer(key, dtype=np.uint8)  # the NUL after it is already 0
+            blob[dst : dst + b - a] = old[1][a:b]
+    for value, p in zip(new_values, pos_new.tolist(), strict=True):
+        if value is not None:
+            start = int(offsets[p])
+            blob[start : start + len(value)] = np.frombuffer(value, dtype=np.uint8)  # the NUL after it is already 0
     return offsets, blob
 
 
