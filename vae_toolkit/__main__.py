@@ -15,9 +15,9 @@ Commands::
     vae-toolkit fid A B [--save-stats OUT] [--kid] [--json]
                                     FID (and KID) of two folders or .npz statistics, as pytorch-fid
 
-``--model`` takes a registered name or a local folder holding a diffusers ``AutoencoderKL``.
+``--model`` takes a registered name or a local folder holding a diffusers autoencoder of a supported class.
 
-``roundtrip`` keeps each image's own size, center-cropped to a multiple of 8 pixels when needed
+``roundtrip`` keeps each image's own size, center-cropped to a multiple of the model's spatial factor (8 or more)
 (``--size N`` instead resizes the shorter side to N and center-crops N x N); PSNR compares the
 reconstruction with that (cropped) input. Reconstructions are written as PNG by default: next to the
 image as ``NAME-roundtrip.png``, or for a directory into ``DIR-roundtrip/``; ``-o OUT/`` (ending in a
@@ -224,9 +224,11 @@ def _models_json() -> dict[str, dict[str, Any]]:
 
 
 def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
-    """Render the model registry as a text table."""
+    """Render the model registry as a text table: each VAE's diffusers class, channels, spatial factor (image pixels
+    per latent pixel, a pipeline's patchify included) and scalar factors (``-`` where the pipeline normalises
+    otherwise: see ``vae_toolkit.latent_formats``)."""
     configs = get_all_model_configs() if configs is None else configs
-    header = ("name", "repo", "subfolder", "channels", "scaling", "shift", "notes")
+    header = ("name", "class", "repo", "subfolder", "channels", "factor", "scaling", "shift", "notes")
 
     def cell(value: Any) -> str:
         return "-" if value is None or value == "" else str(value)
@@ -234,9 +236,11 @@ def format_models(configs: dict[str, dict[str, Any]] | None = None) -> str:
     rows = [header] + [
         (
             name,
+            cfg.get("class_name", "AutoencoderKL"),
             cfg.get("repo_id"),
             cfg.get("subfolder"),
             cfg.get("latent_channels"),
+            cfg.get("spatial_factor"),
             cfg.get("scaling_factor"),
             cfg.get("shift_factor"),
             cfg.get("notes"),
@@ -302,7 +306,7 @@ def _positive_float(name: str) -> Callable[[str], float]:
 
 
 def _model_arg(value: str) -> str:
-    """A registered model name, or a local folder holding a diffusers AutoencoderKL (kept as written)."""
+    """A registered model name, or a local folder holding a supported diffusers autoencoder (kept as written)."""
     from .vae_loader import VAELoadError, check_local_model, local_model_config
 
     if value in list_available_models():
@@ -317,7 +321,7 @@ def _model_arg(value: str) -> str:
     hint = " (the folder has no config.json, nor vae/config.json)" if Path(value).expanduser().is_dir() else ""
     raise argparse.ArgumentTypeError(
         f"invalid model {value!r}: neither a registered name ({', '.join(list_available_models())}) nor a folder "
-        f"holding a diffusers AutoencoderKL (config.json + safetensors){hint}"
+        f"holding a supported diffusers autoencoder (config.json + safetensors){hint}"
     )
 
 
@@ -367,7 +371,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="machine-readable output")
 
     names = ", ".join(list_available_models())
-    model_help = f"registered model ({names}) or a folder holding a diffusers AutoencoderKL"
+    model_help = f"registered model ({names}) or a folder holding a supported diffusers autoencoder"
     # --device and --dtype, the same in every command that loads a VAE
     vae_options = _Parser(add_help=False)
     # no string default: argparse would convert it (and import torch) even to report a missing argument
@@ -391,7 +395,8 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         parents=[common, one_model, vae_options],
         help="encode and decode images, print PSNR and timings",
         description="Encode and decode an image (or every image in a directory), save the reconstruction and "
-        "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of 8 pixels "
+        "print its PSNR and the time of each step. Images keep their size, center-cropped to a multiple of the "
+        "model's spatial factor (8 or more) "
         "(or, with --size N, resized and center-cropped to N x N).",
     )
     rt.add_argument("image", type=Path, metavar="IMAGE", help="an image file or a directory of images")
@@ -399,7 +404,7 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         "--size",
         type=_size_arg,
         metavar="N",
-        help="resize the shorter side to N and center-crop N x N (N a multiple of 8)",
+        help="resize the shorter side to N and center-crop N x N (N a multiple of the model's spatial factor)",
     )
     rt.add_argument(
         "-o",

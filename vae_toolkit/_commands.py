@@ -161,25 +161,39 @@ def _open_image(path: Path) -> Image.Image:
         raise CliError(str(err)) from err
 
 
-def _prepare(rgb: Image.Image, size: int | None) -> Image.Image:
+def _prepare(rgb: Image.Image, size: int | None, multiple: int = MULTIPLE) -> Image.Image:
     from .image_utils import ImageProcessingError, center_crop_to_multiple, pil_to_tensor, tensor_to_pil
 
     if size is not None:
         return tensor_to_pil(pil_to_tensor(rgb, target_size=size))
     try:
-        return center_crop_to_multiple(rgb, MULTIPLE)
+        return center_crop_to_multiple(rgb, multiple)
     except ImageProcessingError as err:
         raise CliError(str(err)) from err
 
 
-def _load_image(src: Path, size: int | None) -> tuple[Image.Image, torch.Tensor, float]:
+def _load_image(src: Path, size: int | None, multiple: int = MULTIPLE) -> tuple[Image.Image, torch.Tensor, float]:
     """``(rgb, [1, 3, H, W] tensor, seconds taken)`` for one input image."""
     from .image_utils import pil_to_tensor
 
     start = time.perf_counter()
-    rgb = _prepare(_open_image(src), size)
+    rgb = _prepare(_open_image(src), size, multiple)
     x = pil_to_tensor(rgb).unsqueeze(0)
     return rgb, x, time.perf_counter() - start
+
+
+def _model_multiple(vae: Any, size: int | None) -> int:
+    """The multiple images are cropped to for ``vae`` (its spatial factor, at least 8); a ``--size`` that is not
+    one is refused."""
+    from .latent_formats import crop_multiple
+
+    multiple = crop_multiple([vae])
+    if size is not None and size % multiple:
+        raise UsageError(
+            f"argument --size: {size} is not a multiple of {multiple}, the spatial factor of the model "
+            f"({type(vae).__name__}); pass a multiple of {multiple}"
+        )
+    return multiple
 
 
 def _roundtrip_one(
@@ -233,8 +247,11 @@ def roundtrip_command(args: argparse.Namespace) -> int:
     with quiet_dependencies(args.verbose):
         vae, device = VAELoader().load_sd_vae(args.model, args.device, dtype=torch_dtype(args.dtype))
     print(f"model {args.model} on {device} ({args.dtype}): loaded in {_ms(time.perf_counter() - start)}")
+    multiple = _model_multiple(vae, args.size)
 
     if single:
+        if multiple != MULTIPLE and args.size is None:  # cropped to 8 before the model was known: crop further
+            image = _load_image(args.image, args.size, multiple)
         print(_describe(_roundtrip_one(vae, args.image, image, pairs[0][1], args.overwrite)))
         return 0
 
@@ -243,7 +260,7 @@ def roundtrip_command(args: argparse.Namespace) -> int:
     results, failed = [], 0
     for src, dst in tqdm(pairs, desc="roundtrip", unit="image", disable=None):
         try:
-            result = _roundtrip_one(vae, src, _load_image(src, args.size), dst, args.overwrite)
+            result = _roundtrip_one(vae, src, _load_image(src, args.size, multiple), dst, args.overwrite)
         except CliError as err:
             failed += 1
             tqdm.write(f"{args.prog}: skipped {src}: {err}", file=sys.stderr)
@@ -474,7 +491,7 @@ def decode_command(args: argparse.Namespace) -> int:
     if model not in list_available_models() and local_model_config(model) is None:
         raise UsageError(
             f"the store was made with model {model!r}, which is not registered here; pass --model NAME "
-            f"({', '.join(list_available_models())}) or --model FOLDER (one holding a diffusers AutoencoderKL)"
+            f"({', '.join(list_available_models())}) or --model FOLDER (one holding a supported diffusers autoencoder)"
         )
     keys = list(store)[: args.limit] if args.limit is not None else list(store)
     targets = _decode_targets(keys, args.output)

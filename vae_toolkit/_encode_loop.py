@@ -46,12 +46,13 @@ class ReadOptions:
     min_size: int | None = None
     bucket_step: int | None = None
     max_aspect: float | None = None
+    multiple: int = 8  # without size or buckets: sides cropped to multiples of the model's spatial factor (>= 8)
 
     def prepare(self, source: Any) -> Prepared:
         return prepare_image(
             source, size=self.size, buckets=self.buckets, exact=self.exact, max_pixels=self.max_pixels,
             no_upscale=self.no_upscale, min_size=self.min_size, bucket_step=self.bucket_step,
-            max_aspect=self.max_aspect,
+            max_aspect=self.max_aspect, multiple=self.multiple,
         )  # fmt: skip
 
 

@@ -196,10 +196,11 @@ def plan_crop(width: int, height: int, bucket: tuple[int, int]) -> CropPlan:
     return CropPlan((height, width), (new_h, new_w), ((new_h - h) // 2, (new_w - w) // 2), (h, w))
 
 
-def size_plan(width: int, height: int, size: int | None) -> CropPlan:
-    """The resize and crop that ``load_for_encoding(path, size)`` applies to an image of ``width x height``."""
-    if size is None:  # kept, center-cropped to multiples of 8
-        cw, ch = width - width % MULTIPLE, height - height % MULTIPLE
+def size_plan(width: int, height: int, size: int | None, multiple: int = MULTIPLE) -> CropPlan:
+    """The resize and crop that ``load_for_encoding(path, size, multiple=multiple)`` applies to an image of
+    ``width x height``."""
+    if size is None:  # kept, center-cropped to multiples of ``multiple`` (8, or the model's spatial factor)
+        cw, ch = width - width % multiple, height - height % multiple
         return CropPlan((height, width), (height, width), ((height - ch) // 2, (width - cw) // 2), (ch, cw))
     short, long = (width, height) if width <= height else (height, width)
     new_long = int(size * long / short)
@@ -227,12 +228,14 @@ def prepare_image(
     min_size: int | None = None,
     bucket_step: int | None = None,
     max_aspect: float | None = None,
+    multiple: int = MULTIPLE,
 ) -> Prepared:
     """Read an image as ``encode_dataset`` does, with its :class:`CropPlan`.
 
     With ``buckets``, the image goes to its bucket (:func:`choose_bucket`; with ``no_upscale``,
     :func:`fit_bucket`, which uses ``bucket_step`` and ``max_aspect``), is resized and cropped by
-    :func:`plan_crop`. Otherwise the image is exactly ``load_for_encoding(path, size, exact=exact)``.
+    :func:`plan_crop`. Otherwise the image is exactly ``load_for_encoding(path, size, exact=exact,
+    multiple=multiple)`` (``multiple``: the model's spatial factor, at least 8).
 
     Raises:
         ImageTooSmallError: the image is left out by ``min_size``, or by ``no_upscale`` (the module's rule);
@@ -243,8 +246,8 @@ def prepare_image(
         width, height = _image_size(path)
         if width and height:  # (0, 0): unreadable, which the reader reports
             check_small(width, height, size, no_upscale, min_size)
-        image = load_for_encoding(path, size, exact=exact, max_pixels=max_pixels)  # type: ignore[arg-type]  # a file object too
-        return Prepared(image, size_plan(width, height, size))
+        image = load_for_encoding(path, size, exact=exact, max_pixels=max_pixels, multiple=multiple)  # type: ignore[arg-type]  # a file object too
+        return Prepared(image, size_plan(width, height, size, multiple))
     chosen = buckets
 
     def bucket_of(w: int, h: int) -> tuple[int, int]:

@@ -41,6 +41,7 @@ from .archives import (
 )
 from .batching import Item, default_workers, share_cores
 from .buckets import bucket_sizes, training_settings
+from .latent_formats import crop_multiple, latent_format, supported_class
 from .model_config import get_all_model_configs
 from .sources import Source, scan_source
 from .store_files import (
@@ -289,6 +290,26 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _check_model(vae: Any, size: int | None, bucket_step: int | None, sample: bool, distribution: bool) -> int:
+    """The multiple the model's images are cropped to (its spatial factor, at least 8), after refusing a size or
+    bucket step that is not one, and a sample or distribution of a model without a posterior."""
+    fmt = latent_format(vae) if supported_class(vae) is not None else None
+    multiple = crop_multiple([vae])
+    name = type(vae).__name__
+    if size is not None and size % multiple:
+        raise ValueError(f"size {size} is not a multiple of {multiple}, the spatial factor of the model ({name}); "
+                         f"pass a multiple of {multiple}")  # fmt: skip
+    if bucket_step is not None and bucket_step % multiple:
+        raise ValueError(f"bucket step {bucket_step} is not a multiple of {multiple}, the spatial factor of the "
+                         f"model ({name}); pass --bucket-step {max(64, multiple)} or another multiple of "
+                         f"{multiple}")  # fmt: skip
+    if fmt is not None and not fmt.has_posterior and (sample or distribution):
+        what = "--sample (sample=True)" if sample else "--distribution (distribution=True)"
+        raise ValueError(f"{what} needs a model with a latent distribution; {fmt.class_name} encodes to one latent "
+                         "(no posterior): drop the option")  # fmt: skip
+    return multiple
+
+
 def _settings(
     vae: Any,
     model: str | None,
@@ -304,7 +325,11 @@ def _settings(
     from .vae_loader import weights_fingerprint
 
     config = getattr(vae, "config", None)
-    scale, shift = latents.scaling_factors(vae)
+    fmt = latent_format(vae).to_dict() if supported_class(vae) is not None else None
+    try:
+        scale, shift = latents.scaling_factors(vae)
+    except ValueError:  # normalised per channel or by batch-norm statistics: latent_format says how
+        scale, shift = None, None
     name = model if model is not None else (getattr(config, "_name_or_path", None) or type(vae).__name__)
     registered = get_all_model_configs().get(name, {})
     return {
@@ -316,7 +341,9 @@ def _settings(
         "subfolder": registered.get("subfolder"),
         "scaling_factor": scale,
         "shift_factor": shift,
-        "latent_channels": getattr(config, "latent_channels", None),
+        "latent_channels": fmt["latent_channels"] if fmt else getattr(config, "latent_channels", None),
+        "class_name": fmt["class_name"] if fmt else type(vae).__name__,
+        "latent_format": fmt,
         "dtype": _dtype_name(dtype),
         "vae_dtype": _dtype_name(_vae_dtype(vae)),
         "size": size,
@@ -535,7 +562,9 @@ def encode_dataset(
             vae = vae()
             loaded = True
             summary.loaded_model = True
+        multiple = 8
         if loaded:
+            multiple = _check_model(vae, size, bucket_step if buckets is not None else None, sample, distribution)
             settings = _settings(vae, model, size, dtype, sample, seed, reader, training, tile)
         else:  # nothing to encode, only the index to update: the stored settings stand
             settings = _stored_settings(merge) if dist.rank == 0 else {}
@@ -580,7 +609,7 @@ def encode_dataset(
             with sigterm_exits():  # SIGTERM ends the run as Ctrl-C does: shards flushed, exit 143
                 try:
                     options = ReadOptions(size, bucket_list, exact_resize, max_pixels, no_upscale, min_size,
-                                          bucket_step, max_aspect)  # fmt: skip
+                                          bucket_step, max_aspect, multiple)  # fmt: skip
                     show = progress and dist.rank == 0
                     encoded, failed, upscaled = encode_items(items, options, batch_size, workers, encoder, writer,
                                                              show, desc, count, log)  # fmt: skip

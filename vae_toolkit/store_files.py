@@ -44,7 +44,7 @@ _CORRUPT_SUFFIX = ".corrupt"
 # settings that change the stored values: a store made with other settings is refused
 _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dtype", "vae_dtype", "size", "sample",
                "seed", "reader", "weights", "exif_orientation", "buckets", "flip", "distribution", "tile",
-               "no_upscale", "min_size")  # fmt: skip
+               "no_upscale", "min_size", "latent_format")  # fmt: skip
 # settings recorded since a later version of format 2: what a store written without them holds. Unknown weights
 # (None) are accepted with a warning, unknown tiling (None: tiled when larger than the model's sample_size) is not
 # compared; EXIF orientation was not applied then, which is refused like any other setting; the training
@@ -52,7 +52,13 @@ _COMPATIBLE = ("model", "scaling_factor", "shift_factor", "latent_channels", "dt
 # (every image kept, scaled up to its bucket or size if need be)
 TRAINING_DEFAULTS: dict[str, Any] = {"buckets": None, "flip": False, "distribution": False, "no_upscale": False,
                                      "min_size": None}  # fmt: skip
-_ADDED_SETTINGS: dict[str, Any] = {"weights": None, "exif_orientation": "ignored", "tile": None, **TRAINING_DEFAULTS}
+_ADDED_SETTINGS: dict[str, Any] = {
+    "weights": None,
+    "exif_orientation": "ignored",
+    "tile": None,
+    "latent_format": None,
+    **TRAINING_DEFAULTS,
+}
 _INDEX_CHECKSUM = "index_sha256"
 STORE_DTYPES = _table.DTYPES
 REBUILD = "run the same encode command again (python -m vae_toolkit encode SOURCE -o {out} ...)"
@@ -591,7 +597,7 @@ def mismatch(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> list[st
     for k in _COMPATIBLE:
         if k not in requested or stored.get(k) == requested[k]:
             continue
-        if k == "tile" and (stored.get(k) is None or requested[k] is None):  # unknown: not compared
+        if k in ("tile", "latent_format") and (stored.get(k) is None or requested[k] is None):  # unknown
             continue
         if k == "weights":
             if stored.get(k) is not None and requested[k] is not None:
