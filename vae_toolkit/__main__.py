@@ -14,6 +14,8 @@ Commands::
                                     metrics per image and model, a ranking, pictures and an HTML report
     vae-toolkit fid A B [--save-stats OUT] [--kid] [--json]
                                     FID (and KID) of two folders or .npz statistics, as pytorch-fid
+    vae-toolkit compare A B -o REPORT [--match stem] [--resize] [--overwrite]
+                                    two folders file by file (originals A, outputs B): evaluate's metrics and report
 
 ``--model`` takes a registered name or a local folder holding a diffusers autoencoder of a supported class.
 
@@ -653,6 +655,31 @@ def build_parser(prog: str = "vae-toolkit") -> argparse.ArgumentParser:
         help="images per KID subset (1000; lowered to the smaller set's number of images, with a note)",
     )
     fid.add_argument("--json", action="store_true", help='print {"fid": ..., "kid_mean": ..., "kid_std": ...}')
+
+    cmp = commands.add_parser(
+        "compare",
+        parents=[common],
+        help="two folders file by file: evaluate's metrics, pictures and report, unpaired files listed",
+        description="Pair each file of A (the originals) with B's file of the same relative path (recursively) and "
+        "measure the pair as evaluate does: PSNR, SSIM, MS-SSIM, MAE, LPIPS and FID when their weights are there, "
+        "in REPORT/ (metrics.csv, summary.json, images/, index.html). Files in one folder only are listed; a pair "
+        "whose sizes differ is a failure unless --resize.",
+    )
+    cmp.add_argument("a", type=Path, metavar="A", help="the folder of the originals (the reference)")
+    cmp.add_argument("b", type=Path, metavar="B", help="the folder of the reconstructions or outputs")
+    cmp.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT", help="the report folder")
+    cmp.add_argument("--match", choices=("name", "stem"), default="name", help="pair by path, or without extension")
+    cmp.add_argument("--resize", action="store_true", help="resize B's image to A's size where they differ (bilinear)")
+    cmp.add_argument("--name", metavar="LABEL", help="B's name in the report (default: its folder's name)")
+    cmp.add_argument("--lpips", metavar="NET", help="as evaluate's --lpips: alex, vgg, ... or none (default alex)")
+    cmp.add_argument("--fid", action=argparse.BooleanOptionalAction, help="require FID of B against A, or --no-fid")
+    cmp.add_argument("--batch-size", type=_positive_int, default=8, metavar="B", help="pairs per batch (default 8)")
+    cmp.add_argument("--workers", type=_positive_int, metavar="W", help="decoding threads (default: CPUs, max 8)")
+    cmp.add_argument("--device", type=_device_arg, help="auto (default), cpu, mps, cuda or cuda:N")
+    cmp.add_argument("--seed", type=_non_negative_int, default=0, metavar="S", help="seed of the pictured picks (0)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace the report in REPORT (never inside A or B)")
+    cmp.add_argument("--max-pixels", **max_pixels)
+    cmp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -731,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _commands.evaluate_command(args)
             if args.command == "fid":
                 return _commands.fid_command(args)
+            if args.command == "compare":
+                return _commands.compare_command(args)
             return _commands.roundtrip_command(args)
         except BrokenPipeError:  # e.g. `vae-toolkit env | head`
             devnull = os.open(os.devnull, os.O_WRONLY)

@@ -704,11 +704,51 @@ def fid_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare_command(args: argparse.Namespace) -> int:
+    """``compare A B -o REPORT``: :func:`vae_toolkit.compare.compare_folders`, then the means, the unpaired files and
+    the failures (exit status 1 when a pair failed)."""
+    from .compare import compare_folders
+
+    try:
+        with _log_lines(args.prog), pixel_limit():
+            result = compare_folders(
+                args.a, args.b, args.output, match=args.match, resize=args.resize, name=args.name, lpips=args.lpips,
+                fid=args.fid, batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed,
+                overwrite=args.overwrite, progress=not args.no_progress, max_pixels=args.max_pixels or None,
+            )  # fmt: skip
+    except (ValueError, TypeError, NotADirectoryError, FileExistsError, ImportError) as err:
+        raise _report_refusal(err) from err
+    for note in result.notes:
+        print(f"{args.prog}: note: {note}", file=sys.stderr)
+    counts, (label,) = result.counts, result.models
+    stats = result.summary[label]
+    means = [f"{m} " + ("-" if stats[m] is None else f"{stats[m]['mean']:.4g}") for m in result.metrics]
+    if stats.get("rfid") is not None:
+        means.append(f"fid {stats['rfid']:.4g} ({stats['rfid_images']} pairs)")
+    print(
+        f"compare: {counts['images']} pairs: {counts['evaluated']} compared, {counts['failed']} failed; "
+        f"{counts['only_in_a']} files only in A, {counts['only_in_b']} only in B; in {result.seconds:.1f} s"
+    )
+    print(f"{label}: " + "  ".join(means) + "  (means)")
+    for side, only in (("A", result.only_in_a), ("B", result.only_in_b)):
+        for key in only:
+            print(f"only in {side}: {key}")
+    print(f"report: {args.output / 'index.html'}")
+    if result.failures:
+        print(
+            f"{args.prog}: error: {counts['failed']} of {counts['images']} pairs failed; they are listed under "
+            f"'failures' in {args.output / 'summary.json'}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def stopped_note(args: argparse.Namespace) -> str:
     """What a command ended by Ctrl-C (130) or SIGTERM (143) kept, for the line that says it stopped."""
     if args.command == "encode":
         return "; the latents encoded so far are kept: run the same command to resume"
-    if args.command != "evaluate":
+    if args.command not in ("evaluate", "compare"):
         return ""
     import json
 

@@ -66,6 +66,15 @@ class EvaluationResult(Protocol):
 
 UNITS = {"psnr": " dB", "ssim": "", "ms_ssim": "", "mae": "", "lpips": ""}
 
+#: What the report says of the images (evaluate's); a result with an ``images_definition`` says its own.
+IMAGES_DEFINITION = (
+    "Each image is prepared as the encode and roundtrip commands prepare it (its own size center-cropped to a "
+    "multiple of the largest spatial factor of the models, at least 8, or resized and center-cropped to N x N with "
+    "--size N); each model encodes it (the latent distribution's mode, as its pipeline does) and decodes it, and the "
+    "reconstruction is the lossless uint8 conversion of the decoded tensor (tensor_to_pil). The metrics compare the "
+    "prepared original with that uint8 reconstruction."
+)
+
 
 def write_report(result: EvaluationResult, out: Path, written: list[str]) -> None:
     """Write the report's files into the existing folder ``out``, appending each one's relative path to ``written``
@@ -401,12 +410,7 @@ def _html(
         failures=_failures(result),
         pictures=_pictures(result, pictures, scale),
         definitions="\n".join(f"<dt>{e(metric)}</dt><dd>{e(text)}</dd>" for metric, text in result.definitions.items())
-        + "\n<dt>images</dt><dd>Each image is prepared as the encode and roundtrip commands prepare it (its own size "
-        "center-cropped to a multiple of the largest spatial factor of the models, at least 8, or resized and "
-        "center-cropped to N x N with --size N); each model encodes it (the latent distribution's mode, as its "
-        "pipeline does) and decodes it, and the reconstruction is the lossless "
-        "uint8 conversion of the decoded tensor (tensor_to_pil). The metrics compare the prepared original with "
-        "that uint8 reconstruction.</dd>",
+        + f"\n<dt>images</dt><dd>{e(getattr(result, 'images_definition', IMAGES_DEFINITION))}</dd>",
         settings=e(json.dumps(settings, indent=2)),
     )
 
