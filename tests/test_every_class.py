@@ -169,7 +169,7 @@ def test_evaluate_crops_to_the_largest_factor_of_its_models(folders, tmp_path):
     vaes = {"sd": loaded(folders["AutoencoderKL"]), "dc32": loaded(folders["dc32"])}
     result = evaluate(vaes, tmp_path / "src", progress=False, lpips="none", fid=False)
     assert {(row["width"], row["height"]) for row in result.rows} == {(96, 64)}
-    with pytest.raises(ValueError, match="size must be a multiple of 32"):
+    with pytest.raises(ValueError, match="size must be a multiple of 32, got 48"):
         evaluate(vaes, tmp_path / "src", size=48, progress=False, lpips="none", fid=False)
 
 

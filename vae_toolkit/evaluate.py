@@ -514,8 +514,8 @@ def evaluate(
     multiple = crop_multiple(vaes.values())
     if size is not None and size % multiple:
         raise ValueError(
-            f"size must be a multiple of {multiple} (the largest spatial factor of the models"
-            f"{', with the 8 every model needs' if multiple == 8 else ''}), got {size}"
+            f"size must be a multiple of {multiple}, got {size} ({multiple}: the largest spatial factor of the "
+            "models, at least 8)"
         )
     check_int("batch_size", batch_size, 1)
     check_int("limit", limit, 1, allow_none=True)
