@@ -162,6 +162,8 @@ def test_evaluate_five_classes_in_one_report(folders, tmp_path):
     multiple = crop_multiple(vaes.values())
     sizes = {(row["width"], row["height"]) for row in result.rows if row["image"] == "p2.png"}
     assert sizes == {(100 - 100 % multiple, 70 - 70 % multiple)}  # every model saw the same pixels
+    assert {m: result.settings["models"][m]["class_name"] for m in names} == {m: m for m in names}
+    assert result.settings["models"]["AutoencoderKLFlux2"]["latent_channels"] == 16  # 4 channels, patchified 2x2
 
 
 def test_evaluate_crops_to_the_largest_factor_of_its_models(folders, tmp_path):

@@ -60,7 +60,7 @@ from .eval_results import (
     check_report_folder,
     versions,
 )
-from .latent_formats import crop_multiple
+from .latent_formats import crop_multiple, describe
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -513,10 +513,7 @@ def evaluate(
     check_int("size", size, 8, allow_none=True)
     multiple = crop_multiple(vaes.values())
     if size is not None and size % multiple:
-        raise ValueError(
-            f"size must be a multiple of {multiple}, got {size} ({multiple}: the largest spatial factor of the "
-            "models, at least 8)"
-        )
+        raise ValueError(f"size must be a multiple of {multiple}, got {size} (the models' largest spatial factor)")
     check_int("batch_size", batch_size, 1)
     check_int("limit", limit, 1, allow_none=True)
     check_int("workers", workers, 1, allow_none=True)
@@ -562,6 +559,7 @@ def evaluate(
                 "dtype": _dtype(v),
                 "device": str(_device(v)),
                 "name_or_path": getattr(getattr(v, "config", None), "_name_or_path", None),
+                **describe(v),
             }
             for m, v in vaes.items()
         },

@@ -43,6 +43,7 @@ __all__ = [
     "latent_format",
     "supported_class",
     "crop_multiple",
+    "describe",
 ]
 
 #: The diffusers classes vae-toolkit loads, encodes with and decodes with (``config.json`` ``_class_name``).
@@ -530,6 +531,20 @@ def crop_multiple(vaes: Iterable[Any]) -> int:
             factor = 2 ** (len(blocks) - 1) if blocks else 8
         multiple = max(multiple, factor)
     return multiple
+
+
+def describe(vae: Any) -> dict[str, Any]:
+    """A model's class, latent channels and spatial factor, in a few JSON values (what ``evaluate``'s report
+    shows of each model); only the class for a model of another class.
+
+    Example:
+        >>> describe(vae)  # doctest: +SKIP
+        {'class_name': 'AutoencoderKLFlux2', 'latent_channels': 128, 'spatial_factor': 16}
+    """
+    if supported_class(vae) is None:
+        return {"class_name": type(vae).__name__}
+    fmt = latent_format(vae)
+    return {"class_name": fmt.class_name, "latent_channels": fmt.latent_channels, "spatial_factor": fmt.spatial_factor}
 
 
 # --- private helpers ------------------------------------------------------------------------------
