@@ -64,7 +64,7 @@ DEFINITIONS = {
     "mae": "Mean absolute error of the uint8 RGB values (0-255). Lower is better.",
     "lpips": "Learned perceptual image patch similarity (Zhang et al. 2018), v0.1, on the uint8 images scaled to "
     "[-1, 1] (u / 127.5 - 1): the value of the lpips package 0.1.4's LPIPS(net=..., lpips=True) with the same "
-    "weights (AlexNet unless the settings say vgg). Lower is better.",
+    "weights (AlexNet unless the settings say vgg or squeeze). Lower is better.",
     "rfid": "Reconstruction FID: the Frechet distance between Inception-v3 pool features (2048-d, pytorch-fid's "
     "FID weights, bilinear resize to 299x299, inputs in [-1, 1]) of the prepared originals and of the model's "
     "reconstructions, float64 mean and covariance, as pytorch-fid 0.3.0 computes it (scipy's sqrtm, its offset "

@@ -355,7 +355,7 @@ def _metrics(a: np.ndarray, b: np.ndarray, device: torch.device | None = None) -
     ]
 
 
-def lpips_status(net: Literal["alex", "vgg"] = "alex") -> tuple[bool, str]:
+def lpips_status(net: Literal["alex", "vgg", "squeeze"] = "alex") -> tuple[bool, str]:
     """Whether LPIPS (``net``) can run here without downloading: its weight files are in
     ``torch.hub.get_dir()/checkpoints``; if not, the one line that says which file to put where."""
     from . import _weights
@@ -429,7 +429,7 @@ def evaluate(
     worst: int = 4,
     picks: int = 4,
     seed: int = 0,
-    lpips: Literal["alex", "vgg", "none"] | bool | None = None,
+    lpips: Literal["alex", "vgg", "squeeze", "none"] | bool | None = None,
     fid: bool | None = None,
     fast_reader: bool = False,
     overwrite: bool = False,

@@ -230,14 +230,14 @@ class RunningLPIPS(RunningMetric):
     ``LearnedPerceptualImagePatchSimilarity(reduction="mean")``.
 
     Args:
-        net: ``"alex"`` (default) or ``"vgg"``.
+        net: ``"alex"`` (default), ``"vgg"`` or ``"squeeze"``.
         input_range, sync, group: as :class:`RunningMetric`.
 
     Raises:
         ValueError, WeightsUnavailableError, InvalidWeightsError: as :class:`~vae_toolkit.metrics.LPIPS`.
     """
 
-    def __init__(self, net: Literal["alex", "vgg"] = "alex", **kwargs: Any) -> None:
+    def __init__(self, net: Literal["alex", "vgg", "squeeze"] = "alex", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.lpips = LPIPS(net, input_range=self.input_range)
 
