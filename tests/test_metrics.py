@@ -259,6 +259,7 @@ def _cached(net: str) -> list:
 
 
 def test_lpips_function_reuses_one_module_per_net_device_and_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "_LPIPS_CACHE", {})  # other tests' weight files (their TORCH_HOMEs) left aside
     x, y = mw.lpips_images(5, n=1)
     metrics.lpips(x, y)
     before = _cached("alex")

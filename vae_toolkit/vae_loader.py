@@ -659,8 +659,11 @@ def _load_error(model_name: str, config: dict[str, Any], token: str | None, err:
     status = getattr(response, "status_code", None)
     missing = re.search(r"file named ([\w.-]+)", " ".join(str(e) for e in chain))
     missing_file = missing.group(1).rstrip(".") if missing else None
-    # torch's load_state_dict error, which diffusers raises for a tensor of another shape
-    reshaped = sorted(set(re.findall(r"size mismatch for ([\w.]+):", "\n".join(str(e) for e in chain))))
+    # a tensor of another shape: torch's load_state_dict error, or diffusers' own when accelerate is installed
+    # ("Cannot load <file> because decoder.conv_in.bias expected shape ..., but got ...")
+    text = "\n".join(str(e) for e in chain)
+    reshaped = sorted(set(re.findall(r"size mismatch for ([\w.]+):|because ([\w.]+) expected shape", text)))
+    reshaped = sorted({a or b for a, b in reshaped})
     folder = os.path.expanduser(repo_id)
     include = f" --include '{subfolder}/*'" if subfolder else ""
     download = f"`hf download {repo_id}{include}`"
