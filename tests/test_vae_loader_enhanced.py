@@ -587,3 +587,25 @@ def test_auto_select_device_warning_points_at_the_callers_line(fake_cuda, monkey
     with pytest.warns(VAEToolkitWarning, match="LOCAL_RANK=3 but only 2 CUDA device") as record2:
         auto_select_device()
     assert {w.filename for w in [*record, *record2]} == {__file__}
+
+
+def test_concurrent_loads_of_other_models_leave_torch_modules_as_they_were(tmp_path, hf_home):
+    """With accelerate installed, diffusers builds a model inside accelerate's init_empty_weights, which swaps
+    torch.nn.Module.register_parameter for the whole process. Loads of other models at the same time (other
+    threads, other loaders) once left the swap in place: every module made afterwards had meta parameters."""
+    pytest.importorskip("accelerate")
+    original = torch.nn.Module.register_parameter
+    folders = []
+    for i in range(6):
+        make_tiny_vae(scaling_factor=0.1 + i).save_pretrained(tmp_path / f"m{i}", safe_serialization=True)
+        folders.append(str(tmp_path / f"m{i}"))
+    for _ in range(4):  # the race needs a few tries to show without the lock
+        barrier = threading.Barrier(len(folders))
+
+        def load(folder):
+            barrier.wait()
+            VAELoader().load_sd_vae(folder, "cpu")
+
+        assert _run_threads([lambda f=f: load(f) for f in folders]) == []
+        assert torch.nn.Module.register_parameter is original
+        assert torch.nn.Linear(2, 2).weight.device == torch.device("cpu")

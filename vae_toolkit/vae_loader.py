@@ -227,7 +227,11 @@ class VAELoader:
         for attempt in range(2):
             failure: Exception | None = None
             try:
-                with _quiet_hub_notices(), _token_hidden_from_logs(token):
+                # One load at a time in the process: with accelerate installed, diffusers builds the model inside
+                # accelerate's init_empty_weights, which swaps torch.nn.Module.register_parameter for the whole
+                # process; two loads at once (other models, other threads) could leave the swap in place, and every
+                # module made afterwards, anywhere, would have its parameters on the meta device.
+                with _FROM_PRETRAINED, _quiet_hub_notices(), _token_hidden_from_logs(token):
                     vae, info = _diffusers_class(class_name).from_pretrained(
                         repo_id, output_loading_info=True, **kwargs
                     )
@@ -586,6 +590,7 @@ def _first_line(err: BaseException) -> str:
 
 _hidden_token: contextvars.ContextVar[str | None] = contextvars.ContextVar("vae_toolkit_hidden_token", default=None)
 _factory_lock = threading.Lock()
+_FROM_PRETRAINED = threading.Lock()  # diffusers' from_pretrained, one at a time (see VAELoader._load)
 _factory_installed = False
 
 
