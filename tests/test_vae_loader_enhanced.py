@@ -602,7 +602,7 @@ def test_concurrent_loads_of_other_models_leave_torch_modules_as_they_were(tmp_p
     for _ in range(4):  # the race needs a few tries to show without the lock
         barrier = threading.Barrier(len(folders))
 
-        def load(folder):
+        def load(folder, barrier=barrier):
             barrier.wait()
             VAELoader().load_sd_vae(folder, "cpu")
 
