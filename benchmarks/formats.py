@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from test_latent_formats import PUBLISHED, build  # noqa: E402
+from test_latent_formats import PUBLISHED, build
 
-from vae_toolkit import latents  # noqa: E402
-from vae_toolkit.latent_formats import latent_format  # noqa: E402
+from vae_toolkit import latents
+from vae_toolkit.latent_formats import latent_format
 
 
 def direct(vae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
