@@ -56,51 +56,55 @@ def _resize_then_crop(img: Image.Image, resized: tuple[int, int], crop: tuple[in
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, sys
-    import numpy as np
+    import sys
     from PIL import Image
     from vae_toolkit.buckets import bucket_sizes, prepare_image
     from vae_toolkit.image_utils import ImageProcessor, load_for_encoding, pil_to_tensor
 
-    path, small = sys.argv[1], sys.argv[2]
+    small = sys.argv[1]
     prepare_image(small, buckets=[(64, 64)]); load_for_encoding(small, 64); pil_to_tensor(Image.open(small), 64)
 
-    def peak():  # bytes
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r if sys.platform == "darwin" else r * 1024
+    def peak():  # bytes: the high-water mark of the resident set, which clear_refs "5" resets to the present
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) * 1024
 
-    before = peak()
-    out = {call}
-    print(peak() - before, tuple(out.shape))
+    for path, call in zip(sys.argv[2::2], sys.argv[3::2]):
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = peak()
+        out = eval(call)
+        print(peak() - before, tuple(out.shape), flush=True)
+        del out
     """
 )
+THIN_CASES = [
+    ((2, 3000), "prepare_image(path, buckets=bucket_sizes(1024)).image", (3, 2048, 512)),  # encode --buckets 1024
+    ((1, 20000), "prepare_image(path, buckets=bucket_sizes(256)).image", (3, 512, 128)),  # --buckets 256
+    ((1, 20000), "prepare_image(path, buckets=bucket_sizes(256), exact=True).image", (3, 512, 128)),
+    ((2, 3000), "load_for_encoding(path, 512)", (3, 512, 512)),  # encode --size 512
+    ((2, 3000), "load_for_encoding(path, 512, exact=True)", (3, 512, 512)),  # --size 512 --exact-resize
+    ((2, 3000), "pil_to_tensor(Image.open(path), target_size=512)", (3, 512, 512)),
+    ((3000, 2), "ImageProcessor(512).preprocess_pil(Image.open(path))[0]", (3, 512, 512)),
+]
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="resource.getrusage is POSIX")
-@pytest.mark.parametrize(
-    "size, call, shape",
-    [
-        ((2, 3000), "prepare_image(path, buckets=bucket_sizes(1024)).image", (3, 2048, 512)),  # encode --buckets 1024
-        ((1, 20000), "prepare_image(path, buckets=bucket_sizes(256)).image", (3, 512, 128)),  # --buckets 256
-        ((1, 20000), "prepare_image(path, buckets=bucket_sizes(256), exact=True).image", (3, 512, 128)),
-        ((2, 3000), "load_for_encoding(path, 512)", (3, 512, 512)),  # encode --size 512
-        ((2, 3000), "load_for_encoding(path, 512, exact=True)", (3, 512, 512)),  # --size 512 --exact-resize
-        ((2, 3000), "pil_to_tensor(Image.open(path), target_size=512)", (3, 512, 512)),
-        ((3000, 2), "ImageProcessor(512).preprocess_pil(Image.open(path))[0]", (3, 512, 512)),
-    ],
-)
-def test_a_thin_image_costs_memory_of_its_output_not_of_its_resize(tmp_path, size, call, shape):
-    """Before: 2x3000 -> bucket 1024 built 512x768,000 (+1.5 GB), 1x20000 -> bucket 256 128x2,560,000 (+1.4 GB)."""
-    path = _noise(tmp_path / "thin.png", *size)
-    small = _noise(tmp_path / "small.png", 64, 64)
-    script = _MEMORY_SCRIPT.replace("{call}", call)
-    done = subprocess.run(
-        [sys.executable, "-c", script, str(path), str(small)], capture_output=True, text=True, timeout=300, cwd=ROOT
-    )
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the peak RSS through Linux's /proc")
+def test_a_thin_image_costs_memory_of_its_output_not_of_its_resize(tmp_path):
+    """Before: 2x3000 -> bucket 1024 built 512x768,000 (+1.5 GB), 1x20000 -> bucket 256 128x2,560,000 (+1.4 GB).
+    One process measures every case, its peak RSS reset before each (one process per case cost 1.3 s each)."""
+    args = [str(_noise(tmp_path / "small.png", 64, 64))]
+    for i, (size, call, _) in enumerate(THIN_CASES):
+        args += [str(_noise(tmp_path / f"thin{i}.png", *size)), call]
+    done = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, *args], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    grown, got = done.stdout.split(maxsplit=1)
-    assert got.strip() == str(shape)
-    assert int(grown) < 200 * 2**20, f"peak RSS grew by {int(grown) / 2**20:.0f} MiB for {size[0]}x{size[1]}: {call}"
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(THIN_CASES), done.stdout
+    for (size, call, shape), line in zip(THIN_CASES, lines, strict=True):
+        grown, got = line.split(maxsplit=1)
+        assert got.strip() == str(shape), call
+        mib = int(grown) / 2**20
+        assert mib < 200, f"peak RSS grew by {mib:.0f} MiB for {size[0]}x{size[1]}: {call}"
 
 
 def _pil_bilinear(src: np.ndarray, resized: tuple[int, int], crop: tuple[int, int], target: tuple[int, int]):
