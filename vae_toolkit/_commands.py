@@ -13,8 +13,8 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -417,11 +417,12 @@ def _decode_targets(keys: Sequence[str], out_dir: Path) -> list[Path | None]:
 
     A key that would not name a file inside ``out_dir`` (``..``, absolute, empty, or through a link in ``out_dir``
     that leads outside) gets ``None``: whatever a store holds, decode writes only inside its folder."""
+    from .archives import check_member_name  # the rule encode applies when it makes a key
+
     used: set[Path] = set()
     targets: list[Path | None] = []
     for key in keys:
-        parts = key.replace("\\", "/").split("/")
-        if not key or ".." in parts or key.startswith("/") or "\0" in key:
+        if check_member_name(key) is not None or key.startswith("/"):
             targets.append(None)
             continue
         target = out_dir / Path(key).with_suffix(".png")
@@ -446,22 +447,16 @@ def _target(out_dir: Path, target: Path) -> Path | None:
 def _replace_png(image: Any, target: Path) -> None:
     """Write a PNG to a new file beside ``target`` and move it over ``target``: a link there is replaced, not
     followed."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's mode, as a plain save gives
     try:
         with os.fdopen(fd, "wb") as file:
             image.save(file, format="PNG")
-        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _inside(path: Path, folder: Path) -> bool:
