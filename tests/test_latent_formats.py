@@ -895,3 +895,26 @@ def test_an_autoencoderkl_like_object_keeps_working(tiny):
     assert latents.scaling_factors(Wrapped(vae)) == (1.5305, 0.0609)
     with pytest.raises(UnsupportedVAEError, match="Wrapped is not an autoencoder class"):
         latent_format(Wrapped(vae))
+
+
+def test_the_format_is_read_once_per_model_and_again_when_its_statistics_change(monkeypatch):
+    """encode/decode read a model's format once, not per batch (FLUX.2's reads its bn buffers: a device sync on a
+    GPU), and read it again when weights are loaded into those buffers or the config is replaced."""
+    import vae_toolkit.latents as latents_module
+
+    vae = build("AutoencoderKLFlux2", TINY["AutoencoderKLFlux2"])
+    reads = []
+    real = latents_module.latent_format
+    monkeypatch.setattr(latents_module, "latent_format", lambda v: reads.append(1) or real(v))
+    x = images_for(4)
+    with torch.no_grad():
+        z = latents.encode(vae, x)
+        latents.decode(vae, z)
+        latents.encode(vae, x)
+        assert len(reads) == 1
+        vae.bn.running_mean.copy_(vae.bn.running_mean + 1.0)  # weights loaded into the buffers
+        assert torch.allclose(latents.encode(vae, x), pipeline_encode("AutoencoderKLFlux2", vae, x), atol=1e-5)
+        assert len(reads) == 2
+        vae.register_to_config(batch_norm_eps=0.5)  # a new config object
+        assert torch.allclose(latents.encode(vae, x), pipeline_encode("AutoencoderKLFlux2", vae, x), atol=1e-5)
+        assert len(reads) == 3

@@ -29,9 +29,11 @@ object from outside diffusers with ``encode``/``decode``/``config`` like ``Autoe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -249,10 +251,33 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, *, tile: bool | None = Non
 # --- helpers ------------------------------------------------------------------------------------
 
 
+# A model's format, read once and not per batch (FLUX.2's reads its bn buffers: a device sync on a GPU). Kept while
+# the model lives, for the config object and the state of the bn buffers it was read from: a new config, weights
+# loaded into the buffers (their version counter moves) or a move to another device reads it again.
+_FORMATS: weakref.WeakKeyDictionary[Any, tuple[tuple[Any, ...], LatentFormat]] = weakref.WeakKeyDictionary()
+
+
+def _format_stamp(vae: Any) -> tuple[Any, ...] | None:
+    bn = getattr(vae, "bn", None)
+    buffers = list(bn.buffers()) if isinstance(bn, torch.nn.Module) else []
+    try:
+        return (id(getattr(vae, "config", None)), *((b.data_ptr(), b._version) for b in buffers))
+    except RuntimeError:  # inference tensors keep no version counter: nothing tells when they change
+        return None
+
+
 def _format(vae: Any) -> tuple[LatentFormat, bool]:
     """The model's latent format, and whether its class is a supported one (``False``: a duck-typed model)."""
     if supported_class(vae) is not None:
-        return latent_format(vae), True
+        stamp = _format_stamp(vae)
+        cached = _FORMATS.get(vae) if stamp is not None else None
+        if cached is not None and cached[0] == stamp:
+            return cached[1], True
+        fmt = latent_format(vae)
+        if stamp is not None:
+            with contextlib.suppress(TypeError):  # a model that takes no weak reference is read each time
+                _FORMATS[vae] = (stamp, fmt)
+        return fmt, True
     module = type(vae).__module__ or ""
     if module.split(".")[0] == "diffusers" or not (hasattr(vae, "encode") and hasattr(vae, "decode")):
         latent_format(vae)  # raises UnsupportedVAEError, listing the supported classes
