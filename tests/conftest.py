@@ -327,3 +327,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def inception_home(tmp_path_factory) -> Path:
+    """A TORCH_HOME holding seeded Inception (FID) weights in the real file's layout (metric_weights.py)."""
+    import metric_weights as mw
+
+    home = tmp_path_factory.mktemp("inception_torch_home")
+    mw.plant(home / "hub" / "checkpoints", (mw.FID_INCEPTION,))
+    return home
+
+
+@pytest.fixture
+def inception_torch_home(inception_home, monkeypatch) -> Path:
+    """``TORCH_HOME`` pointed at :func:`inception_home`, offline, for one test."""
+    monkeypatch.setenv("TORCH_HOME", str(inception_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return inception_home

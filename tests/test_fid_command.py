@@ -26,17 +26,8 @@ from vae_toolkit.__main__ import main
 PYTORCH_FID_64 = 3.426452957828039
 
 
-@pytest.fixture(scope="module")
-def planted_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("torch_home")
-    mw.plant(home / "hub" / "checkpoints", (mw.FID_INCEPTION,))
-    return home
-
-
-@pytest.fixture(autouse=True)
-def _torch_home(planted_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(planted_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+# every test here reads the seeded Inception weights (tests/conftest.py: inception_home)
+pytestmark = pytest.mark.usefixtures("inception_torch_home")
 
 
 def _uint8(seed: int, n: int, shift: float) -> torch.Tensor:

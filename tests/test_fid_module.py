@@ -16,26 +16,16 @@ import torch
 
 from vae_toolkit import metrics
 
-
-@pytest.fixture(scope="module")
-def planted_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("torch_home")
-    mw.plant(home / "hub" / "checkpoints", (mw.FID_INCEPTION,))
-    return home
-
-
-@pytest.fixture(autouse=True)
-def _torch_home(planted_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(planted_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+# every test here reads the seeded Inception weights (tests/conftest.py: inception_home)
+pytestmark = pytest.mark.usefixtures("inception_torch_home")
 
 
 @pytest.fixture(scope="module")
-def sets(planted_home):
+def sets(inception_home):
     """Real and generated sets (5 images each) and their 64-d features, computed once."""
     real, fake = mw.fid_sets(5)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TORCH_HOME", str(planted_home))
+        mp.setenv("TORCH_HOME", str(inception_home))
         return real, fake, metrics.inception_features(real, 64), metrics.inception_features(fake, 64)
 
 

@@ -14,18 +14,8 @@ import torch
 
 from vae_toolkit import kid, metrics
 
-
-@pytest.fixture(scope="module")
-def planted_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("torch_home")
-    mw.plant(home / "hub" / "checkpoints", (mw.FID_INCEPTION,))
-    return home
-
-
-@pytest.fixture(autouse=True)
-def _torch_home(planted_home, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(planted_home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+# every test here reads the seeded Inception weights (tests/conftest.py: inception_home)
+pytestmark = pytest.mark.usefixtures("inception_torch_home")
 
 
 def _features() -> tuple[np.ndarray, np.ndarray]:
